@@ -1,0 +1,1 @@
+"""One module per ``seqstream`` subcommand (see :mod:`pipeline.cli`)."""

@@ -1,0 +1,266 @@
+"""The ONNX step-model contract: the one document shared by export and runtime.
+
+``seqstream export`` writes a :class:`ModelSpec` as JSON into the ONNX file's
+``metadata_props["seqstream"]``; the runtime parses it with :meth:`ModelSpec.from_json`
+and refuses anything it does not understand, naming the field. Nothing else about a
+model is known to the runtime, so it needs no training code.
+
+The graph a spec describes:
+
+* input ``x``: float32 ``[batch, time, features]`` in **raw units**. Normalisation
+  (``normalisation``) is applied inside the graph; the metadata records it so that
+  people and tools can see it, the runtime never applies it again.
+* one input per :class:`StateSpec` (``h``, ``c`` ...) and one output per state
+  (``h_out``, ``c_out`` ...), same shapes; the batch axis is marked ``"batch"``.
+* the task outputs (``outputs``), each ``[batch, time, ...]``: one value per step.
+
+Task outputs (schema version 1):
+
+* ``classify``: ``probs`` ``[batch, time, len(labels)]``, class probabilities after
+  each step. A sequence's label is the prediction at its last step.
+* ``forecast``: ``forecast`` ``[batch, time, horizon, len(targets)]`` in raw units:
+  at step t, the values of the target channels at t+1 .. t+horizon.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.errors import ContractError
+
+SCHEMA_VERSION = 1
+METADATA_KEY = "seqstream"
+BATCH = "batch"
+TASKS: tuple[str, ...] = ("classify", "forecast")
+CELLS: tuple[str, ...] = ("lstm", "gru", "rnn")
+TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "classify": ("probs",),
+    "forecast": ("forecast",),
+}
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One recurrent state tensor carried between steps.
+
+    ``shape`` holds ints and exactly one ``"batch"``; the runtime keeps one row per
+    stream (the shape without the batch axis) and gathers rows along ``batch_axis``.
+    """
+
+    name: str
+    output: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+    init: float = 0.0
+
+    @property
+    def batch_axis(self) -> int:
+        return self.shape.index(BATCH)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of one stream's state (the batch axis removed)."""
+        return tuple(int(d) for d in self.shape if d != BATCH)
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-feature affine normalisation ``(x - mean) / std``, computed on training data only."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_graph: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the runtime needs to know about an exported step model."""
+
+    name: str
+    version: str
+    task: str
+    cell: str
+    layers: int
+    hidden: int
+    features: tuple[str, ...]
+    normalisation: Normalisation
+    state: tuple[StateSpec, ...]
+    outputs: tuple[str, ...]
+    labels: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    horizon: int = 0
+    season: int = 1
+    sample_rate_hz: float | None = None
+    input: str = "x"
+    opset: int = 17
+    data_sha256: str = ""
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def state_signature(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+        """Two models with equal signatures can continue each other's carried state."""
+        return tuple((s.name, s.row_shape, s.dtype) for s in self.state)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        try:
+            doc = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ContractError(f"metadata '{METADATA_KEY}' is not valid JSON: {exc}") from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> ModelSpec:
+        if not isinstance(doc, dict):
+            raise ContractError(f"metadata '{METADATA_KEY}' must be a JSON object")
+        version = doc.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ContractError(
+                f"metadata field 'schema_version' is {version!r}; this runtime reads "
+                f"version {SCHEMA_VERSION}"
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise ContractError(f"metadata has unknown field(s): {', '.join(unknown)}")
+        try:
+            norm = doc["normalisation"]
+            states = doc["state"]
+            if not isinstance(norm, dict):
+                raise ContractError("metadata field 'normalisation' must be an object")
+            if not isinstance(states, list):
+                raise ContractError("metadata field 'state' must be a list")
+            kwargs = dict(doc)
+            kwargs["normalisation"] = Normalisation(
+                mean=_floats(norm.get("mean"), "normalisation.mean"),
+                std=_floats(norm.get("std"), "normalisation.std"),
+                in_graph=bool(norm.get("in_graph", True)),
+            )
+            kwargs["state"] = tuple(_state(s, i) for i, s in enumerate(states))
+            for key in ("features", "outputs", "labels", "targets"):
+                if key in kwargs:
+                    kwargs[key] = _strings(kwargs[key], key)
+            return cls(**kwargs)
+        except KeyError as exc:
+            raise ContractError(f"metadata is missing field {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise ContractError(f"metadata is malformed: {exc}") from None
+
+
+def _floats(value: Any, where: str) -> tuple[float, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise ContractError(f"metadata field '{where}' must be a list of numbers")
+    return tuple(float(v) for v in value)
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ContractError(f"metadata field '{where}' must be a list of strings")
+    return tuple(value)
+
+
+def _state(doc: Any, i: int) -> StateSpec:
+    where = f"state[{i}]"
+    if not isinstance(doc, dict):
+        raise ContractError(f"metadata field '{where}' must be an object")
+    try:
+        shape = doc["shape"]
+        if not isinstance(shape, list) or not all(
+            (isinstance(d, int) and not isinstance(d, bool) and d > 0) or d == BATCH
+            for d in shape
+        ):
+            raise ContractError(
+                f"metadata field '{where}.shape' must list positive ints and one 'batch'"
+            )
+        return StateSpec(
+            name=str(doc["name"]),
+            output=str(doc["output"]),
+            shape=tuple(shape),
+            dtype=str(doc.get("dtype", "float32")),
+            init=float(doc.get("init", 0.0)),
+        )
+    except KeyError as exc:
+        raise ContractError(f"metadata field '{where}' is missing {exc.args[0]!r}") from None
+
+
+def _check(cond: bool, field_name: str, problem: str) -> None:
+    if not cond:
+        raise ContractError(f"metadata field '{field_name}' {problem}")
+
+
+def _validate(spec: ModelSpec) -> None:
+    _check(spec.task in TASKS, "task", f"is {spec.task!r}; expected one of {', '.join(TASKS)}")
+    _check(spec.cell in CELLS, "cell", f"is {spec.cell!r}; expected one of {', '.join(CELLS)}")
+    _check(spec.layers >= 1, "layers", "must be >= 1")
+    _check(spec.hidden >= 1, "hidden", "must be >= 1")
+    _check(len(spec.features) >= 1, "features", "must name at least one feature")
+    _check(spec.input == "x", "input", "must be 'x'")
+    n = len(spec.features)
+    _check(len(spec.normalisation.mean) == n, "normalisation.mean", f"must have {n} values")
+    _check(len(spec.normalisation.std) == n, "normalisation.std", f"must have {n} values")
+    _check(
+        all(math.isfinite(s) and s > 0 for s in spec.normalisation.std),
+        "normalisation.std",
+        "must be finite and > 0",
+    )
+    _check(len(spec.state) >= 1, "state", "must list at least one state tensor")
+    names: set[str] = set()
+    for i, s in enumerate(spec.state):
+        _check(s.shape.count(BATCH) == 1, f"state[{i}].shape", "must mark exactly one 'batch' axis")
+        _check(s.dtype == "float32", f"state[{i}].dtype", "must be 'float32'")
+        _check(math.isfinite(s.init), f"state[{i}].init", "must be finite")
+        for nm in (s.name, s.output):
+            _check(nm not in names and nm != spec.input, f"state[{i}]", f"reuses the name {nm!r}")
+            names.add(nm)
+    expected = TASK_OUTPUTS[spec.task]
+    _check(
+        tuple(spec.outputs) == expected,
+        "outputs",
+        f"is {list(spec.outputs)}; task {spec.task!r} needs {list(expected)}",
+    )
+    if spec.task == "classify":
+        _check(len(spec.labels) >= 2, "labels", "must name at least two classes")
+        _check(len(set(spec.labels)) == len(spec.labels), "labels", "must be unique")
+    if spec.task == "forecast":
+        _check(len(spec.targets) >= 1, "targets", "must name at least one target channel")
+        _check(spec.horizon >= 1, "horizon", "must be >= 1")
+        _check(
+            all(t in spec.features for t in spec.targets), "targets", "must be among 'features'"
+        )
+    _check(spec.season >= 1, "season", "must be >= 1")
+    _check(
+        spec.sample_rate_hz is None or spec.sample_rate_hz > 0, "sample_rate_hz", "must be > 0"
+    )
+    _check(spec.opset >= 17, "opset", "must be >= 17")
+
+
+def recurrent_state(cell: str, layers: int, hidden: int) -> tuple[StateSpec, ...]:
+    """The state specs of a stacked recurrent core (``[layers, batch, hidden]``)."""
+    shape: tuple[int | str, ...] = (layers, BATCH, hidden)
+    specs = [StateSpec("h", "h_out", shape)]
+    if cell == "lstm":
+        specs.append(StateSpec("c", "c_out", shape))
+    return tuple(specs)
+
+
+def as_list(values: Sequence[float]) -> list[float]:
+    """JSON-friendly floats (used when writing metrics into the spec)."""
+    return [float(v) for v in values]
