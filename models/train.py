@@ -1,0 +1,413 @@
+"""Training: data in, a checkpoint directory out.
+
+``train(config)`` reads the data with :mod:`pipeline.datasets` (the same readers the
+runtime's ``eval`` and ``replay`` use), computes normalisation on the training split
+only, fits with early stopping on a validation split, and writes ``config.json``,
+``checkpoint.pt``, ``metrics.json`` and ``curve.png`` into ``config.out``.
+
+Streaming shapes the losses: a classifier is scored at every step (mostly at the last),
+so its running prediction is useful before a sequence ends; a forecaster is trained on
+windows with carried context and scored only after a short warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models import checkpoint
+from models.nets import NetConfig, StepNet, build, normalisation
+from pipeline import datasets, scoring
+from pipeline.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; written to ``config.json`` as resolved."""
+
+    task: str
+    data: str
+    out: str
+    test: str | None = None
+    cell: str = "lstm"
+    hidden: int = 64
+    layers: int = 2
+    epochs: int = 60
+    seed: int = 0
+    batch_size: int = 16
+    lr: float = 3e-3
+    patience: int = 15
+    val_fraction: float = 0.2
+    dropout: float = 0.0
+    name: str | None = None
+    # forecasting
+    targets: tuple[str, ...] = ()
+    horizon: int = 1
+    season: int = 1
+    window: int = 96
+    warmup: int = 8
+    test_fraction: float = 0.2
+    # CSV layout
+    label_column: str | None = None
+    time_column: str | None = None
+    case_column: str | None = None
+    feature_columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.task in ("classify", "forecast"), "task", "must be classify or forecast"),
+            (self.cell in ("lstm", "gru", "rnn"), "cell", "must be lstm, gru or rnn"),
+            (self.hidden >= 1, "hidden", "must be >= 1"),
+            (self.layers >= 1, "layers", "must be >= 1"),
+            (self.epochs >= 1, "epochs", "must be >= 1"),
+            (self.batch_size >= 1, "batch-size", "must be >= 1"),
+            (self.lr > 0, "lr", "must be > 0"),
+            (0 <= self.val_fraction < 1, "val-fraction", "must be in [0, 1)"),
+            (0 < self.test_fraction < 1, "test-fraction", "must be in (0, 1)"),
+            (self.horizon >= 1, "horizon", "must be >= 1"),
+            (self.season >= 1, "season", "must be >= 1"),
+            (self.window >= 2, "window", "must be >= 2"),
+            (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
+        ]
+        for ok, key, problem in checks:
+            if not ok:
+                raise ConfigError(f"--{key}: {problem}")
+
+
+def _csv_options(cfg: TrainConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if cfg.label_column:
+        opts["label_column"] = cfg.label_column
+    if cfg.time_column:
+        opts["time_column"] = cfg.time_column
+    if cfg.case_column:
+        opts["case_column"] = cfg.case_column
+    if cfg.feature_columns:
+        opts["feature_columns"] = list(cfg.feature_columns)
+    return opts
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+
+
+@dataclass
+class History:
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+def _pad(cases: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+    """Right-pad to the longest case; padding after a case's end cannot reach its outputs."""
+    lengths = torch.tensor([len(c) for c in cases])
+    x = torch.zeros(len(cases), int(lengths.max()), cases[0].shape[1])
+    for i, c in enumerate(cases):
+        x[i, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.float32))
+    return x, lengths
+
+
+def _classify_loss(net: StepNet, x: Tensor, lengths: Tensor, y: Tensor) -> Tensor:
+    logits, _ = net.train_outputs(x, net.initial_state(x.shape[0]))
+    b, t, c = logits.shape
+    last = logits[torch.arange(b), lengths - 1]
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    every = nn.functional.cross_entropy(
+        logits.reshape(b * t, c), y.repeat_interleave(t), reduction="none"
+    ).reshape(b, t)
+    # Weight later steps more: early steps have seen little of the sequence.
+    weight = mask * (torch.arange(1, t + 1)[None, :] / lengths[:, None]).clamp(max=1.0)
+    stepwise = (every * weight).sum() / weight.sum()
+    return 0.5 * nn.functional.cross_entropy(last, y) + 0.5 * stepwise
+
+
+def _split_cases(n: int, labels: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Stratified split of case indices into (train, validation)."""
+    rng = np.random.default_rng(seed)
+    train: list[int] = []
+    val: list[int] = []
+    for label in sorted(set(labels)):
+        idx = [i for i in range(n) if labels[i] == label]
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        val.extend(idx[:k])
+        train.extend(idx[k:])
+    return sorted(train), sorted(val)
+
+
+def _fit(
+    net: StepNet,
+    cfg: TrainConfig,
+    train_step: Any,
+    val_loss: Any,
+    n_batches: int,
+) -> History:
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, cfg.patience // 3))
+    hist = History()
+    best = math.inf
+    best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    bar = tqdm(range(cfg.epochs), desc=f"train {cfg.cell}", unit="epoch", leave=True)
+    for epoch in bar:
+        net.train()
+        total = 0.0
+        for b in range(n_batches):
+            opt.zero_grad()
+            loss = train_step(b, epoch)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            total += float(loss)
+        net.eval()
+        with torch.no_grad():
+            v = float(val_loss())
+        hist.train_loss.append(total / max(n_batches, 1))
+        hist.val_loss.append(v)
+        sched.step(v)
+        if v < best - 1e-6:
+            best = v
+            hist.best_epoch = epoch
+            best_state = {k: t.clone() for k, t in net.state_dict().items()}
+        bar.set_postfix(loss=f"{hist.train_loss[-1]:.4f}", val=f"{v:.4f}", best=hist.best_epoch + 1)
+        if epoch - hist.best_epoch >= cfg.patience:
+            break
+    bar.close()
+    net.load_state_dict(best_state)
+    net.eval()
+    return hist
+
+
+def _train_classifier(cfg: TrainConfig, data: datasets.Dataset) -> tuple[StepNet, History, dict[str, Any]]:
+    if data.labels is None:
+        raise DataError(f"{data.path}: classification needs class labels (for CSV: --label-column)")
+    classes = list(data.classes) or sorted(set(data.labels))
+    y_all = [classes.index(label) for label in data.labels]
+    tr, va = _split_cases(len(data.cases), data.labels, cfg.val_fraction, cfg.seed)
+    if not va:
+        va = tr  # too few cases to hold any out: validate on training data (said in metrics)
+    mean, std = normalisation([data.cases[i] for i in tr])
+    net = build(
+        NetConfig(
+            task="classify", cell=cfg.cell, n_features=len(data.features), hidden=cfg.hidden,
+            layers=cfg.layers, n_classes=len(classes), dropout=cfg.dropout, mean=mean, std=std,
+        ),
+        seed=cfg.seed,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    n_batches = math.ceil(len(tr) / cfg.batch_size)
+    xv, lv = _pad([data.cases[i] for i in va])
+    yv = torch.tensor([y_all[i] for i in va])
+
+    def train_step(b: int, epoch: int) -> Tensor:
+        nonlocal order
+        if b == 0:
+            order = [tr[i] for i in torch.randperm(len(tr), generator=gen).tolist()]
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        x, lengths = _pad([data.cases[i] for i in idx])
+        # Small amplitude jitter: 40-case data sets overfit fast without it.
+        x = x * (1 + 0.05 * torch.randn(x.shape[0], 1, x.shape[2], generator=gen))
+        return _classify_loss(net, x, lengths, torch.tensor([y_all[i] for i in idx]))
+
+    def val_loss() -> Tensor:
+        return _classify_loss(net, xv, lv, yv)
+
+    hist = _fit(net, cfg, train_step, val_loss, n_batches)
+    extra = {"val_cases": len(va) if va is not tr else 0}
+    return net, hist, extra
+
+
+def predict_labels(net: StepNet, cases: Sequence[np.ndarray]) -> list[int]:
+    """Label at each case's last step, from one full-sequence call per case."""
+    with torch.no_grad():
+        x, lengths = _pad(cases)
+        probs, _ = net(x, net.initial_state(x.shape[0]))
+        return probs[torch.arange(x.shape[0]), lengths - 1].argmax(-1).tolist()
+
+
+def forecast_targets(series: np.ndarray, target_idx: Sequence[int], horizon: int) -> np.ndarray:
+    """``out[t, h, k]`` = value of target k at step t+1+h (NaN past the end)."""
+    t = series.shape[0]
+    out = np.full((t, horizon, len(target_idx)), np.nan, dtype=np.float32)
+    for h in range(horizon):
+        out[: t - 1 - h, h, :] = series[1 + h :, target_idx]
+    return out
+
+
+def _train_forecaster(cfg: TrainConfig, data: datasets.Dataset) -> tuple[StepNet, History, dict[str, Any]]:
+    features = list(data.features)
+    targets = list(cfg.targets) or features
+    unknown = [t for t in targets if t not in features]
+    if unknown:
+        raise ConfigError(f"--target: {unknown} not among the data's columns {features}")
+    tidx = [features.index(t) for t in targets]
+    # Each case: [train | val | test tail]; the tail is never seen in training.
+    bounds = []
+    for c in data.cases:
+        n = len(c)
+        test_start = datasets.split_tail(n, cfg.test_fraction)
+        val_start = test_start - int(round(test_start * cfg.val_fraction))
+        if val_start < cfg.window // 2:
+            raise DataError(f"{data.path}: series of {n} steps is too short to split for training")
+        bounds.append((val_start, test_start))
+    mean, std = normalisation([c[:vs] for c, (vs, _) in zip(data.cases, bounds, strict=True)])
+    net = build(
+        NetConfig(
+            task="forecast", cell=cfg.cell, n_features=len(features), hidden=cfg.hidden,
+            layers=cfg.layers, targets=tuple(tidx), horizon=cfg.horizon, dropout=cfg.dropout,
+            mean=mean, std=std,
+        ),
+        seed=cfg.seed,
+    )
+    t_mean = torch.tensor([mean[i] for i in tidx])
+    t_std = torch.tensor([std[i] for i in tidx])
+    cases = [torch.from_numpy(np.asarray(c, dtype=np.float32)) for c in data.cases]
+    ys = [torch.from_numpy(forecast_targets(np.asarray(c), tidx, cfg.horizon)) for c in data.cases]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    starts = [(ci, s) for ci, (vs, _) in enumerate(bounds) for s in range(0, max(1, vs - cfg.window))]
+    per_epoch = max(1, min(len(starts) // cfg.window * 4, 64)) * cfg.batch_size
+    n_batches = math.ceil(per_epoch / cfg.batch_size)
+
+    def masked_mse(pred: Tensor, y: Tensor) -> Tensor:
+        yn = (y - t_mean) / t_std
+        ok = ~torch.isnan(yn)
+        return ((pred - torch.nan_to_num(yn)) ** 2)[ok].mean()
+
+    def train_step(b: int, epoch: int) -> Tensor:
+        pick = torch.randint(len(starts), (cfg.batch_size,), generator=gen).tolist()
+        xs, ys_ = [], []
+        for p in pick:
+            ci, s = starts[p]
+            vs = bounds[ci][0]
+            e = min(s + cfg.window, vs)
+            y = ys[ci][s:e].clone()
+            # targets that fall into validation are hidden from training
+            over = torch.arange(s, e)[:, None] + 1 + torch.arange(cfg.horizon)[None, :] >= vs
+            y[over] = float("nan")
+            xs.append(cases[ci][s:e])
+            ys_.append(y)
+        t = min(len(x) for x in xs)
+        x = torch.stack([v[:t] for v in xs])
+        y = torch.stack([v[:t] for v in ys_])
+        pred, _ = net.train_outputs(x, net.initial_state(x.shape[0]))
+        return masked_mse(pred[:, cfg.warmup :], y[:, cfg.warmup :])
+
+    def val_loss() -> Tensor:
+        losses = []
+        for ci, (vs, ts) in enumerate(bounds):
+            pred, _ = net.train_outputs(cases[ci][None, :ts], net.initial_state(1))
+            y = ys[ci][:ts].clone()
+            lo = torch.arange(ts)[:, None] + 1 + torch.arange(cfg.horizon)[None, :]
+            y[(lo < vs) | (lo >= ts)] = float("nan")
+            losses.append(masked_mse(pred[0], y))
+        return torch.stack(losses).mean()
+
+    hist = _fit(net, cfg, train_step, val_loss, n_batches)
+    return net, hist, {"bounds": bounds, "target_idx": tidx}
+
+
+def _forecast_test_metrics(
+    net: StepNet, data: datasets.Dataset, bounds: Sequence[tuple[int, int]], tidx: Sequence[int], cfg: TrainConfig
+) -> dict[str, Any]:
+    preds, truth, naive = [], [], []
+    with torch.no_grad():
+        for c, (_, ts) in zip(data.cases, bounds, strict=True):
+            c = np.asarray(c, dtype=np.float32)
+            out, _ = net(torch.from_numpy(c)[None], net.initial_state(1))
+            f = out[0].numpy()
+            y = forecast_targets(c, tidx, cfg.horizon)
+            sn = scoring.seasonal_naive(c[:, tidx], cfg.season, cfg.horizon)
+            # forecasts made at t >= ts-1 whose first target lies in the tail
+            sel = slice(ts - 1, len(c) - cfg.horizon)
+            preds.append(f[sel])
+            truth.append(y[sel])
+            naive.append(sn[sel])
+    p, y, n = (np.concatenate(a) for a in (preds, truth, naive))
+    return scoring.forecast_report(p, y, n)
+
+
+def _plot(hist: History, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    epochs = range(1, len(hist.train_loss) + 1)
+    ax.plot(epochs, hist.train_loss, label="train")
+    ax.plot(epochs, hist.val_loss, label="validation")
+    ax.axvline(hist.best_epoch + 1, color="grey", linestyle="--", label="best")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training; returns the metrics written to ``metrics.json``."""
+    started = time.monotonic()
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    data = datasets.load(Path(cfg.data), **_csv_options(cfg))
+    name = cfg.name or f"{Path(cfg.data).stem.lower()}-{cfg.cell}-{cfg.task}"
+    metrics: dict[str, Any] = {}
+    meta: dict[str, Any] = {
+        "name": name,
+        "version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+        "features": tuple(data.features),
+        "data_sha256": data.sha256,
+        "season": cfg.season,
+    }
+    if cfg.task == "classify":
+        net, hist, extra = _train_classifier(cfg, data)
+        classes = list(data.classes) or sorted(set(data.labels or ()))
+        meta["labels"] = tuple(classes)
+        train_pred = predict_labels(net, data.cases)
+        metrics["train"] = {"accuracy": scoring.accuracy(
+            [classes[i] for i in train_pred], list(data.labels or ()))}
+        if cfg.test:
+            test = datasets.load(Path(cfg.test), **_csv_options(cfg))
+            if tuple(test.features) != tuple(data.features):
+                raise DataError(f"{cfg.test}: features {test.features} differ from training's")
+            pred = [classes[i] for i in predict_labels(net, test.cases)]
+            metrics["test"] = {"accuracy": scoring.accuracy(pred, list(test.labels or ())),
+                               "n_cases": len(test.cases)}
+        metrics.update(extra)
+    else:
+        net, hist, extra = _train_forecaster(cfg, data)
+        meta["targets"] = tuple(data.features[i] for i in extra["target_idx"])
+        meta["horizon"] = cfg.horizon
+        meta["extra"] = {"test_fraction": cfg.test_fraction}
+        metrics["test"] = _forecast_test_metrics(net, data, extra["bounds"], extra["target_idx"], cfg)
+    metrics["epochs_run"] = len(hist.train_loss)
+    metrics["best_epoch"] = hist.best_epoch + 1
+    metrics["best_val_loss"] = min(hist.val_loss)
+    metrics["seconds"] = round(time.monotonic() - started, 2)
+    meta["metrics"] = {k: v for k, v in metrics.items() if k in ("test", "train")}
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = asdict(cfg)
+    (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    checkpoint.save(out, net, meta)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _plot(hist, out / "curve.png", name)
+    return metrics

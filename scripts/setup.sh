@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian/Ubuntu machine: Debian packages (only those
+# missing), a virtual environment in .venv, and seqstream with its extras.
+# Usage: scripts/setup.sh [dev|demo]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile=${1:-dev}
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# Binaries the tests and the demo start for real (broker, Prometheus, audio).
+need=()
+command -v mosquitto >/dev/null || need+=(mosquitto mosquitto-clients)
+if [ "$profile" = dev ]; then
+  command -v promtool >/dev/null || need+=(prometheus)
+  command -v espeak-ng >/dev/null || need+=(espeak-ng)
+  command -v sox >/dev/null || need+=(sox)
+  command -v pulseaudio >/dev/null || need+=(pulseaudio pulseaudio-utils libasound2-plugins alsa-utils)
+  command -v systemd-analyze >/dev/null || need+=(systemd)
+  ldconfig -p | grep -q libportaudio.so.2 || need+=(libportaudio2)
+fi
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"setup: seqstream needs Python >= 3.11, found {sys.version.split()[0]}")
+PY
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: the CPU wheel; a looser spec can pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "setup: ready ($(.venv/bin/python --version))"
