@@ -46,11 +46,11 @@ class TrainConfig:
     cell: str = "lstm"
     hidden: int = 64
     layers: int = 2
-    epochs: int = 60
+    epochs: int = 200
     seed: int = 0
     batch_size: int = 16
     lr: float = 3e-3
-    patience: int = 15
+    patience: int = 40
     val_fraction: float = 0.2
     dropout: float = 0.0
     name: str | None = None
@@ -174,7 +174,7 @@ def _fit(
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
         net.eval()
         with torch.no_grad():
             v = float(val_loss())
@@ -242,15 +242,6 @@ def predict_labels(net: StepNet, cases: Sequence[np.ndarray]) -> list[int]:
         return probs[torch.arange(x.shape[0]), lengths - 1].argmax(-1).tolist()
 
 
-def forecast_targets(series: np.ndarray, target_idx: Sequence[int], horizon: int) -> np.ndarray:
-    """``out[t, h, k]`` = value of target k at step t+1+h (NaN past the end)."""
-    t = series.shape[0]
-    out = np.full((t, horizon, len(target_idx)), np.nan, dtype=np.float32)
-    for h in range(horizon):
-        out[: t - 1 - h, h, :] = series[1 + h :, target_idx]
-    return out
-
-
 def _train_forecaster(cfg: TrainConfig, data: datasets.Dataset) -> tuple[StepNet, History, dict[str, Any]]:
     features = list(data.features)
     targets = list(cfg.targets) or features
@@ -279,7 +270,10 @@ def _train_forecaster(cfg: TrainConfig, data: datasets.Dataset) -> tuple[StepNet
     t_mean = torch.tensor([mean[i] for i in tidx])
     t_std = torch.tensor([std[i] for i in tidx])
     cases = [torch.from_numpy(np.asarray(c, dtype=np.float32)) for c in data.cases]
-    ys = [torch.from_numpy(forecast_targets(np.asarray(c), tidx, cfg.horizon)) for c in data.cases]
+    ys = [
+        torch.from_numpy(scoring.horizon_targets(c[:, tidx], cfg.horizon).astype(np.float32))
+        for c in data.cases
+    ]
     gen = torch.Generator().manual_seed(cfg.seed)
     starts = [(ci, s) for ci, (vs, _) in enumerate(bounds) for s in range(0, max(1, vs - cfg.window))]
     per_epoch = max(1, min(len(starts) // cfg.window * 4, 64)) * cfg.batch_size
@@ -331,16 +325,11 @@ def _forecast_test_metrics(
         for c, (_, ts) in zip(data.cases, bounds, strict=True):
             c = np.asarray(c, dtype=np.float32)
             out, _ = net(torch.from_numpy(c)[None], net.initial_state(1))
-            f = out[0].numpy()
-            y = forecast_targets(c, tidx, cfg.horizon)
-            sn = scoring.seasonal_naive(c[:, tidx], cfg.season, cfg.horizon)
-            # forecasts made at t >= ts-1 whose first target lies in the tail
-            sel = slice(ts - 1, len(c) - cfg.horizon)
-            preds.append(f[sel])
-            truth.append(y[sel])
-            naive.append(sn[sel])
+            preds.append(out[0].numpy())
+            truth.append(scoring.horizon_targets(c[:, tidx], cfg.horizon, start=ts))
+            naive.append(scoring.seasonal_naive(c[:, tidx], cfg.season, cfg.horizon))
     p, y, n = (np.concatenate(a) for a in (preds, truth, naive))
-    return scoring.forecast_report(p, y, n)
+    return scoring.forecast_report(p, y, n, targets=[data.features[i] for i in tidx])
 
 
 def _plot(hist: History, path: Path, title: str) -> None:
@@ -383,15 +372,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         classes = list(data.classes) or sorted(set(data.labels or ()))
         meta["labels"] = tuple(classes)
         train_pred = predict_labels(net, data.cases)
-        metrics["train"] = {"accuracy": scoring.accuracy(
-            [classes[i] for i in train_pred], list(data.labels or ()))}
+        metrics["train"] = {
+            "accuracy": scoring.accuracy(data.label_indices(classes), np.array(train_pred))
+        }
         if cfg.test:
             test = datasets.load(Path(cfg.test), **_csv_options(cfg))
             if tuple(test.features) != tuple(data.features):
                 raise DataError(f"{cfg.test}: features {test.features} differ from training's")
-            pred = [classes[i] for i in predict_labels(net, test.cases)]
-            metrics["test"] = {"accuracy": scoring.accuracy(pred, list(test.labels or ())),
-                               "n_cases": len(test.cases)}
+            pred = np.array(predict_labels(net, test.cases))
+            metrics["test"] = {
+                "accuracy": scoring.accuracy(test.label_indices(classes), pred),
+                "n_cases": len(test.cases),
+            }
         metrics.update(extra)
     else:
         net, hist, extra = _train_forecaster(cfg, data)
