@@ -133,8 +133,17 @@ def _export(args: argparse.Namespace) -> int:
     from models.export import export_checkpoint
 
     spec = export_checkpoint(args.checkpoint, args.out, opset=args.opset)
-    print(json.dumps({"model": str(args.out), "name": spec.name, "task": spec.task,
-                      "cell": spec.cell, "opset": spec.opset}))
+    print(
+        json.dumps(
+            {
+                "model": str(args.out),
+                "name": spec.name,
+                "task": spec.task,
+                "cell": spec.cell,
+                "opset": spec.opset,
+            }
+        )
+    )
     return 0
 
 

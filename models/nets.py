@@ -8,7 +8,7 @@ the exported graph takes raw values and training/serving cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from pipeline.contract import CELLS, TASKS
 
 State = tuple[Tensor, ...]
 
-_RNNS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+_RNNS: dict[str, Callable[..., nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,10 @@ class StepNet(nn.Module):
     forecast in raw units); ``train_outputs`` returns what the loss needs (logits, or
     the forecast in normalised units).
     """
+
+    mean: Tensor
+    std: Tensor
+    target_idx: Tensor
 
     def __init__(self, config: NetConfig) -> None:
         super().__init__()

@@ -138,7 +138,9 @@ def _classify_loss(net: StepNet, x: Tensor, lengths: Tensor, y: Tensor) -> Tenso
     return 0.5 * nn.functional.cross_entropy(last, y) + 0.5 * stepwise
 
 
-def _split_cases(n: int, labels: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def _split_cases(
+    n: int, labels: Sequence[str], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
     """Stratified split of case indices into (train, validation)."""
     rng = np.random.default_rng(seed)
     train: list[int] = []
@@ -146,7 +148,7 @@ def _split_cases(n: int, labels: Sequence[str], fraction: float, seed: int) -> t
     for label in sorted(set(labels)):
         idx = [i for i in range(n) if labels[i] == label]
         rng.shuffle(idx)
-        k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        k = round(len(idx) * fraction) if len(idx) > 1 else 0
         val.extend(idx[:k])
         train.extend(idx[k:])
     return sorted(train), sorted(val)
@@ -160,7 +162,9 @@ def _fit(
     n_batches: int,
 ) -> History:
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, cfg.patience // 3))
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, factor=0.5, patience=max(2, cfg.patience // 3)
+    )
     hist = History()
     best = math.inf
     best_state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -194,7 +198,9 @@ def _fit(
     return hist
 
 
-def _train_classifier(cfg: TrainConfig, data: datasets.Dataset) -> tuple[StepNet, History, dict[str, Any]]:
+def _train_classifier(
+    cfg: TrainConfig, data: datasets.Dataset
+) -> tuple[StepNet, History, dict[str, Any]]:
     if data.labels is None:
         raise DataError(f"{data.path}: classification needs class labels (for CSV: --label-column)")
     classes = list(data.classes) or sorted(set(data.labels))
@@ -205,8 +211,15 @@ def _train_classifier(cfg: TrainConfig, data: datasets.Dataset) -> tuple[StepNet
     mean, std = normalisation([data.cases[i] for i in tr])
     net = build(
         NetConfig(
-            task="classify", cell=cfg.cell, n_features=len(data.features), hidden=cfg.hidden,
-            layers=cfg.layers, n_classes=len(classes), dropout=cfg.dropout, mean=mean, std=std,
+            task="classify",
+            cell=cfg.cell,
+            n_features=len(data.features),
+            hidden=cfg.hidden,
+            layers=cfg.layers,
+            n_classes=len(classes),
+            dropout=cfg.dropout,
+            mean=mean,
+            std=std,
         ),
         seed=cfg.seed,
     )
@@ -239,10 +252,12 @@ def predict_labels(net: StepNet, cases: Sequence[np.ndarray]) -> list[int]:
     with torch.no_grad():
         x, lengths = _pad(cases)
         probs, _ = net(x, net.initial_state(x.shape[0]))
-        return probs[torch.arange(x.shape[0]), lengths - 1].argmax(-1).tolist()
+        return [int(i) for i in probs[torch.arange(x.shape[0]), lengths - 1].argmax(-1)]
 
 
-def _train_forecaster(cfg: TrainConfig, data: datasets.Dataset) -> tuple[StepNet, History, dict[str, Any]]:
+def _train_forecaster(
+    cfg: TrainConfig, data: datasets.Dataset
+) -> tuple[StepNet, History, dict[str, Any]]:
     features = list(data.features)
     targets = list(cfg.targets) or features
     unknown = [t for t in targets if t not in features]
@@ -254,16 +269,23 @@ def _train_forecaster(cfg: TrainConfig, data: datasets.Dataset) -> tuple[StepNet
     for c in data.cases:
         n = len(c)
         test_start = datasets.split_tail(n, cfg.test_fraction)
-        val_start = test_start - int(round(test_start * cfg.val_fraction))
+        val_start = test_start - round(test_start * cfg.val_fraction)
         if val_start < cfg.window // 2:
             raise DataError(f"{data.path}: series of {n} steps is too short to split for training")
         bounds.append((val_start, test_start))
     mean, std = normalisation([c[:vs] for c, (vs, _) in zip(data.cases, bounds, strict=True)])
     net = build(
         NetConfig(
-            task="forecast", cell=cfg.cell, n_features=len(features), hidden=cfg.hidden,
-            layers=cfg.layers, targets=tuple(tidx), horizon=cfg.horizon, dropout=cfg.dropout,
-            mean=mean, std=std,
+            task="forecast",
+            cell=cfg.cell,
+            n_features=len(features),
+            hidden=cfg.hidden,
+            layers=cfg.layers,
+            targets=tuple(tidx),
+            horizon=cfg.horizon,
+            dropout=cfg.dropout,
+            mean=mean,
+            std=std,
         ),
         seed=cfg.seed,
     )
@@ -275,7 +297,9 @@ def _train_forecaster(cfg: TrainConfig, data: datasets.Dataset) -> tuple[StepNet
         for c in data.cases
     ]
     gen = torch.Generator().manual_seed(cfg.seed)
-    starts = [(ci, s) for ci, (vs, _) in enumerate(bounds) for s in range(0, max(1, vs - cfg.window))]
+    starts = [
+        (ci, s) for ci, (vs, _) in enumerate(bounds) for s in range(0, max(1, vs - cfg.window))
+    ]
     per_epoch = max(1, min(len(starts) // cfg.window * 4, 64)) * cfg.batch_size
     n_batches = math.ceil(per_epoch / cfg.batch_size)
 
@@ -318,7 +342,11 @@ def _train_forecaster(cfg: TrainConfig, data: datasets.Dataset) -> tuple[StepNet
 
 
 def _forecast_test_metrics(
-    net: StepNet, data: datasets.Dataset, bounds: Sequence[tuple[int, int]], tidx: Sequence[int], cfg: TrainConfig
+    net: StepNet,
+    data: datasets.Dataset,
+    bounds: Sequence[tuple[int, int]],
+    tidx: Sequence[int],
+    cfg: TrainConfig,
 ) -> dict[str, Any]:
     preds, truth, naive = [], [], []
     with torch.no_grad():
@@ -390,7 +418,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         meta["targets"] = tuple(data.features[i] for i in extra["target_idx"])
         meta["horizon"] = cfg.horizon
         meta["extra"] = {"test_fraction": cfg.test_fraction}
-        metrics["test"] = _forecast_test_metrics(net, data, extra["bounds"], extra["target_idx"], cfg)
+        metrics["test"] = _forecast_test_metrics(
+            net, data, extra["bounds"], extra["target_idx"], cfg
+        )
     metrics["epochs_run"] = len(hist.train_loss)
     metrics["best_epoch"] = hist.best_epoch + 1
     metrics["best_val_loss"] = min(hist.val_loss)

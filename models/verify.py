@@ -49,7 +49,7 @@ def random_inputs(model: StepModel, batch: int, steps: int, seed: int) -> np.nda
     rng = np.random.default_rng(seed)
     norm = model.spec.normalisation
     z = rng.standard_normal((batch, steps, model.spec.n_features))
-    return (np.asarray(norm.mean) + z * np.asarray(norm.std)).astype(np.float32)
+    return np.asarray(np.asarray(norm.mean) + z * np.asarray(norm.std), dtype=np.float32)
 
 
 def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from pipeline.errors import ContractError
@@ -135,10 +135,13 @@ class ModelSpec:
                 f"metadata field 'schema_version' is {version!r}; this runtime reads "
                 f"version {SCHEMA_VERSION}"
             )
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(doc) - known)
+        unknown = sorted(set(doc) - {f.name for f in fields(cls)})
         if unknown:
             raise ContractError(f"metadata has unknown field(s): {', '.join(unknown)}")
+        for f in fields(cls):
+            required = f.default is MISSING and f.default_factory is MISSING
+            if required and f.name not in doc:
+                raise ContractError(f"metadata is missing field {f.name!r}")
         try:
             norm = doc["normalisation"]
             states = doc["state"]
@@ -184,8 +187,7 @@ def _state(doc: Any, i: int) -> StateSpec:
     try:
         shape = doc["shape"]
         if not isinstance(shape, list) or not all(
-            (isinstance(d, int) and not isinstance(d, bool) and d > 0) or d == BATCH
-            for d in shape
+            (isinstance(d, int) and not isinstance(d, bool) and d > 0) or d == BATCH for d in shape
         ):
             raise ContractError(
                 f"metadata field '{where}.shape' must list positive ints and one 'batch'"
@@ -242,13 +244,9 @@ def _validate(spec: ModelSpec) -> None:
     if spec.task == "forecast":
         _check(len(spec.targets) >= 1, "targets", "must name at least one target channel")
         _check(spec.horizon >= 1, "horizon", "must be >= 1")
-        _check(
-            all(t in spec.features for t in spec.targets), "targets", "must be among 'features'"
-        )
+        _check(all(t in spec.features for t in spec.targets), "targets", "must be among 'features'")
     _check(spec.season >= 1, "season", "must be >= 1")
-    _check(
-        spec.sample_rate_hz is None or spec.sample_rate_hz > 0, "sample_rate_hz", "must be > 0"
-    )
+    _check(spec.sample_rate_hz is None or spec.sample_rate_hz > 0, "sample_rate_hz", "must be > 0")
     _check(spec.opset >= 17, "opset", "must be >= 17")
 
 
@@ -259,8 +257,3 @@ def recurrent_state(cell: str, layers: int, hidden: int) -> tuple[StateSpec, ...
     if cell == "lstm":
         specs.append(StateSpec("c", "c_out", shape))
     return tuple(specs)
-
-
-def as_list(values: Sequence[float]) -> list[float]:
-    """JSON-friendly floats (used when writing metrics into the spec)."""
-    return [float(v) for v in values]

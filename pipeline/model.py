@@ -114,7 +114,8 @@ class StepModel:
         want_in = {spec.input, *(s.name for s in spec.state)}
         if set(inputs) != want_in:
             raise ContractError(
-                f"{self.path}: graph inputs {sorted(inputs)} do not match metadata {sorted(want_in)}"
+                f"{self.path}: graph inputs {sorted(inputs)} do not match metadata "
+                f"{sorted(want_in)}"
             )
         missing = [n for n in self.output_names if n not in outputs]
         if missing:
@@ -146,7 +147,9 @@ class StepModel:
             state[s.name] = np.full(shape, s.init, dtype=np.float32)
         return state
 
-    def run(self, x: Array, state: Mapping[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
+    def run(
+        self, x: Array, state: Mapping[str, Array]
+    ) -> tuple[dict[str, Array], dict[str, Array]]:
         """One call over ``x`` ``[B, T, F]`` from ``state``; returns outputs and the new state."""
         feeds: dict[str, Array] = {self.spec.input: x}
         for s in self.spec.state:

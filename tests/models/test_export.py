@@ -55,14 +55,22 @@ def test_verify_stepwise_onnx_equals_full_sequence_pytorch(
     tmp_path: Path, cell: str, task: str
 ) -> None:
     config = NetConfig(
-        task=task, cell=cell, n_features=4, hidden=12, layers=2,
+        task=task,
+        cell=cell,
+        n_features=4,
+        hidden=12,
+        layers=2,
         n_classes=3 if task == "classify" else 0,
-        targets=(1,) if task == "forecast" else (), horizon=4,
-        mean=(0.0, 5.0, -1.0, 2.0), std=(1.0, 3.0, 0.2, 7.0),
+        targets=(1,) if task == "forecast" else (),
+        horizon=4,
+        mean=(0.0, 5.0, -1.0, 2.0),
+        std=(1.0, 3.0, 0.2, 7.0),
     )
     net = build(config, seed=3)
     meta = {
-        "name": "t", "version": "1", "features": ("a", "b", "c", "d"),
+        "name": "t",
+        "version": "1",
+        "features": ("a", "b", "c", "d"),
         "labels": ("x", "y", "z") if task == "classify" else (),
         "targets": ("b",) if task == "forecast" else (),
         "horizon": 4 if task == "forecast" else 0,
@@ -84,7 +92,9 @@ def test_truncated_model_is_one_clear_error(tmp_path: Path) -> None:
         StepModel.load(bad)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "verify", str(bad)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1, proc.stderr
