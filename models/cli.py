@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.commands.data_args import add_data_arguments, data_options
 from pipeline.errors import DependencyError
 
 VERIFY_FAILED = 1
@@ -25,16 +26,6 @@ def _need_torch() -> None:
             f"this command needs the training extra ({exc.name} is missing): "
             "pip install 'seqstream[train]'"
         ) from None
-
-
-def _csv_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("CSV layout")
-    g.add_argument("--label-column", help="column holding the class label")
-    g.add_argument("--time-column", help="column holding timestamps (not a feature)")
-    g.add_argument("--case-column", help="column grouping rows into cases (default: one case)")
-    g.add_argument(
-        "--feature-columns", nargs="+", default=(), metavar="COL", help="feature columns to use"
-    )
 
 
 def register(sub: Any) -> None:
@@ -64,7 +55,7 @@ def register(sub: Any) -> None:
     f.add_argument("--season", type=int, default=1, help="season length for seasonal-naive/MASE")
     f.add_argument("--window", type=int, default=96, help="training window length")
     f.add_argument("--test-fraction", type=float, default=0.2, help="held-out tail")
-    _csv_arguments(p)
+    add_data_arguments(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="export a trained model as an ONNX step model")
@@ -82,16 +73,8 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint", type=Path, help="training directory, to compare with PyTorch")
     p.add_argument("--data", type=Path, help="real inputs (.ts/.csv); default random")
     p.add_argument("--seed", type=int, default=0)
-    _csv_arguments(p)
+    add_data_arguments(p)
     p.set_defaults(func=_verify)
-
-
-def _csv_options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("label_column", "time_column", "case_column")
-    opts: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k)}
-    if args.feature_columns:
-        opts["feature_columns"] = list(args.feature_columns)
-    return opts
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -118,10 +101,7 @@ def _train(args: argparse.Namespace) -> int:
         season=args.season,
         window=args.window,
         test_fraction=args.test_fraction,
-        label_column=args.label_column,
-        time_column=args.time_column,
-        case_column=args.case_column,
-        feature_columns=tuple(args.feature_columns),
+        data_options=data_options(args),
     )
     metrics = train(cfg)
     print(json.dumps(metrics, indent=2))
@@ -156,7 +136,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     x = None
     if args.data:
-        data = datasets.load(args.data, **_csv_options(args))
+        data = datasets.load(args.data, **data_options(args))
         cases = data.cases[:8]
         steps = min(min(len(c) for c in cases), 500)
         x = np.stack([c[:steps] for c in cases]).astype(np.float32)

@@ -61,11 +61,8 @@ class TrainConfig:
     window: int = 96
     warmup: int = 8
     test_fraction: float = 0.2
-    # CSV layout
-    label_column: str | None = None
-    time_column: str | None = None
-    case_column: str | None = None
-    feature_columns: tuple[str, ...] = ()
+    # how to read the data files (see pipeline.commands.data_args)
+    data_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,19 +83,6 @@ class TrainConfig:
         for ok, key, problem in checks:
             if not ok:
                 raise ConfigError(f"--{key}: {problem}")
-
-
-def _csv_options(cfg: TrainConfig) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if cfg.label_column:
-        opts["label_column"] = cfg.label_column
-    if cfg.time_column:
-        opts["time_column"] = cfg.time_column
-    if cfg.case_column:
-        opts["case_column"] = cfg.case_column
-    if cfg.feature_columns:
-        opts["feature_columns"] = list(cfg.feature_columns)
-    return opts
 
 
 def seed_everything(seed: int) -> None:
@@ -168,7 +152,7 @@ def _fit(
     hist = History()
     best = math.inf
     best_state = {k: v.clone() for k, v in net.state_dict().items()}
-    bar = tqdm(range(cfg.epochs), desc=f"train {cfg.cell}", unit="epoch", leave=True)
+    bar = tqdm(range(cfg.epochs), desc=f"train {cfg.cell}", unit="epoch", mininterval=0.5)
     for epoch in bar:
         net.train()
         total = 0.0
@@ -385,7 +369,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.monotonic()
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    data = datasets.load(Path(cfg.data), **_csv_options(cfg))
+    data = datasets.load(Path(cfg.data), **cfg.data_options)
     name = cfg.name or f"{Path(cfg.data).stem.lower()}-{cfg.cell}-{cfg.task}"
     metrics: dict[str, Any] = {}
     meta: dict[str, Any] = {
@@ -404,7 +388,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "accuracy": scoring.accuracy(data.label_indices(classes), np.array(train_pred))
         }
         if cfg.test:
-            test = datasets.load(Path(cfg.test), **_csv_options(cfg))
+            test = datasets.load(Path(cfg.test), **cfg.data_options)
             if tuple(test.features) != tuple(data.features):
                 raise DataError(f"{cfg.test}: features {test.features} differ from training's")
             pred = np.array(predict_labels(net, test.cases))

@@ -37,5 +37,6 @@ PY
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: the CPU wheel; a looser spec can pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+if [ "$profile" = dev ]; then extras="dev"; else extras="train"; fi
+.venv/bin/python -m pip install -q -e ".[$extras]"
 echo "setup: ready ($(.venv/bin/python --version))"

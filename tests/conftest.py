@@ -35,3 +35,13 @@ def basicmotions(shared_data: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def waterflow(shared_data: Path) -> Path:
     return shared_data / "waterflow" / "water-flow.csv"
+
+
+@pytest.fixture(scope="session")
+def mitdb(shared_data: Path) -> Path:
+    return shared_data / "mitdb" / "mitdb.csv"
+
+
+@pytest.fixture(scope="session")
+def airline(shared_data: Path) -> Path:
+    return shared_data / "airline" / "Airline.csv"

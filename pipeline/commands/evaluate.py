@@ -1,0 +1,65 @@
+"""``seqstream eval MODEL.onnx --data PATH``: step-by-step metrics as JSON, without torch.
+
+Thin: parses arguments, reads the data with :mod:`pipeline.datasets`, and prints what
+:func:`pipeline.evaluation.evaluate` returns. For a CSV the model's own feature names
+pick the columns unless ``--feature-columns`` says otherwise, so a time or label
+column next to them needs no flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.commands.data_args import add_data_arguments, data_options
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="score an ONNX step model on data, step by step",
+        description="Feed every case one step per call with carried state (as the daemon "
+        "does) and print JSON metrics: accuracy and confusion matrix for classifiers; MAE, "
+        "RMSE and MASE against the seasonal-naive forecast (MASE < 1 beats it) for "
+        "forecasters, on the held-out tail of each series.",
+    )
+    p.add_argument("model", type=Path, help="MODEL.onnx written by 'seqstream export'")
+    p.add_argument("--data", type=Path, required=True, help="data to score (.ts or .csv)")
+    p.add_argument(
+        "--tail",
+        type=float,
+        metavar="FRACTION",
+        help="forecasting: held-out fraction of each series to score "
+        "(default: the model's training test fraction, else the whole series)",
+    )
+    p.add_argument(
+        "--providers",
+        default="cpu",
+        help="comma-separated onnxruntime providers, first available wins (cuda,cpu)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    add_data_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline import datasets
+    from pipeline.errors import ConfigError
+    from pipeline.evaluation import evaluate
+    from pipeline.model import StepModel
+
+    if args.threads < 1:
+        raise ConfigError("--threads must be >= 1")
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    model = StepModel.load(args.model, providers=providers, threads=args.threads)
+    options = data_options(args)
+    if args.data.suffix.lower() == ".csv" and not options["feature_columns"]:
+        options["feature_columns"] = list(model.spec.features)
+    data = datasets.load(args.data, **options)
+    report = evaluate(model, data, tail=args.tail)
+    json.dump(report, sys.stdout, indent=2, allow_nan=False)
+    sys.stdout.write("\n")
+    return 0
