@@ -18,7 +18,7 @@ if [ "$profile" = dev ]; then
   command -v sox >/dev/null || need+=(sox)
   command -v pulseaudio >/dev/null || need+=(pulseaudio pulseaudio-utils libasound2-plugins alsa-utils)
   command -v systemd-analyze >/dev/null || need+=(systemd)
-  ldconfig -p | grep -q libportaudio.so.2 || need+=(libportaudio2)
+  dpkg -s libportaudio2 >/dev/null 2>&1 || need+=(libportaudio2)
 fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
