@@ -379,6 +379,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "data_sha256": data.sha256,
         "season": cfg.season,
     }
+    meta.update(data.spec_fields())  # an audio front end travels into the model
     if cfg.task == "classify":
         net, hist, extra = _train_classifier(cfg, data)
         classes = list(data.classes) or sorted(set(data.labels or ()))
@@ -389,7 +390,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
         if cfg.test:
             test = datasets.load(Path(cfg.test), **cfg.data_options)
-            if tuple(test.features) != tuple(data.features):
+            if tuple(test.features) != tuple(data.features) or test.frontend != data.frontend:
                 raise DataError(f"{cfg.test}: features {test.features} differ from training's")
             pred = np.array(predict_labels(net, test.cases))
             metrics["test"] = {

@@ -24,6 +24,11 @@ from pipeline.errors import SeqstreamError
 COMMAND_MODULES: tuple[str, ...] = (
     "models.cli",  # train, export, verify (need the [train] extra when run)
     "pipeline.commands.evaluate",  # eval
+    "pipeline.commands.run",  # run (the MQTT daemon)
+    "pipeline.commands.replay",  # replay
+    "pipeline.commands.config",  # config check
+    "pipeline.commands.bench",  # bench (engine vs raw onnxruntime)
+    "pipeline.commands.keywords",  # keywords generate|recording|detect (audio)
 )
 
 EXIT_ERROR = 2

@@ -100,6 +100,9 @@ class ModelSpec:
     data_sha256: str = ""
     metrics: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Audio models: the front end that turns samples into ``features`` (log-mel settings,
+    # pipeline.features.logmel.LogMelConfig); ``sample_rate_hz`` is then the audio rate.
+    frontend: Mapping[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -247,6 +250,8 @@ def _validate(spec: ModelSpec) -> None:
         _check(all(t in spec.features for t in spec.targets), "targets", "must be among 'features'")
     _check(spec.season >= 1, "season", "must be >= 1")
     _check(spec.sample_rate_hz is None or spec.sample_rate_hz > 0, "sample_rate_hz", "must be > 0")
+    if spec.frontend is not None:
+        _check_frontend(spec)
     _check(spec.opset >= 17, "opset", "must be >= 17")
 
 
@@ -257,3 +262,22 @@ def recurrent_state(cell: str, layers: int, hidden: int) -> tuple[StateSpec, ...
     if cell == "lstm":
         specs.append(StateSpec("c", "c_out", shape))
     return tuple(specs)
+
+
+def _check_frontend(spec: ModelSpec) -> None:
+    from pipeline.features.logmel import LogMelConfig  # numpy only, like this module
+
+    try:
+        cfg = LogMelConfig.from_dict(spec.frontend or {})
+    except ValueError as exc:
+        raise ContractError(f"metadata field 'frontend': {exc}") from None
+    _check(
+        spec.sample_rate_hz == cfg.sample_rate_hz,
+        "sample_rate_hz",
+        f"is {spec.sample_rate_hz}; the frontend reads {cfg.sample_rate_hz} Hz audio",
+    )
+    _check(
+        len(spec.features) == cfg.n_mels,
+        "features",
+        f"has {len(spec.features)} names; the frontend makes {cfg.n_mels} mel bands",
+    )

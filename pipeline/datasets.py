@@ -18,11 +18,11 @@ import csv
 import hashlib
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -61,6 +61,15 @@ class Dataset:
     timestamps: tuple[np.ndarray, ...] | None = None
     case_ids: tuple[str, ...] | None = None
     sha256: str = ""
+    # The audio front end (pipeline.features.logmel.LogMelConfig.to_dict()) that turned
+    # WAV files into these cases; None for sensor data.
+    frontend: Mapping[str, Any] | None = None
+
+    def spec_fields(self) -> dict[str, Any]:
+        """ModelSpec fields the data implies: an audio front end and its sample rate."""
+        if self.frontend is None:
+            return {}
+        return {"frontend": dict(self.frontend), "sample_rate_hz": self.frontend["sample_rate_hz"]}
 
     @property
     def n_cases(self) -> int:
@@ -131,23 +140,25 @@ def load(
     case_column: str | None = None,
     missing: Missing = "error",
 ) -> Dataset:
-    """Read ``path`` by its suffix (``.ts`` or ``.csv``); the column options are CSV's."""
+    """Read ``path`` by its suffix (``.ts`` or ``.csv``); the column options are CSV's.
+
+    A directory is a WAV data set, one folder per class
+    (:func:`pipeline.features.wavfolders.load_wav_folders`).
+    """
     p = Path(path)
+    if p.is_dir():
+        from pipeline.features.wavfolders import load_wav_folders
+
+        _no_csv_options(p, label_column, time_column, feature_columns, case_column)
+        return load_wav_folders(p)
     suffix = p.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(
-            f"{p}: unknown data format {suffix or '(no suffix)'!r}; expected .ts or .csv"
+            f"{p}: unknown data format {suffix or '(no suffix)'!r}; expected .ts, .csv "
+            "or a directory of WAV folders"
         )
     if suffix == ".ts":
-        given = {
-            "--label-column": label_column,
-            "--time-column": time_column,
-            "--feature-columns": feature_columns,
-            "--case-column": case_column,
-        }
-        used = [k for k, v in given.items() if v is not None]
-        if used:
-            raise DataError(f"{p}: {', '.join(used)} apply to CSV files only, not .ts")
+        _no_csv_options(p, label_column, time_column, feature_columns, case_column)
         return load_ts(p, missing=missing)
     return load_csv(
         p,
@@ -157,6 +168,25 @@ def load(
         case_column=case_column,
         missing=missing,
     )
+
+
+def _no_csv_options(
+    p: Path,
+    label_column: str | None,
+    time_column: str | None,
+    feature_columns: Sequence[str] | None,
+    case_column: str | None,
+) -> None:
+    given = {
+        "--label-column": label_column,
+        "--time-column": time_column,
+        "--feature-columns": feature_columns,
+        "--case-column": case_column,
+    }
+    used = [k for k, v in given.items() if v is not None]
+    if used:
+        kind = "a WAV directory" if p.is_dir() else ".ts"
+        raise DataError(f"{p}: {', '.join(used)} apply to CSV files only, not {kind}")
 
 
 # ---------------------------------------------------------------- .ts

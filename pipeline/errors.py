@@ -13,6 +13,8 @@ translated into these at the boundary where they occur, with the file or key nam
     ├── ModelError         a model file is unreadable, corrupt or breaks the contract
     │   └── ContractError  the seqstream metadata is missing or invalid (field named)
     ├── CheckpointError    a state checkpoint cannot be written or restored
+    ├── BrokerError        the MQTT broker cannot be reached or refuses the daemon at start
+    ├── PayloadError       one incoming message is rejected (``reason`` is counted, never fatal)
     └── DependencyError    an optional extra (train, audio) is not installed
 """
 
@@ -45,3 +47,20 @@ class CheckpointError(SeqstreamError):
 
 class DependencyError(SeqstreamError):
     """An optional dependency is missing; the message names the extra to install."""
+
+
+class BrokerError(SeqstreamError):
+    """The MQTT broker is unreachable or refuses the connection (host and reason named)."""
+
+
+class PayloadError(SeqstreamError):
+    """One incoming message cannot be used; ``reason`` is a stable snake_case word.
+
+    Raised per message by :mod:`pipeline.codecs` and caught by the source, which counts
+    the reason and reports it; it never stops the daemon or touches any stream's state.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

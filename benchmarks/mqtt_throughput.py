@@ -1,0 +1,343 @@
+"""The MQTT daemon through a real mosquitto, next to the paho ceiling measured in the same run.
+
+Prints one JSON document. For each QoS (0, 1) and payload (1 reading per message as
+JSON, 100 readings per message in the binary format), over ``--streams`` streams:
+
+* ``pubsub``: one paho publisher (its own process) -> mosquitto -> one paho subscriber
+  (this process), no inference: the classic paho publish/subscribe ceiling;
+* ``relay``: the daemon's topology without inference: publisher -> mosquitto -> a
+  paho relay process that republishes every message -> mosquitto -> subscriber;
+* ``daemon``: the same with ``seqstream run`` (a separate process) in the middle;
+
+then the end-to-end latency (publish -> prediction received, one reading per message)
+at ``--rate`` messages/s through the relay and through the daemon. Every client sets
+TCP_NODELAY. The model is a random 2-layer LSTM (hidden 64, 6 features), exported here.
+
+    python benchmarks/mqtt_throughput.py [--streams 1000] [--messages 20000] [--rate 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import codecs  # noqa: E402
+from tests.integration.broker import HOST, Broker, wait_until  # noqa: E402
+
+IN, OUT = "bench/in", "bench/out"
+INFLIGHT = 1000  # QoS 1 window of every client (paho's default of 20 caps the ceiling)
+
+
+def nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def make_client(port: int, client_id: str = "", clean: bool = True) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+    c.on_socket_open = nodelay
+    c.max_inflight_messages_set(INFLIGHT)
+    c.max_queued_messages_set(0)
+    c.connect(HOST, port)
+    c.loop_start()
+    wait_until(c.is_connected, 5, "connection")
+    return c
+
+
+class Counter:
+    """Subscribes ``topic``; counts messages, optionally keeps their latency from ``ts``."""
+
+    def __init__(self, port: int, topic: str, qos: int) -> None:
+        self.n = 0
+        self.last = 0.0
+        self.latencies: list[float] | None = None
+        self._sub = threading.Event()
+        self.client = make_client(port)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._sub.set()
+        self.client.subscribe(topic, qos)
+        assert self._sub.wait(5)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        now = time.monotonic()
+        self.n += 1
+        self.last = now
+        if self.latencies is not None:
+            self.latencies.append(now - json.loads(msg.payload)["ts"])
+
+    def reset(self, latencies: bool = False) -> None:
+        self.n = 0
+        self.latencies = [] if latencies else None
+
+    def wait(self, expected: int, idle_s: float = 5.0) -> None:
+        """Until ``expected`` messages came, or none for ``idle_s`` (the rest is lost)."""
+        seen, since = self.n, time.monotonic()
+        while self.n < expected and time.monotonic() - since < idle_s:
+            time.sleep(0.01)
+            if self.n != seen:
+                seen, since = self.n, time.monotonic()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def payloads(streams: int, readings: int, total: int, seq0: int) -> list[tuple[str, bytes]]:
+    """``total`` messages round-robin over ``streams``; sequence numbers continue from ``seq0``."""
+    values = np.random.default_rng(0).normal(size=(64, readings, 6)).astype(np.float32)
+    out = []
+    for k in range(total):
+        i, rnd = k % streams, k // streams
+        seq = seq0 + rnd * readings
+        v = values[k % 64]
+        data = codecs.encode_json(v[0], seq) if readings == 1 else codecs.encode_binary(v, seq)
+        out.append((f"{IN}/s{i}", data))
+    return out
+
+
+def publish_main(
+    port: int, qos: int, readings: int, total: int, streams: int, seq0: int, rate: float
+) -> None:
+    """The sensors, in their own process: print when the first message left, then exit."""
+    client = make_client(port)
+    if rate > 0:  # paced, one reading per message, ts = send time (CLOCK_MONOTONIC)
+        values = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+        started = time.monotonic()
+        info = None
+        for k in range(total):
+            delay = started + k / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            i = k % streams
+            data = codecs.encode_json(values[k % 64], seq0 + k // streams, time.monotonic())
+            info = client.publish(f"{IN}/s{i}", data, qos)
+    else:
+        batch = payloads(streams, readings, total, seq0)
+        started = time.monotonic()
+        for topic, data in batch:
+            info = client.publish(topic, data, qos)
+    if info is not None:
+        info.wait_for_publish(120)
+    print(json.dumps({"started": started}), flush=True)
+    client.disconnect()
+    client.loop_stop()
+
+
+class Sensors:
+    """Runs publisher processes, keeping each stream's sequence numbers increasing."""
+
+    def __init__(self, port: int, streams: int) -> None:
+        self.port = port
+        self.streams = streams
+        self.seq = 0  # every stream has sent rows [0, seq)
+
+    def run(self, qos: int, readings: int, total: int, rate: float = 0.0) -> float:
+        rows = -(-total // self.streams) * readings
+        cmd = [sys.executable, __file__, "--publish", str(self.port), str(qos), str(readings)]
+        cmd += [str(total), str(self.streams), str(self.seq), str(rate)]
+        self.seq += rows
+        out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+        return float(json.loads(out.stdout.decode().strip().splitlines()[-1])["started"])
+
+
+def throughput(
+    sensors: Sensors, sink: Counter, qos: int, readings: int, total: int
+) -> dict[str, Any]:
+    sink.reset()
+    started = sensors.run(qos, readings, total)
+    sink.wait(total)
+    elapsed = max(sink.last - started, 1e-9)
+    return {
+        "messages": total,
+        "received": sink.n,
+        "messages_per_s": round(sink.n / elapsed),
+        "readings_per_s": round(sink.n * readings / elapsed),
+    }
+
+
+def latency(
+    sensors: Sensors, sink: Counter, qos: int, rate: float, seconds: float
+) -> dict[str, Any]:
+    total = int(rate * seconds)
+    sink.reset(latencies=True)
+    sensors.run(qos, 1, total, rate)
+    sink.wait(total)
+    assert sink.latencies is not None
+    lat = np.array(sink.latencies) * 1000
+    return {
+        "rate_msgs_per_s": rate,
+        "messages": total,
+        "received": len(lat),
+        "p50_ms": round(float(np.percentile(lat, 50)), 3),
+        "p99_ms": round(float(np.percentile(lat, 99)), 3),
+        "max_ms": round(float(lat.max()), 3),
+    }
+
+
+def relay_main(port: int, qos: int) -> None:
+    """The no-inference middle: republish every input message on the output topic."""
+    client = make_client(port)
+    prefix = len(IN)
+
+    def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        c.publish(OUT + msg.topic[prefix:], msg.payload, qos)
+
+    client.on_message = on_message
+    client.subscribe(f"{IN}/+", qos)
+    client.publish("bench/relay", b"online", qos=1, retain=False)
+    threading.Event().wait()
+
+
+def start_middle(
+    kind: str, port: int, qos: int, work: Path, model: Path, max_wait_ms: float
+) -> subprocess.Popen[bytes]:
+    ready = Counter(port, "bench/relay" if kind == "relay" else "seqstream/bench/status", 1)
+    if kind == "relay":
+        cmd = [sys.executable, __file__, "--relay", str(port), str(qos)]
+    else:
+        conf = work / f"daemon-qos{qos}.toml"
+        conf.write_text(
+            f"""
+[model]
+path = "{model}"
+[engine]
+max_batch = 1024
+[queue]
+max_wait_ms = {max_wait_ms}
+[mqtt]
+port = {port}
+client_id = "bench"
+clean_session = true
+max_inflight = {INFLIGHT}
+[input]
+topic = "{IN}/{{stream}}"
+qos = {qos}
+[output]
+topic = "{OUT}/{{stream}}"
+qos = {qos}
+[metrics]
+enabled = false
+"""
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "--log-level",
+            "WARNING",
+            "run",
+            "--config",
+            str(conf),
+        ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    wait_until(lambda: ready.n > 0 or proc.poll() is not None, 30, f"{kind} ready")
+    ready.close()
+    if proc.poll() is not None:
+        raise RuntimeError(f"{kind} exited with {proc.returncode}")
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--messages", type=int, default=20_000, help="per run with 1 reading/message")
+    ap.add_argument("--rate", type=float, default=1000.0, help="messages/s for the latency runs")
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of each latency run")
+    ap.add_argument("--max-wait-ms", type=float, default=0.5, help="the daemon's queue.max_wait_ms")
+    ap.add_argument("--relay", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--publish", nargs=7, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.relay:
+        relay_main(*args.relay)
+        return
+    if args.publish:
+        port, qos, readings, total, streams, seq0, rate = args.publish
+        publish_main(
+            int(port), int(qos), int(readings), int(total), int(streams), int(seq0), float(rate)
+        )
+        return
+
+    from models.export import export_random
+
+    work = Path(tempfile.mkdtemp(prefix="seqstream-bench-"))
+    model = work / "lstm64.onnx"
+    export_random(model, cell="lstm", task="classify", n_features=6, hidden=64, layers=2)
+    broker = Broker(
+        work / "broker",
+        extra="allow_anonymous true\nmax_inflight_messages 1000\nset_tcp_nodelay true",
+    )
+    broker.start()
+    report: dict[str, Any] = {
+        "streams": args.streams,
+        "model": "random lstm, 2 layers, hidden 64, 6 features",
+        "cpus": os.cpu_count(),
+        "daemon_max_wait_ms": args.max_wait_ms,
+        "throughput": {},
+    }
+    plans = [(1, args.messages), (100, max(1, args.messages // 10))]
+    sensors = Sensors(broker.port, args.streams)
+    try:
+        for qos in (0, 1):
+            for readings, total in plans:
+                row: dict[str, Any] = {}
+                sink = Counter(broker.port, f"{IN}/#", qos)
+                row["pubsub"] = throughput(sensors, sink, qos, readings, total)
+                sink.close()
+                sink = Counter(broker.port, f"{OUT}/#", qos)
+                for kind in ("relay", "daemon"):
+                    proc = start_middle(kind, broker.port, qos, work, model, args.max_wait_ms)
+                    try:
+                        throughput(sensors, sink, qos, readings, min(total, 2000))  # warm-up
+                        row[kind] = throughput(sensors, sink, qos, readings, total)
+                    finally:
+                        stop(proc)
+                sink.close()
+                d = row["daemon"]["messages_per_s"]
+                row["daemon_vs_pubsub"] = round(d / row["pubsub"]["messages_per_s"], 3)
+                row["daemon_vs_relay"] = round(d / row["relay"]["messages_per_s"], 3)
+                report["throughput"][f"qos{qos}_{readings}_readings_per_msg"] = row
+        report["latency"] = {}
+        for qos in (0, 1):
+            sink = Counter(broker.port, f"{OUT}/#", qos)
+            for kind in ("relay", "daemon"):
+                proc = start_middle(kind, broker.port, qos, work, model, args.max_wait_ms)
+                try:
+                    latency(sensors, sink, qos, args.rate, 1.0)  # warm-up
+                    key = f"qos{qos}_{kind}"
+                    report["latency"][key] = latency(sensors, sink, qos, args.rate, args.seconds)
+                finally:
+                    stop(proc)
+            sink.close()
+    finally:
+        broker.stop()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

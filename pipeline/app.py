@@ -1,0 +1,120 @@
+"""Composition root: the one place that builds the daemon's parts from settings.
+
+Every other module receives its collaborators through its constructor; only this one
+names the concrete classes and decides how they are wired::
+
+    broker -> Link -> MqttSource -> Decoder -> Worker(Engine(StepModel)) -> PredictionSink -> Link
+                                 \\-> ErrorReporter <-/           \\-> Metrics (observer)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from pipeline import codecs
+from pipeline.codecs import Decoder, PredictionEncoder
+from pipeline.config import Settings
+from pipeline.daemon import Daemon
+from pipeline.datasets import file_sha256
+from pipeline.engine import REJECT_ENGINE_ERROR, REJECT_NON_FINITE, Engine, Worker
+from pipeline.errors import ConfigError, ModelError
+from pipeline.metrics import Exporter, Metrics
+from pipeline.model import StepModel
+from pipeline.mqtt import Link
+from pipeline.sinks import mqtt as sink_mqtt
+from pipeline.sinks.mqtt import ErrorReporter, PredictionSink, PublishPolicy
+from pipeline.sources import mqtt as source_mqtt
+from pipeline.sources.mqtt import MqttSource
+from pipeline.state import REJECT_CAPACITY, REJECT_DUPLICATE, REJECT_OUT_OF_ORDER, RESET_REASONS
+
+log = logging.getLogger(__name__)
+
+# Every rejection reason the daemon can count, exported as 0 from the start.
+REJECT_REASONS: tuple[str, ...] = (
+    *codecs.REASONS,
+    *source_mqtt.REASONS,
+    sink_mqtt.NON_FINITE_OUTPUT,
+    REJECT_NON_FINITE,
+    REJECT_ENGINE_ERROR,
+    REJECT_DUPLICATE,
+    REJECT_OUT_OF_ORDER,
+    REJECT_CAPACITY,
+)
+
+
+def load_model(settings: Settings) -> StepModel:
+    """The configured model, its SHA-256 checked first when the config gives one."""
+    cfg = settings.model
+    if cfg.sha256 is not None and cfg.path.is_file():
+        actual = file_sha256(cfg.path)
+        if actual != cfg.sha256:
+            raise ModelError(
+                f"{cfg.path}: SHA-256 is {actual}, config model.sha256 expects {cfg.sha256}"
+            )
+    return StepModel.load(cfg.path, cfg.providers, cfg.threads)
+
+
+def build(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:
+    """Everything ``seqstream run`` needs, built but not started."""
+    model = load_model(settings)
+    spec = model.spec
+    out = settings.output
+    if out.on_change and spec.task != "classify":
+        raise ConfigError(f"output.on_change: needs a classify model; {spec.name} is {spec.task}")
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry, reject_reasons=REJECT_REASONS, reset_reasons=RESET_REASONS)
+    metrics.set_model(
+        name=spec.name, version=spec.version, provider=model.provider, opset=spec.opset
+    )
+    metrics.broker_connected.set(0)
+
+    link = Link(settings.mqtt, observer=metrics)
+    errors = ErrorReporter(
+        link,
+        settings.error_topic(),
+        rate_per_s=out.error_rate_per_s,
+        burst=out.error_burst,
+        metrics=metrics,
+    )
+    engine = Engine(model, settings.engine, observer=metrics)
+    policy = None
+    if out.every_k > 1 or out.on_change:
+        policy = PublishPolicy(out.every_k, out.on_change, settings.engine.max_streams)
+    sink = PredictionSink(
+        link, PredictionEncoder(spec), out, metrics=metrics, errors=errors, policy=policy
+    )
+    queue = settings.queue
+    worker = Worker(
+        engine,
+        sink,
+        max_queue=queue.max_size,
+        max_batch=settings.engine.max_batch,
+        max_wait_ms=queue.max_wait_ms,
+        overflow=queue.overflow,
+    )
+    metrics.track(streams=lambda: engine.streams, depth=lambda: worker.depth)
+    decoder = Decoder(
+        spec.n_features,
+        max_payload_bytes=settings.input.max_payload_bytes,
+        max_steps=settings.engine.max_chunk,
+    )
+    source = MqttSource(link, decoder, worker, settings.input, metrics=metrics, errors=errors)
+
+    exporter = None
+    if settings.metrics.enabled:
+        bind, port = settings.metrics.bind, settings.metrics.port
+
+        def exporter() -> Exporter:
+            return Exporter(registry, bind, port)
+
+    return Daemon(
+        engine=engine,
+        worker=worker,
+        link=link,
+        source=source,
+        metrics=metrics,
+        checkpoint=settings.checkpoint,
+        exporter=exporter,
+    )

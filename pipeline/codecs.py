@@ -1,0 +1,268 @@
+"""Message payloads in and out: the one place that parses and writes them.
+
+Input (sensor readings), recognised by their first bytes, so one topic can carry both:
+
+**JSON** (UTF-8 object; other keys are ignored)::
+
+    {"seq": 17, "ts": 1718000000.25, "values": [0.1, -0.3, 9.8, 0.0, 0.2, 0.1]}
+    {"seq": 17, "ts": 1718000000.25, "values": [[...6 values...], [...6 values...]]}
+
+``values`` is one step (``F`` numbers) or several consecutive steps (``T`` rows of
+``F``); ``seq`` (integer >= 0) numbers the first row, the rows after it are
+``seq+1, seq+2 ...``; ``seq`` and ``ts`` (seconds, any epoch) are optional.
+
+**Binary** (little-endian; for high-rate sensors), a 24-byte header then the data::
+
+    offset size type     field
+    0      2    bytes    magic b"SQ"
+    2      1    u8       version (1)
+    3      1    u8       flags: bit 0 = seq present, bit 1 = ts present, others 0
+    4      8    u64      seq of the first row (ignored unless flag bit 0)
+    12     8    f64      ts (ignored unless flag bit 1)
+    20     2    u16      T, rows (steps), >= 1
+    22     2    u16      F, values per row, >= 1
+    24     4*T*F f32     values, row-major (row 0's F values, then row 1's ...)
+
+i.e. ``struct.pack("<2sBBQdHH", b"SQ", 1, flags, seq, ts, T, F) + values.astype("<f4").tobytes()``.
+
+Decoding never raises anything but :class:`~pipeline.errors.PayloadError`, whose
+``reason`` is one of :data:`REASONS` (stable words, used as a metric label). Values
+are not checked for NaN/Inf here: the engine does that for a whole batch at once and
+rejects such a step with reason ``non_finite`` before it touches any state.
+
+Output (predictions): one JSON object per input message, for the step after its
+last row, written from a template built once per model (no per-message ``json.dumps``)::
+
+    {"seq": 21, "ts": 1718000000.25, "label": "Walking",
+     "probs": {"Standing": 0.01, "Running": 0.02, "Walking": 0.95, "Badminton": 0.02},
+     "model": "har", "version": "3"}
+    {"seq": 21, "ts": ..., "forecast": {"flow": [12.5, 12.9]}, "model": ..., "version": ...}
+
+``seq`` is the sequence number of that last row (``null`` if the input had none),
+``ts`` the input's ``ts``; ``probs``/``forecast`` are keyed by the model's labels and
+target names, a forecast lists ``horizon`` values. When the engine reset the stream's
+state just before this message, ``"resets": [reasons]`` is added. Floats are written
+with 9 significant digits, which round-trips float32 exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.contract import ModelSpec
+from pipeline.engine import (
+    REJECT_BAD_FEATURES,
+    REJECT_BAD_SEQ,
+    REJECT_BAD_TS,
+    REJECT_TOO_LONG,
+    Result,
+    Step,
+)
+from pipeline.errors import ModelError, PayloadError
+
+Array = np.ndarray[Any, np.dtype[np.float32]]
+
+MAGIC = b"SQ"
+VERSION = 1
+FLAG_SEQ = 1
+FLAG_TS = 2
+HEADER = struct.Struct("<2sBBQdHH")  # 24 bytes: the float32 data starts 4-byte aligned
+MAX_SEQ = (1 << 63) - 1
+
+# Rejection reasons (metric label values), the engine's words where they overlap;
+# the source adds "unknown_topic" and "queue_full".
+OVERSIZED = "oversized"
+MALFORMED_JSON = "malformed_json"
+BAD_SEQ = REJECT_BAD_SEQ
+BAD_TS = REJECT_BAD_TS
+BAD_SHAPE = "bad_shape"
+FEATURE_COUNT = REJECT_BAD_FEATURES
+TOO_MANY_STEPS = REJECT_TOO_LONG
+BAD_BINARY_HEADER = "bad_binary_header"
+BAD_BINARY_LENGTH = "bad_binary_length"
+REASONS: tuple[str, ...] = (
+    OVERSIZED,
+    MALFORMED_JSON,
+    BAD_SEQ,
+    BAD_TS,
+    BAD_SHAPE,
+    FEATURE_COUNT,
+    TOO_MANY_STEPS,
+    BAD_BINARY_HEADER,
+    BAD_BINARY_LENGTH,
+)
+
+
+class Decoder:
+    """Turns one payload into an engine :class:`~pipeline.engine.Step`, or rejects it.
+
+    Everything the engine would refuse about the shape is refused here, at the edge,
+    so a bad message costs the network thread a few microseconds and never reaches
+    the queue or any stream's state.
+    """
+
+    def __init__(self, n_features: int, *, max_payload_bytes: int, max_steps: int) -> None:
+        self.n_features = n_features
+        self.max_payload_bytes = max_payload_bytes
+        self.max_steps = max_steps
+
+    def decode(self, stream: str, payload: bytes | bytearray, received: float = 0.0) -> Step:
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadError(OVERSIZED, f"{len(payload)} bytes > {self.max_payload_bytes}")
+        if payload[:2] == MAGIC:
+            values, seq, ts = self._binary(payload)
+        else:
+            values, seq, ts = self._json(payload)
+        return Step(stream, values, seq, ts, received)
+
+    def _json(self, payload: bytes | bytearray) -> tuple[Array, int | None, float | None]:
+        try:
+            doc = json.loads(payload)
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError
+            raise PayloadError(MALFORMED_JSON, "not a UTF-8 JSON document") from None
+        if not isinstance(doc, dict):
+            raise PayloadError(MALFORMED_JSON, "not a JSON object")
+        seq = doc.get("seq")
+        if seq is not None and (
+            not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ
+        ):
+            raise PayloadError(BAD_SEQ, "'seq' must be an integer in 0..2**63-1")
+        ts = doc.get("ts")
+        if ts is not None:
+            if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
+                raise PayloadError(BAD_TS, "'ts' must be a finite number")
+            ts = float(ts)
+        raw = doc.get("values")
+        if not isinstance(raw, list) or not raw:
+            raise PayloadError(BAD_SHAPE, "'values' must be a non-empty list")
+        try:
+            arr = np.array(raw)
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            raise PayloadError(BAD_SHAPE, "'values' must be numbers or equal-length rows") from None
+        if arr.dtype.kind not in "fiu" or arr.ndim not in (1, 2) or arr.size == 0:
+            raise PayloadError(BAD_SHAPE, "'values' must be numbers or equal-length rows")
+        if arr.ndim == 1:
+            arr = arr.reshape(1, -1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = arr.astype(np.float32)
+        self._check(values)
+        return values, seq, ts
+
+    def _binary(self, payload: bytes | bytearray) -> tuple[Array, int | None, float | None]:
+        if len(payload) < HEADER.size:
+            raise PayloadError(BAD_BINARY_HEADER, f"{len(payload)} bytes < {HEADER.size}")
+        _, version, flags, seq, ts, t, f = HEADER.unpack_from(payload)
+        if version != VERSION:
+            raise PayloadError(BAD_BINARY_HEADER, f"version {version}, this reader knows 1")
+        if flags & ~(FLAG_SEQ | FLAG_TS):
+            raise PayloadError(BAD_BINARY_HEADER, f"unknown flags {flags:#04x}")
+        if t == 0 or f == 0:
+            raise PayloadError(BAD_SHAPE, f"T={t} F={f}; both must be >= 1")
+        if len(payload) != HEADER.size + 4 * t * f:
+            raise PayloadError(
+                BAD_BINARY_LENGTH,
+                f"{len(payload)} bytes; header says {HEADER.size + 4 * t * f} (T={t}, F={f})",
+            )
+        if not flags & FLAG_SEQ:
+            seq = None
+        elif seq > MAX_SEQ:
+            raise PayloadError(BAD_SEQ, "seq must be < 2**63")
+        if not flags & FLAG_TS:
+            ts = None
+        elif not math.isfinite(ts):
+            raise PayloadError(BAD_TS, "ts must be finite")
+        values: Array = np.frombuffer(payload, "<f4", t * f, HEADER.size).reshape(t, f)
+        self._check(values)
+        return values, seq, ts
+
+    def _check(self, values: Array) -> None:
+        # NaN/Inf are left to the engine, which checks a whole batch in one pass and
+        # rejects such a step ("non_finite") before it touches any state.
+        t, f = values.shape
+        if f != self.n_features:
+            raise PayloadError(
+                FEATURE_COUNT, f"{f} values per step; the model takes {self.n_features}"
+            )
+        if t > self.max_steps:
+            raise PayloadError(TOO_MANY_STEPS, f"{t} steps in one message > {self.max_steps}")
+
+
+def encode_json(values: Array, seq: int | None = None, ts: float | None = None) -> bytes:
+    """A sensor message in the JSON format (one step for a 1-D ``values``)."""
+    doc: dict[str, Any] = {"values": np.asarray(values, dtype=np.float32).tolist()}
+    if seq is not None:
+        doc["seq"] = seq
+    if ts is not None:
+        doc["ts"] = ts
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def encode_binary(values: Array, seq: int | None = None, ts: float | None = None) -> bytes:
+    """A sensor message in the binary format; ``values`` is ``[F]`` or ``[T, F]``."""
+    arr = np.asarray(values, dtype="<f4")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    t, f = arr.shape
+    flags = (FLAG_SEQ if seq is not None else 0) | (FLAG_TS if ts is not None else 0)
+    head = HEADER.pack(MAGIC, VERSION, flags, seq or 0, ts or 0.0, t, f)
+    return head + np.ascontiguousarray(arr).tobytes()
+
+
+class PredictionEncoder:
+    """Writes a :class:`~pipeline.engine.Result` as prediction JSON (see module doc).
+
+    The model-constant parts (keys, label names, model name and version) are escaped
+    once into a ``%``-template; per message only numbers are formatted.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.task = spec.task
+        tail = f'"model":{_lit(spec.name)},"version":{_lit(spec.version)}%s}}'
+        if spec.task == "classify":
+            self._output = "probs"
+            self._labels = [json.dumps(label) for label in spec.labels]
+            probs = ",".join(f"{_lit(label)}:%.9g" for label in spec.labels)
+            self._template = '{"seq":%s,"ts":%s,"label":%s,"probs":{' + probs + "}," + tail
+        elif spec.task == "forecast":
+            self._output = "forecast"
+            row = ",".join(["%.9g"] * spec.horizon)
+            lists = ",".join(f"{_lit(name)}:[{row}]" for name in spec.targets)
+            self._template = '{"seq":%s,"ts":%s,"forecast":{' + lists + "}," + tail
+        else:  # pragma: no cover - the contract admits only the tasks above
+            raise ModelError(f"task {spec.task!r} has no prediction format")
+
+    def encode(self, result: Result) -> bytes | None:
+        """The message for ``result``'s last row, or None when its outputs are not finite."""
+        step = result.step
+        row = result.outputs[self._output][-1]
+        if not math.isfinite(float(row.sum(dtype=np.float64))):
+            return None
+        seq = "null" if step.seq is None else str(step.seq + len(step.values) - 1)
+        ts = "null" if step.ts is None else repr(step.ts)
+        extra = _resets(result.resets) if result.resets else ""
+        if self._output == "probs":
+            label = self._labels[int(row.argmax())]
+            return (self._template % (seq, ts, label, *row.tolist(), extra)).encode()
+        # forecast row is [horizon, targets]; the template lists each target's horizon
+        return (self._template % (seq, ts, *row.T.ravel().tolist(), extra)).encode()
+
+    def label(self, result: Result) -> int:
+        """The class index after the last row (for publish-on-change); 0 for forecasts."""
+        if self._output != "probs":
+            return 0
+        return int(result.outputs["probs"][-1].argmax())
+
+
+def _resets(reasons: Sequence[str]) -> str:
+    return ',"resets":' + json.dumps(list(reasons))
+
+
+def _lit(text: str) -> str:
+    """``text`` as a JSON string literal, escaped for the constant part of a %-template."""
+    return json.dumps(text).replace("%", "%%")

@@ -1,0 +1,147 @@
+"""``seqstream replay DATA --broker URL``: publish a data set as live sensors.
+
+Every case of a ``.ts``/CSV file becomes one stream; the streams are interleaved row
+by row (all streams' row 0, then all row 1 ...), each message numbered with ``seq``
+(the row index) and, when the data has them, the row's timestamp as ``ts``. With
+``--rate HZ`` each stream sends HZ rows per second, as a sensor would; without it, as
+fast as the broker takes them. For demos, tests and load: the daemon cannot tell it
+from real sensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pipeline.datasets import MISSING_POLICIES
+
+SCHEMES = {"mqtt": 1883, "mqtts": 8883}
+FLUSH_EVERY = 10_000  # messages; bounds what waits in the client's queue
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "replay",
+        help="publish a data set's cases as live sensor streams over MQTT",
+        description="Publish every case of DATA as one stream, row by row, in the payload "
+        "format 'seqstream run' reads.",
+    )
+    p.add_argument("data", type=Path, help="data file (.ts or .csv)")
+    p.add_argument(
+        "--broker",
+        default="mqtt://127.0.0.1:1883",
+        help="mqtt://[user@]host[:port] or mqtts://... (default: %(default)s)",
+    )
+    p.add_argument(
+        "--topic-template",
+        default="sensors/{stream}/data",
+        help="topic per stream; {stream} is replaced by the case name (default: %(default)s)",
+    )
+    p.add_argument("--rate", type=float, default=0.0, help="rows per second per stream (0: max)")
+    p.add_argument("--chunk", type=int, default=1, help="rows per message (default: 1)")
+    p.add_argument("--format", choices=("json", "binary"), default="json")
+    p.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
+    p.add_argument("--prefix", default="", help="prepended to every stream name")
+    p.add_argument("--cases", type=int, help="replay only the first N cases")
+    p.add_argument("--client-id", default="", help="MQTT client id (default: random)")
+    p.add_argument("--ca-file", type=Path, help="CA certificate for mqtts://")
+    p.add_argument("--password-env", help="environment variable holding the password")
+    p.add_argument(
+        "--missing",
+        default="error",
+        choices=MISSING_POLICIES,
+        help="missing values: refuse them, or hold the channel's last reading (ffill)",
+    )
+    g = p.add_argument_group("CSV layout")
+    g.add_argument("--label-column", help="column holding the class label (not a feature)")
+    g.add_argument("--time-column", help="column holding timestamps (sent as ts)")
+    g.add_argument("--case-column", help="column grouping rows into cases (default: one case)")
+    g.add_argument("--feature-columns", nargs="+", metavar="COL", help="feature columns")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    import numpy as np
+
+    from pipeline import codecs, datasets
+    from pipeline.config import STREAM, MqttConfig, Secret, TlsConfig
+    from pipeline.errors import ConfigError
+    from pipeline.mqtt import Link
+
+    if STREAM not in args.topic_template:
+        raise ConfigError(f"--topic-template: must contain {STREAM}")
+    if args.rate < 0 or args.chunk < 1:
+        raise ConfigError("--rate must be >= 0 and --chunk >= 1")
+    url = urlsplit(args.broker)
+    if url.scheme not in SCHEMES or not url.hostname:
+        raise ConfigError(
+            f"--broker: expected mqtt://host[:port] or mqtts://..., got {args.broker}"
+        )
+    password = None
+    if args.password_env:
+        value = os.environ.get(args.password_env, "")
+        if not value:
+            raise ConfigError(f"--password-env: {args.password_env} is not set or empty")
+        password = Secret(value)
+    options: dict[str, Any] = {"missing": args.missing}
+    if args.data.suffix.lower() == ".csv":
+        options.update(
+            label_column=args.label_column,
+            time_column=args.time_column,
+            case_column=args.case_column,
+            feature_columns=args.feature_columns,
+        )
+    data = datasets.load(args.data, **options)
+    n = data.n_cases if args.cases is None else min(args.cases, data.n_cases)
+    encode = codecs.encode_binary if args.format == "binary" else codecs.encode_json
+    prefix, suffix = args.topic_template.split(STREAM, 1)
+    topics = [f"{prefix}{args.prefix}{data.case_name(i)}{suffix}" for i in range(n)]
+
+    cfg = MqttConfig(
+        host=url.hostname,
+        port=url.port or SCHEMES[url.scheme],
+        client_id=args.client_id or f"seqstream-replay-{os.getpid()}",
+        clean_session=True,
+        username=unquote(url.username) if url.username else None,
+        password=password,
+        tls=TlsConfig(ca_file=args.ca_file) if url.scheme == "mqtts" else None,
+        max_queued_out=0,
+    )
+    link = Link(cfg, announce=False)
+    link.start()
+    messages = rows = 0
+    started = time.monotonic()
+    try:
+        longest = max((c.shape[0] for c in data.cases[:n]), default=0)
+        for row in range(0, longest, args.chunk):
+            if args.rate > 0:
+                delay = started + row / args.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            for i in range(n):
+                case = data.cases[i]
+                if row >= case.shape[0]:
+                    continue
+                values = np.ascontiguousarray(case[row : row + args.chunk], dtype=np.float32)
+                ts = None
+                if data.timestamps is not None:
+                    ts = float(data.timestamps[i][row])
+                one = values[0] if values.shape[0] == 1 else values
+                link.publish(topics[i], encode(one, row, ts), args.qos)
+                messages += 1
+                rows += values.shape[0]
+                if messages % FLUSH_EVERY == 0:
+                    link.flush(60.0)
+        link.flush(60.0)
+    finally:
+        link.stop()
+    seconds = time.monotonic() - started
+    summary = {"streams": n, "messages": messages, "rows": rows, "seconds": round(seconds, 3)}
+    print(json.dumps(summary))
+    return 0

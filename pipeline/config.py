@@ -1,0 +1,573 @@
+"""The daemon's TOML configuration: parsed and validated once, then frozen.
+
+:func:`load` reads one file and returns :class:`Settings`, a tree of frozen dataclasses
+with every value type-checked and range-checked. Any problem -- an unknown key, a wrong
+type, an impossible value, an unreadable secret -- raises one :class:`ConfigError` that
+names the file and the dotted key (``seqstream.toml: mqtt.port: must be 1..65535, got 0``),
+so a typo fails at start instead of being silently ignored. Nothing downstream parses
+configuration again; collaborators receive the section they need.
+
+Relative paths are resolved against the config file's directory, so a config and the
+files it names can move together. The broker password is read here (from a file or an
+environment variable) into a :class:`Secret`, whose ``repr`` hides it, so no log line or
+traceback that prints the settings can leak it.
+
+Topic templates use one notation everywhere: ``{stream}`` marks the topic level that
+carries the stream id, e.g. ``sensors/{stream}/data``. An input template is subscribed
+with that level replaced by ``+``; an output template is filled with the stream id.
+``{client_id}`` may appear in the status and error topics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import stat
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from pipeline.engine import EngineSettings, Overflow
+from pipeline.errors import ConfigError
+from pipeline.model import PROVIDERS
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+STREAM = "{stream}"
+CLIENT_ID = "{client_id}"
+PROTOCOLS: tuple[str, ...] = ("3.1.1", "5")
+OVERFLOW: tuple[str, ...] = ("block", "drop")
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str`` (logs, tracebacks)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    path: Path
+    providers: tuple[str, ...] = ("cpu",)
+    threads: int = 1
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointConfig:
+    path: Path | None = None  # None: no checkpoints, streams start fresh after a restart
+    interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """The hand-off between the network thread and the engine's worker."""
+
+    max_size: int = 10_000
+    overflow: Overflow = "block"
+    max_wait_ms: float = 1.0  # how long the worker waits for more steps to fill a batch
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_file: Path | None = None  # None: the system's trust store
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    protocol: str = "3.1.1"
+    client_id: str = "seqstream"
+    clean_session: bool = False
+    session_expiry_s: int = 86_400  # MQTT 5 only: how long the broker keeps the session
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 30
+    max_inflight: int = 100
+    max_queued_out: int = 100_000  # outgoing messages held while disconnected; 0: unbounded
+    username: str | None = None
+    password: Secret | None = None
+    tls: TlsConfig | None = None
+    status_topic: str = "seqstream/{client_id}/status"
+
+    def status(self) -> str:
+        return self.status_topic.replace(CLIENT_ID, self.client_id)
+
+
+@dataclass(frozen=True, slots=True)
+class InputConfig:
+    topic: str = "sensors/{stream}/data"
+    reset_topic: str | None = "sensors/{stream}/reset"
+    qos: int = 1
+    max_payload_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConfig:
+    topic: str = "predictions/{stream}"
+    qos: int = 1
+    retain: bool = False
+    every_k: int = 1
+    on_change: bool = False
+    error_topic: str | None = "seqstream/{client_id}/errors"
+    error_rate_per_s: float = 10.0
+    error_burst: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    source: Path
+    model: ModelConfig
+    engine: EngineSettings
+    checkpoint: CheckpointConfig
+    queue: QueueConfig
+    mqtt: MqttConfig
+    input: InputConfig
+    output: OutputConfig
+    metrics: MetricsConfig
+
+    def error_topic(self) -> str | None:
+        topic = self.output.error_topic
+        return None if topic is None else topic.replace(CLIENT_ID, self.mqtt.client_id)
+
+
+def load(path: str | Path) -> Settings:
+    """Read and validate ``path``; the only way settings come into being."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    try:
+        doc = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    try:
+        return parse(doc, base=path.parent.resolve(), source=path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse(doc: dict[str, Any], *, base: Path, source: Path) -> Settings:
+    """Validate an already-decoded TOML document; errors name the dotted key only."""
+    root = _Table(doc, "", base)
+    settings = Settings(
+        source=source,
+        model=_model(root.table("model", required=True)),
+        engine=_engine(root.table("engine")),
+        checkpoint=_checkpoint(root.table("checkpoint")),
+        queue=_queue(root.table("queue")),
+        mqtt=_mqtt(root.table("mqtt")),
+        input=_input(root.table("input")),
+        output=_output(root.table("output")),
+        metrics=_metrics(root.table("metrics")),
+    )
+    root.done()
+    return settings
+
+
+def _model(t: _Table) -> ModelConfig:
+    providers = t.strings("providers", ("cpu",))
+    if not providers:
+        t.fail("providers", "must name at least one provider")
+    for p in providers:
+        if p not in PROVIDERS:
+            t.fail("providers", f"unknown provider {p!r}; use {', '.join(PROVIDERS)}")
+    sha = t.opt_text("sha256")
+    if sha is not None:
+        sha = sha.lower()
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            t.fail("sha256", "must be 64 hex digits")
+    path = t.path("path", required=True)
+    if path is None:
+        t.fail("path", "is required")
+    cfg = ModelConfig(
+        path=path,
+        providers=providers,
+        threads=t.integer("threads", 1, lo=1, hi=256),
+        sha256=sha,
+    )
+    t.done()
+    return cfg
+
+
+def _engine(t: _Table) -> EngineSettings:
+    d = EngineSettings()
+    max_streams = t.integer("max_streams", d.max_streams, lo=1)
+    cfg = EngineSettings(
+        max_streams=max_streams,
+        idle_timeout_s=t.opt_number("idle_timeout_s", d.idle_timeout_s, positive=True),
+        seq_gap_tolerance=t.integer("seq_gap_tolerance", d.seq_gap_tolerance, lo=0),
+        ts_gap_tolerance_s=t.opt_number("ts_gap_tolerance_s", d.ts_gap_tolerance_s, positive=True),
+        max_batch=t.integer("max_batch", d.max_batch, lo=1, hi=65_536),
+        max_chunk=t.integer("max_chunk", d.max_chunk, lo=1, hi=65_535),
+        check_state=t.flag("check_state", d.check_state),
+        initial_capacity=min(d.initial_capacity, max_streams),
+    )
+    t.done()
+    return cfg
+
+
+def _checkpoint(t: _Table) -> CheckpointConfig:
+    d = CheckpointConfig()
+    path = t.path("path")
+    if path is not None and not path.parent.is_dir():
+        t.fail("path", f"directory {path.parent} does not exist")
+    cfg = CheckpointConfig(
+        path=path,
+        interval_s=t.number("interval_s", d.interval_s, lo=1.0),
+    )
+    t.done()
+    return cfg
+
+
+def _queue(t: _Table) -> QueueConfig:
+    d = QueueConfig()
+    cfg = QueueConfig(
+        max_size=t.integer("max_size", d.max_size, lo=1),
+        overflow="drop" if t.choice("overflow", d.overflow, OVERFLOW) == "drop" else "block",
+        max_wait_ms=t.number("max_wait_ms", d.max_wait_ms, lo=0.0, hi=10_000.0),
+    )
+    t.done()
+    return cfg
+
+
+def _mqtt(t: _Table) -> MqttConfig:
+    d = MqttConfig()
+    host = t.text("host", d.host)
+    if not host:
+        t.fail("host", "must not be empty")
+    client_id = t.text("client_id", d.client_id)
+    if not client_id or len(client_id.encode()) > 65_535:
+        t.fail("client_id", "must be a non-empty string")
+    clean = t.flag("clean_session", d.clean_session)
+    password_file = t.path("password_file")
+    password_env = t.opt_text("password_env")
+    if password_file is not None and password_env is not None:
+        t.fail("password_file", "give password_file or password_env, not both")
+    password = _password(t, password_file, password_env)
+    username = t.opt_text("username")
+    if password is not None and username is None:
+        t.fail("username", "is required when a password is configured")
+    lo = t.integer("reconnect_min_s", d.reconnect_min_s, lo=1, hi=3600)
+    hi = t.integer("reconnect_max_s", d.reconnect_max_s, lo=1, hi=3600)
+    if hi < lo:
+        t.fail("reconnect_max_s", f"must be >= reconnect_min_s ({lo}), got {hi}")
+    status = t.text("status_topic", d.status_topic)
+    _check_publish_topic(t, "status_topic", status, stream=False)
+    tls = _tls(t.table("tls")) if "tls" in t.doc else None
+    cfg = MqttConfig(
+        host=host,
+        port=t.integer("port", 8883 if tls else d.port, lo=1, hi=65_535),
+        protocol=t.choice("protocol", d.protocol, PROTOCOLS),
+        client_id=client_id,
+        clean_session=clean,
+        session_expiry_s=t.integer("session_expiry_s", d.session_expiry_s, lo=0, hi=0xFFFFFFFF),
+        keepalive_s=t.integer("keepalive_s", d.keepalive_s, lo=5, hi=65_535),
+        connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, lo=0.1, hi=3600.0),
+        reconnect_min_s=lo,
+        reconnect_max_s=hi,
+        max_inflight=t.integer("max_inflight", d.max_inflight, lo=1, hi=65_535),
+        max_queued_out=t.integer("max_queued_out", d.max_queued_out, lo=0),
+        username=username,
+        password=password,
+        tls=tls,
+        status_topic=status,
+    )
+    t.done()
+    return cfg
+
+
+def _password(t: _Table, file: Path | None, env: str | None) -> Secret | None:
+    if file is not None:
+        try:
+            value = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            t.fail("password_file", f"cannot read {file} ({reason})")
+        value = value.rstrip("\r\n")
+        if not value:
+            t.fail("password_file", f"{file} is empty")
+        if file.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("mqtt.password_file: %s is readable by other users; chmod 600 it", file)
+        return Secret(value)
+    if env is not None:
+        value = os.environ.get(env, "")
+        if not value:
+            t.fail("password_env", f"environment variable {env} is not set or empty")
+        return Secret(value)
+    return None
+
+
+def _tls(t: _Table) -> TlsConfig:
+    cfg = TlsConfig(
+        ca_file=t.path("ca_file", must_exist=True),
+        cert_file=t.path("cert_file", must_exist=True),
+        key_file=t.path("key_file", must_exist=True),
+    )
+    if (cfg.cert_file is None) != (cfg.key_file is None):
+        t.fail("cert_file", "a client certificate needs both cert_file and key_file")
+    t.done()
+    return cfg
+
+
+def _input(t: _Table) -> InputConfig:
+    d = InputConfig()
+    topic = t.text("topic", d.topic)
+    _check_input_topic(t, "topic", topic)
+    reset = t.opt_text("reset_topic", d.reset_topic)
+    if reset == "":
+        reset = None  # "" disables resets, as TOML has no null
+    if reset is not None:
+        _check_input_topic(t, "reset_topic", reset)
+        if reset == topic:
+            t.fail("reset_topic", "must differ from topic")
+    cfg = InputConfig(
+        topic=topic,
+        reset_topic=reset,
+        qos=t.integer("qos", d.qos, lo=0, hi=2),
+        max_payload_bytes=t.integer("max_payload_bytes", d.max_payload_bytes, lo=16, hi=256 << 20),
+    )
+    t.done()
+    return cfg
+
+
+def _output(t: _Table) -> OutputConfig:
+    d = OutputConfig()
+    topic = t.text("topic", d.topic)
+    _check_publish_topic(t, "topic", topic, stream=True)
+    errors = t.opt_text("error_topic", d.error_topic)
+    if errors == "":
+        errors = None
+    if errors is not None:
+        _check_publish_topic(t, "error_topic", errors, stream=False)
+    cfg = OutputConfig(
+        topic=topic,
+        qos=t.integer("qos", d.qos, lo=0, hi=2),
+        retain=t.flag("retain", d.retain),
+        every_k=t.integer("every_k", d.every_k, lo=1),
+        on_change=t.flag("on_change", d.on_change),
+        error_topic=errors,
+        error_rate_per_s=t.number("error_rate_per_s", d.error_rate_per_s, lo=0.0),
+        error_burst=t.integer("error_burst", d.error_burst, lo=1),
+    )
+    t.done()
+    return cfg
+
+
+def _metrics(t: _Table) -> MetricsConfig:
+    d = MetricsConfig()
+    bind = t.text("bind", d.bind)
+    if not bind:
+        t.fail("bind", "must not be empty")
+    cfg = MetricsConfig(
+        enabled=t.flag("enabled", d.enabled),
+        bind=bind,
+        port=t.integer("port", d.port, lo=0, hi=65_535),
+    )
+    t.done()
+    return cfg
+
+
+def _check_input_topic(t: _Table, key: str, topic: str) -> None:
+    levels = topic.split("/")
+    if levels.count(STREAM) != 1 or topic.count(STREAM) != 1:
+        t.fail(key, f"must contain {STREAM} once, as a whole topic level, got {topic!r}")
+    if "+" in topic or "#" in topic or "\0" in topic:
+        t.fail(key, f"must not contain MQTT wildcards (use {STREAM}), got {topic!r}")
+    if "{" in topic.replace(STREAM, "") or "}" in topic.replace(STREAM, ""):
+        t.fail(key, f"only {STREAM} may appear in braces, got {topic!r}")
+
+
+def _check_publish_topic(t: _Table, key: str, topic: str, *, stream: bool) -> None:
+    if not topic:
+        t.fail(key, "must not be empty")
+    if "+" in topic or "#" in topic or "\0" in topic:
+        t.fail(key, f"must not contain MQTT wildcards, got {topic!r}")
+    rest = topic.replace(CLIENT_ID, "")
+    if stream:
+        if rest.count(STREAM) != 1:
+            t.fail(key, f"must contain {STREAM} exactly once, got {topic!r}")
+        rest = rest.replace(STREAM, "")
+    if "{" in rest or "}" in rest:
+        allowed = f"{STREAM} and {CLIENT_ID}" if stream else CLIENT_ID
+        t.fail(key, f"only {allowed} may appear in braces, got {topic!r}")
+
+
+class _Table:
+    """One TOML table being read: typed getters, then :meth:`done` rejects leftovers."""
+
+    def __init__(self, doc: dict[str, Any], where: str, base: Path) -> None:
+        self.doc = doc
+        self.where = where
+        self.base = base
+        self.seen: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def fail(self, key: str, problem: str) -> NoReturn:
+        raise ConfigError(f"{self.key(key)}: {problem}")
+
+    def _get(self, key: str, required: bool) -> Any:
+        self.seen.add(key)
+        if key not in self.doc:
+            if required:
+                self.fail(key, "is required")
+            return None
+        return self.doc[key]
+
+    def table(self, key: str, *, required: bool = False) -> _Table:
+        value = self._get(key, required)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.fail(key, f"must be a table, got {_kind(value)}")
+        return _Table(value, self.key(key), self.base)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.doc) - self.seen)
+        if unknown:
+            self.fail(unknown[0], "unknown key")
+
+    def _typed(self, key: str, default: T, check: Callable[[Any], bool], kind: str) -> T:
+        value = self._get(key, False)
+        if value is None:
+            return default
+        if not check(value):
+            self.fail(key, f"must be {kind}, got {_kind(value)} {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    def text(self, key: str, default: str) -> str:
+        return self._typed(key, default, lambda v: isinstance(v, str), "a string")
+
+    def opt_text(self, key: str, default: str | None = None) -> str | None:
+        return self._typed(key, default, lambda v: isinstance(v, str), "a string")
+
+    def flag(self, key: str, default: bool) -> bool:
+        return self._typed(key, default, lambda v: isinstance(v, bool), "true or false")
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(key, default)
+        if value not in choices:
+            self.fail(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    def integer(
+        self, key: str, default: int, *, lo: int | None = None, hi: int | None = None
+    ) -> int:
+        value = self._typed(key, default, _is_int, "an integer")
+        self._range(key, value, lo, hi)
+        return value
+
+    def opt_integer(self, key: str, default: int | None, *, lo: int | None = None) -> int | None:
+        """An integer, or ``false``/absent for "off" (TOML has no null)."""
+        value = self._get(key, False)
+        if value is None or value is False:
+            return default if value is None else None
+        if not _is_int(value):
+            self.fail(key, f"must be an integer or false, got {_kind(value)} {value!r}")
+        self._range(key, value, lo, None)
+        return int(value)
+
+    def number(
+        self, key: str, default: float, *, lo: float | None = None, hi: float | None = None
+    ) -> float:
+        value = float(self._typed(key, default, _is_number, "a number"))
+        if not math.isfinite(value):
+            self.fail(key, f"must be finite, got {value}")
+        self._range(key, value, lo, hi)
+        return value
+
+    def opt_number(self, key: str, default: float | None, *, positive: bool) -> float | None:
+        """A number, or ``false`` for "off"."""
+        value = self._get(key, False)
+        if value is None or value is False:
+            return default if value is None else None
+        if not _is_number(value):
+            self.fail(key, f"must be a number or false, got {_kind(value)} {value!r}")
+        value = float(value)
+        if not math.isfinite(value) or (positive and value <= 0):
+            self.fail(key, f"must be a finite number > 0 (or false for off), got {value}")
+        return float(value)
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.fail(key, f"must be a list of strings, got {_kind(value)} {value!r}")
+        return tuple(value)
+
+    def path(self, key: str, *, required: bool = False, must_exist: bool = False) -> Path | None:
+        value = self._get(key, required)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"must be a non-empty path string, got {_kind(value)} {value!r}")
+        p = Path(value).expanduser()
+        p = p if p.is_absolute() else self.base / p
+        if must_exist and not p.is_file():
+            self.fail(key, f"file not found: {p}")
+        return p
+
+    def _range(self, key: str, value: float, lo: float | None, hi: float | None) -> None:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            if lo is not None and hi is not None:
+                self.fail(key, f"must be {lo}..{hi}, got {value}")
+            if lo is not None:
+                self.fail(key, f"must be >= {lo}, got {value}")
+            self.fail(key, f"must be <= {hi}, got {value}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _kind(v: Any) -> str:
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "float",
+        str: "string",
+        list: "array",
+        dict: "table",
+    }.get(type(v), type(v).__name__)

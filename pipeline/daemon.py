@@ -1,0 +1,175 @@
+"""The daemon's life cycle: start in order, tick while running, stop in order.
+
+Start: restore the state checkpoint (streams continue where they stopped), open the
+metrics endpoint, start the engine's worker, connect to the broker (which subscribes
+and announces ``online``).
+
+Run: the main thread only waits for ``should_exit`` and ticks once a second: a
+checkpoint when one is due, then the ``tick_hooks`` (the place for a watchdog ping).
+Idle expiry of streams is done by the worker itself, on the engine's thread.
+
+Stop (SIGTERM/SIGINT, uvicorn style: the handler only sets a flag): stop intake
+(later messages stay unacknowledged and go to the next session), drain the queue,
+wait for the remaining predictions to leave, checkpoint, publish ``offline``,
+disconnect. A second signal skips the draining.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pipeline.config import CheckpointConfig
+from pipeline.engine import Engine, Worker
+from pipeline.errors import SeqstreamError
+from pipeline.metrics import Exporter, Metrics
+from pipeline.mqtt import Link
+from pipeline.sources.mqtt import MqttSource
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+EXIT_OK = 0
+EXIT_CHECKPOINT_FAILED = 1
+
+
+class Daemon:
+    """Owns the running parts' order of start and stop; builds none of them (see app)."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        worker: Worker,
+        link: Link,
+        source: MqttSource,
+        metrics: Metrics,
+        checkpoint: CheckpointConfig,
+        exporter: Callable[[], Exporter] | None = None,
+        tick_hooks: Sequence[Callable[[], None]] = (),
+        drain_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.worker = worker
+        self.link = link
+        self.source = source
+        self.metrics = metrics
+        self.checkpoint = checkpoint
+        self.exporter: Exporter | None = None
+        self._make_exporter = exporter
+        self.tick_hooks = list(tick_hooks)
+        self.drain_timeout_s = drain_timeout_s
+        self.should_exit = threading.Event()
+        self.force_exit = False
+        self.started = threading.Event()
+        self._clock = clock
+        self._next_checkpoint = 0.0
+        self._previous_handlers: dict[int, Any] = {}
+
+    # -- whole life ---------------------------------------------------------------------
+
+    def run(self, *, install_signals: bool = True) -> int:
+        """Start, serve until :attr:`should_exit`, stop; the exit code."""
+        if install_signals:
+            self._install_signals()
+        try:
+            self.start()
+            while not self.should_exit.wait(TICK_S):
+                self.tick()
+        finally:
+            code = self.stop()
+            self._restore_signals()
+        return code
+
+    def start(self) -> None:
+        path = self.checkpoint.path
+        if path is not None and path.exists():
+            n = self.engine.restore(path)
+            log.info("restored %d streams from %s", n, path)
+        if self._make_exporter is not None:
+            self.exporter = self._make_exporter()
+        self.worker.start()
+        try:
+            self.link.start()
+        except BaseException:
+            self.worker.stop(drain=False, timeout=5.0)
+            if self.exporter is not None:
+                self.exporter.close()
+            raise
+        self._next_checkpoint = self._clock() + self.checkpoint.interval_s
+        self.started.set()
+        log.info("running; status on %r", self.link.status_topic)
+
+    def tick(self) -> None:
+        path = self.checkpoint.path
+        if path is not None and self._clock() >= self._next_checkpoint:
+            self._next_checkpoint = self._clock() + self.checkpoint.interval_s
+            self._save_running(path)
+        for hook in self.tick_hooks:
+            hook()
+
+    def stop(self) -> int:
+        """Stop in order; safe to call when :meth:`start` failed part way."""
+        if not self.started.is_set():
+            return EXIT_OK
+        self.started.clear()
+        drain = not self.force_exit
+        log.info("stopping (%s)", "draining the queue" if drain else "without draining")
+        self.source.close()
+        if not self.worker.stop(drain=drain, timeout=self.drain_timeout_s):
+            log.warning("worker did not finish within %g s", self.drain_timeout_s)
+        if not self.link.flush(self.drain_timeout_s):
+            log.warning("some predictions were not confirmed by the broker before stopping")
+        code = EXIT_OK
+        path = self.checkpoint.path
+        if path is not None:
+            try:
+                n = self.engine.save(path)  # the worker has stopped: this thread owns it now
+                self.metrics.checkpoints.inc()
+                log.info("checkpointed %d streams to %s", n, path)
+            except SeqstreamError as exc:
+                self.metrics.checkpoint_failures.inc()
+                log.error("checkpoint failed: %s", exc)
+                code = EXIT_CHECKPOINT_FAILED
+        self.link.stop()
+        if self.exporter is not None:
+            self.exporter.close()
+        log.info("stopped")
+        return code
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _save_running(self, path: Path) -> None:
+        """A checkpoint taken on the engine's thread, between two batches."""
+        try:
+            self.worker.call(lambda engine: engine.save(path)).result(timeout=60.0)
+            self.metrics.checkpoints.inc()
+        except SeqstreamError as exc:
+            self.metrics.checkpoint_failures.inc()
+            log.error("checkpoint failed (the previous one is kept): %s", exc)
+        except TimeoutError:
+            self.metrics.checkpoint_failures.inc()
+            log.error("checkpoint did not finish within 60 s")
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.should_exit.is_set():
+            self.force_exit = True
+        self.should_exit.set()

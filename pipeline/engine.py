@@ -1,0 +1,1130 @@
+"""The streaming engine: steps of many streams in, predictions out, one session for all.
+
+:class:`Engine` is the synchronous core, owned by one thread. One :meth:`Engine.process`
+call validates every step (before anything touches state), admits it against its
+stream (:meth:`StateStore.admit`), then runs the admitted steps in *waves*: wave k
+holds the k-th step of each stream in the call, so a stream's steps run in order and
+never in the same batch. Inside a wave, steps with the same number of rows T share
+one ``session.run`` (a batch of mixed T would need padding, and padded rows would run
+through the recurrence and corrupt the state). State rows are gathered into
+preallocated, IO-bound buffers and scattered back (:class:`_Runner`).
+
+:class:`Worker` is the engine's thread: a bounded queue in front of ``process``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+import numpy as np
+
+from pipeline.errors import ConfigError
+from pipeline.model import StepModel
+from pipeline.state import (
+    ADMIT_REJECT_REASONS,
+    REPEAT,
+    RESET_DROPPED,
+    RESET_ENGINE_ERROR,
+    RESET_EXPLICIT,
+    RESET_MODEL_CHANGE,
+    RESET_NON_FINITE,
+    StateStore,
+    StorePolicy,
+    Stream,
+)
+
+log = logging.getLogger(__name__)
+
+Array = np.ndarray[Any, np.dtype[np.float32]]
+IndexArray = np.ndarray[Any, np.dtype[np.intp]]
+T = TypeVar("T")
+
+_F32 = np.dtype(np.float32)
+_INF = math.inf
+_SMALL = 64  # arrays up to this size are probed for NaN/Inf in pure Python
+
+# Why a step is rejected before it reaches a stream (state.py adds duplicate,
+# out_of_order and capacity).
+REJECT_BAD_STEP = "bad_step"  # not a Step at all
+REJECT_BAD_STREAM = "bad_stream"  # stream key is not a non-empty string
+REJECT_BAD_TYPE = "bad_type"  # values is not a numpy array
+REJECT_BAD_DTYPE = "bad_dtype"  # values is not float32
+REJECT_BAD_RANK = "bad_rank"  # values is not [T, F]
+REJECT_BAD_FEATURES = "bad_features"  # F differs from the model's feature count
+REJECT_EMPTY = "empty"  # T == 0
+REJECT_TOO_LONG = "too_long"  # T > max_chunk
+REJECT_BAD_SEQ = "bad_seq"  # seq is not a non-negative int
+REJECT_BAD_TS = "bad_ts"  # ts is not a finite number
+REJECT_NON_FINITE = "non_finite"  # values hold NaN or Inf
+REJECT_ENGINE_ERROR = "engine_error"  # onnxruntime failed on the batch (stream reset)
+# Every reason a Rejected can carry, for counters that start at zero.
+REJECT_REASONS: tuple[str, ...] = (
+    REJECT_BAD_STEP,
+    REJECT_BAD_STREAM,
+    REJECT_BAD_TYPE,
+    REJECT_BAD_DTYPE,
+    REJECT_BAD_RANK,
+    REJECT_BAD_FEATURES,
+    REJECT_EMPTY,
+    REJECT_TOO_LONG,
+    REJECT_BAD_SEQ,
+    REJECT_BAD_TS,
+    REJECT_NON_FINITE,
+    REJECT_ENGINE_ERROR,
+    *ADMIT_REJECT_REASONS,
+)
+
+
+@dataclass(slots=True)
+class Step:
+    """Rows ``seq, seq+1, ...`` of one stream: float32 ``[T, F]`` in raw units, T >= 1."""
+
+    stream: str
+    values: Array
+    seq: int | None = None  # sequence number of the first row
+    ts: float | None = None  # timestamp of the first row (seconds)
+    received: float = 0.0  # time.monotonic() at arrival, for end-to-end latency
+
+
+@dataclass(slots=True)
+class Result:
+    """The model's outputs for one step (each ``[T, ...]``) and the resets applied just before."""
+
+    step: Step
+    outputs: dict[str, Array]
+    resets: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A step the engine did not run; ``reason`` is a stable snake_case word for counting."""
+
+    step: Step
+    reason: str
+    detail: str
+
+
+class EngineObserver(Protocol):
+    """Where the engine reports what it did (metrics); called on the engine's thread."""
+
+    def on_batch(self, size: int, seconds: float) -> None: ...
+    def on_reset(self, reason: str, count: int = 1) -> None: ...
+    def on_reject(self, reason: str) -> None: ...
+
+
+class _NullObserver:
+    def on_batch(self, size: int, seconds: float) -> None:
+        pass
+
+    def on_reset(self, reason: str, count: int = 1) -> None:
+        pass
+
+    def on_reject(self, reason: str) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """How the engine treats streams; parsed once from configuration."""
+
+    max_streams: int = 10_000  # least recently used streams are evicted beyond this
+    idle_timeout_s: float | None = 600.0  # None: never expire
+    seq_gap_tolerance: int = 0  # missing sequence numbers tolerated without a reset
+    ts_gap_tolerance_s: float | None = None  # None: timestamps never reset a stream
+    max_batch: int = 1024  # most streams in one session.run
+    max_chunk: int = 4096  # most rows (T) in one step
+    check_state: bool = True  # reset streams whose carried state turns NaN/Inf
+    initial_capacity: int = 1024  # state rows allocated up front (grows up to max_streams)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ConfigError("max_batch: must be >= 1")
+        if self.max_chunk < 1:
+            raise ConfigError("max_chunk: must be >= 1")
+        self.policy()  # validates the rest
+
+    def policy(self) -> StorePolicy:
+        return StorePolicy(
+            max_streams=self.max_streams,
+            idle_timeout_s=self.idle_timeout_s,
+            seq_gap_tolerance=self.seq_gap_tolerance,
+            ts_gap_tolerance_s=self.ts_gap_tolerance_s,
+            initial_capacity=self.initial_capacity,
+        )
+
+
+class _Group:
+    """Admitted steps of distinct streams with the same T: one session.run (or several)."""
+
+    __slots__ = ("idx", "pos", "resets", "rows", "t")
+
+    def __init__(self, t: int, idx: Sequence[int], pos: Sequence[int], rows: list[int]) -> None:
+        self.t = t
+        self.idx = idx  # positions in the call's steps (and results)
+        self.pos = pos  # positions among the call's valid steps (rows staged in that order)
+        self.rows = rows  # the streams' rows in the state store
+        self.resets: dict[int, str] = {}  # position in this group -> reset to apply first
+
+    def part(self, lo: int, hi: int) -> _Group:
+        g = _Group(self.t, self.idx[lo:hi], self.pos[lo:hi], self.rows[lo:hi])
+        g.resets = {k - lo: r for k, r in self.resets.items() if lo <= k < hi}
+        return g
+
+
+class _Plan:
+    """IO-bound buffers for one batch shape ``(B, T)``; views into the runner's flat buffers."""
+
+    __slots__ = (
+        "cols",
+        "first",
+        "io",
+        "outputs",
+        "state_in",
+        "state_in_flat",
+        "state_out",
+        "state_out_flat",
+        "x",
+        "x2d",
+        "x_flat",
+        "x_small",
+    )
+
+    io: Any
+    x: Array
+    x2d: Array
+    x_flat: Array
+    x_small: bool  # few enough values for the pure-Python NaN/Inf probe
+    first: list[Array]  # each output of batch row 0 (the single-stream path)
+    state_in: list[Array]
+    state_in_flat: Array
+    state_out: list[Array]
+    state_out_flat: Array
+    cols: list[Array]  # the gather buffer's columns of each state, laid out like the model's
+    outputs: list[Array]
+
+
+class _Banked:
+    """A binding of a single-stream run to store rows: reads one row, writes ``out``."""
+
+    __slots__ = ("io", "out")
+
+    def __init__(self, io: Any, out: Array) -> None:
+        self.io = io
+        self.out = out
+
+
+class _Runner:
+    """Runs ``session`` on preallocated buffers with IO binding; no allocation per call.
+
+    Buffers are flat arrays grown on demand; a :class:`_Plan` per ``(B, T)`` binds
+    contiguous views of them, so plans for every batch size share the same memory. A
+    batch is gathered from the store rows into the plan's state inputs (one ``take``
+    plus a transposing copy per state tensor) and scattered back the same way.
+
+    With B == 1 the state inputs laid end to end are exactly one store row, so a stream
+    stepping alone can skip both copies: a :class:`_Banked` binding points the state
+    inputs at its current store row and the state outputs at the row's twin.
+    """
+
+    MAX_PLANS = 256
+    MAX_BANKED = 64
+
+    def __init__(self, model: StepModel, row_size: int, max_batch: int) -> None:
+        spec = model.spec
+        self.model = model
+        self.session = model.session
+        self._sess = getattr(model.session, "_sess", None)  # skips Python-side checks
+        self.n_features = spec.n_features
+        self.row_size = row_size
+        self.max_batch = max_batch
+        self.specs = spec.state
+        self.output_names = spec.outputs
+        self.output_rows = tuple(_output_row_shape(spec.task, spec) for _ in spec.outputs)
+        self._plans: dict[tuple[int, int], _Plan] = {}
+        self._x = np.empty(0, dtype=np.float32)
+        self._in = np.empty(0, dtype=np.float32)
+        self._out = np.empty(0, dtype=np.float32)
+        self._gather = np.empty((0, row_size), dtype=np.float32)
+        self._task: list[Array] = [np.empty(0, dtype=np.float32) for _ in spec.outputs]
+        self._bank: dict[tuple[int, int, int], _Banked] = {}
+        self._bank_rows: Array | None = None
+
+    def plan(self, batch: int, steps: int) -> _Plan:
+        plan = self._plans.get((batch, steps))
+        if plan is None:
+            plan = self._make_plan(batch, steps)
+        return plan
+
+    def _ensure(self, batch: int, steps: int) -> None:
+        grown = False
+        need_x = batch * steps * self.n_features
+        if self._x.size < need_x:
+            self._x = np.empty(max(need_x, 2 * self._x.size), dtype=np.float32)
+            grown = True
+        need_s = batch * self.row_size
+        if self._in.size < need_s:
+            size = max(need_s, 2 * self._in.size)
+            self._in = np.empty(size, dtype=np.float32)
+            self._out = np.empty(size, dtype=np.float32)
+            self._gather = np.empty((size // self.row_size, self.row_size), dtype=np.float32)
+            grown = True
+        for k, row in enumerate(self.output_rows):
+            need = batch * steps * math.prod(row)
+            if self._task[k].size < need:
+                self._task[k] = np.empty(max(need, 2 * self._task[k].size), dtype=np.float32)
+                grown = True
+        if grown:
+            self._plans.clear()  # their views point at the old buffers
+            self._bank.clear()
+
+    def _make_plan(self, batch: int, steps: int) -> _Plan:
+        self._ensure(batch, steps)
+        if len(self._plans) >= self.MAX_PLANS:
+            self._plans.clear()
+            self._bank.clear()  # bound to views of the plans just dropped
+        p = _Plan()
+        f = self.n_features
+        p.x = self._x[: batch * steps * f].reshape(batch, steps, f)
+        p.x2d = p.x.reshape(batch * steps, f)
+        p.x_flat = p.x.reshape(-1)
+        p.x_small = p.x_flat.size <= _SMALL
+        p.state_in_flat = self._in[: batch * self.row_size]
+        p.state_out_flat = self._out[: batch * self.row_size]
+        p.state_in, p.state_out, p.cols = [], [], []
+        gather = self._gather[:batch]
+        off = 0
+        for s in self.specs:
+            shape = tuple(batch if d == "batch" else int(d) for d in s.shape)
+            n = math.prod(s.row_shape)
+            p.state_in.append(p.state_in_flat[batch * off : batch * (off + n)].reshape(shape))
+            p.state_out.append(p.state_out_flat[batch * off : batch * (off + n)].reshape(shape))
+            cols = np.moveaxis(
+                gather[:, off : off + n].reshape(batch, *s.row_shape), 0, s.batch_axis
+            )
+            p.cols.append(cols)
+            off += n
+        p.outputs = [
+            self._task[k][: batch * steps * math.prod(row)].reshape(batch, steps, *row)
+            for k, row in enumerate(self.output_rows)
+        ]
+        p.first = [o[0] for o in p.outputs]
+        io = self.session.io_binding()
+        io.bind_cpu_input(self.model.spec.input, p.x)
+        for s, arr in zip(self.specs, p.state_in, strict=True):
+            io.bind_cpu_input(s.name, arr)
+        for name, arr in zip(self.output_names, p.outputs, strict=True):
+            io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        for s, arr in zip(self.specs, p.state_out, strict=True):
+            io.bind_output(s.output, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        p.io = io
+        self._plans[(batch, steps)] = p
+        return p
+
+    def gather_buffer(self, batch: int) -> Array:
+        return self._gather[:batch]
+
+    def run(self, plan: _Plan) -> None:
+        self.run_io(plan.io)
+
+    def run_io(self, io: Any) -> None:
+        if self._sess is not None:
+            self._sess.run_with_iobinding(io._iobinding, None)
+        else:  # pragma: no cover - onnxruntime without the private handle
+            self.session.run_with_iobinding(io)
+
+    # A stream stepping alone: bind its state rows in place (read one, write the other).
+
+    def banked(self, plan: _Plan, rows: Array, steps: int, row: int, other: int) -> _Banked:
+        """The binding that reads store row ``row`` and writes ``other`` (made on first use,
+        with its reverse), sharing ``plan``'s x and task outputs."""
+        if rows is not self._bank_rows:
+            self._bank.clear()  # the store reallocated: the pointers are stale
+            self._bank_rows = rows
+        key = (steps, row, other)
+        banked = self._bank.get(key)
+        if banked is None:
+            if len(self._bank) >= self.MAX_BANKED:
+                self._bank.clear()
+            self._bank[(steps, other, row)] = self._make_banked(plan, rows, other, row)
+            self._bank[key] = banked = self._make_banked(plan, rows, row, other)
+        return banked
+
+    def _make_banked(self, plan: _Plan, rows: Array, row_in: int, row_out: int) -> _Banked:
+        assert rows.flags.c_contiguous
+        io = self.session.io_binding()
+        io.bind_cpu_input(self.model.spec.input, plan.x)
+        for name, arr in zip(self.output_names, plan.outputs, strict=True):
+            io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        base = rows.ctypes.data
+        width = rows.shape[1] * rows.itemsize
+        off = 0
+        for s in self.specs:
+            shape = [1 if d == "batch" else int(d) for d in s.shape]
+            at = off * rows.itemsize
+            io.bind_input(s.name, "cpu", 0, np.float32, shape, base + row_in * width + at)
+            io.bind_output(s.output, "cpu", 0, np.float32, shape, base + row_out * width + at)
+            off += math.prod(s.row_shape)
+        return _Banked(io, rows[row_out])
+
+
+def _output_row_shape(task: str, spec: Any) -> tuple[int, ...]:
+    """Per-step shape of a task output (after ``[batch, time]``), from the contract."""
+    if task == "classify":
+        return (len(spec.labels),)
+    return (int(spec.horizon), len(spec.targets))
+
+
+class Engine:
+    """Runs steps of many streams through one :class:`StepModel`, carrying their state."""
+
+    def __init__(
+        self,
+        model: StepModel,
+        settings: EngineSettings,
+        observer: EngineObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._observer: EngineObserver = observer if observer is not None else _NullObserver()
+        self._clock = clock
+        self._store = StateStore(model.spec.state, settings.policy(), self._observer.on_reset)
+        self._bind(model)
+        self._stage = np.empty((256, model.spec.n_features), dtype=np.float32)
+        self._alone: Stream | None = None  # the stream of the last single-step call
+
+    def _bind(self, model: StepModel) -> None:
+        self._model = model
+        self._runner = _Runner(model, self._store.layout.row_size, self.settings.max_batch)
+        self._n_features = model.spec.n_features
+        self._output_names = model.spec.outputs
+        self._check_state = self.settings.check_state
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def model(self) -> StepModel:
+        return self._model
+
+    @property
+    def streams(self) -> int:
+        """How many streams currently hold state."""
+        return len(self._store)
+
+    @property
+    def store(self) -> StateStore:
+        return self._store
+
+    # -- the hot path -------------------------------------------------------------------
+
+    def process(self, steps: Sequence[Step]) -> list[Result | Rejected]:
+        """Run ``steps`` (any streams, any order); results come back in the same order.
+
+        Never raises for bad input: a malformed step becomes a :class:`Rejected` and no
+        other stream sees a difference.
+        """
+        n = len(steps)
+        if n == 1:
+            return [self._process_one(steps[0])]
+        if n == 0:
+            return []
+        results: list[Result | Rejected | None] = [None] * n
+        # 1. the structure of every step, before any state is touched
+        vals: list[Array] = []
+        invalid: list[int] = []
+        f = self._n_features
+        max_chunk = self.settings.max_chunk
+        rows = 0
+        step_type, nd, f32, inf, one_row = Step, np.ndarray, _F32, _INF, (1, f)
+        append = vals.append
+        for i in range(n):
+            step = steps[i]
+            if type(step) is step_type:
+                v = step.values
+                seq = step.seq
+                ts = step.ts
+                if (
+                    type(v) is nd
+                    and v.dtype is f32
+                    and (
+                        (shape := v.shape) == one_row
+                        or (len(shape) == 2 and shape[1] == f and 0 < shape[0] <= max_chunk)
+                    )
+                    and type(step.stream) is str
+                    and step.stream
+                    and (seq is None or (type(seq) is int and seq >= 0))
+                    and (ts is None or (type(ts) is float and -inf < ts < inf))
+                ):
+                    append(v)
+                    rows += shape[0]
+                    continue
+            reason, detail = self._why_invalid(step)
+            if reason:
+                results[i] = Rejected(step, reason, detail)
+                self._observer.on_reject(reason)
+                invalid.append(i)
+                continue
+            vals.append(step.values)
+            rows += step.values.shape[0]
+        if not vals:
+            return results  # type: ignore[return-value]  # every slot is filled
+        valid: Sequence[int] = range(n) if not invalid else _without(n, invalid)
+        if self._stage.shape[0] < rows:
+            self._stage = np.empty((max(rows, 2 * self._stage.shape[0]), f), dtype=np.float32)
+        stage = self._stage[:rows]
+        np.concatenate(vals, axis=0, out=stage)
+        if rows == len(vals):
+            lens: list[int] | None = None  # every step is one row
+            starts: Sequence[int] = range(rows)
+        else:
+            lens = [v.shape[0] for v in vals]
+            starts = np.cumsum([0, *lens[:-1]]).tolist()
+        if not np.isfinite(stage).all():
+            valid, lens, starts = self._reject_non_finite(
+                steps, valid, lens, starts, stage, results
+            )
+            if not valid:
+                return results  # type: ignore[return-value]
+        # 2. admission in waves: each stream's first remaining step per wave, in order
+        store = self._store
+        store.begin()
+        now = self._clock()
+        admit = store.admit
+        waves: list[dict[int, _Group]] = []
+        todo: Sequence[int] = range(len(valid))  # positions among the valid steps
+        while todo:
+            if len(todo) == n:  # the first wave of a call without rejected steps
+                if lens is None:
+                    sts = [admit(s.stream, s.seq, s.ts, 1, now) for s in steps]
+                else:
+                    sts = [
+                        admit(s.stream, s.seq, s.ts, t, now)
+                        for s, t in zip(steps, lens, strict=True)
+                    ]
+            else:
+                sts = []
+                for j in todo:
+                    s = steps[valid[j]]
+                    sts.append(admit(s.stream, s.seq, s.ts, 1 if lens is None else lens[j], now))
+            t0 = 1 if lens is None else lens[todo[0]]
+            if (
+                store.call_rejects
+                or store.call_repeats
+                or (lens is not None and any(lens[j] != t0 for j in todo))
+            ):
+                wave, todo = self._sort_wave(steps, valid, todo, lens, sts, results)
+            else:
+                idx = valid if type(todo) is range else [valid[j] for j in todo]
+                group = _Group(t0, idx, todo, sts)  # type: ignore[arg-type]  # no str left
+                if store.call_resets:
+                    group.resets = self._planned_resets(steps, idx)
+                wave, todo = {t0: group}, ()
+            waves.append(wave)
+            store.next_wave()
+        # 3. execution, wave after wave
+        max_batch = self.settings.max_batch
+        for wave in waves:
+            for group in wave.values():
+                size = len(group.idx)
+                if size <= max_batch:
+                    self._run_group(steps, group, stage, starts, results)
+                else:
+                    for lo in range(0, size, max_batch):
+                        part = group.part(lo, lo + max_batch)
+                        self._run_group(steps, part, stage, starts, results)
+        return results  # type: ignore[return-value]
+
+    def _sort_wave(
+        self,
+        steps: Sequence[Step],
+        valid: Sequence[int],
+        todo: Sequence[int],
+        lens: list[int] | None,
+        sts: list[int | str],
+        results: list[Result | Rejected | None],
+    ) -> tuple[dict[int, _Group], list[int]]:
+        """Split one wave's admissions: groups by T, rejections filled in, repeats deferred."""
+        wave: dict[int, _Group] = {}
+        later: list[int] = []
+        store = self._store
+        for j, row in zip(todo, sts, strict=True):
+            i = valid[j]
+            if isinstance(row, str):
+                if row == REPEAT:
+                    later.append(j)
+                    continue
+                step = steps[i]
+                why = _reject_detail(row, step, store.get(step.stream))
+                results[i] = Rejected(step, row, why)
+                self._observer.on_reject(row)
+                continue
+            t = 1 if lens is None else lens[j]
+            group = wave.get(t)
+            if group is None:
+                wave[t] = group = _Group(t, [], [], [])
+            if store.call_resets:
+                reset = self._stream(steps[i]).reset
+                if reset:
+                    group.resets[len(group.idx)] = reset
+            group.idx.append(i)  # type: ignore[attr-defined]
+            group.pos.append(j)  # type: ignore[attr-defined]
+            group.rows.append(row)
+        return wave, later
+
+    def _stream(self, step: Step) -> Stream:
+        st = self._store.get(step.stream)
+        assert st is not None
+        return st
+
+    def _planned_resets(self, steps: Sequence[Step], idx: Sequence[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for k, i in enumerate(idx):
+            reset = self._stream(steps[i]).reset
+            if reset:
+                out[k] = reset
+        return out
+
+    def _process_one(self, step: Step) -> Result | Rejected:
+        """One step alone: the batch path's work written straight, for the lowest latency."""
+        if type(step) is Step:
+            v = step.values
+            seq = step.seq
+            ts = step.ts
+            if not (
+                type(v) is np.ndarray
+                and v.dtype is _F32
+                and v.ndim == 2
+                and v.shape[1] == self._n_features
+                and 0 < v.shape[0] <= self.settings.max_chunk
+                and type(step.stream) is str
+                and step.stream
+                and (seq is None or (type(seq) is int and seq >= 0))
+                and (ts is None or (type(ts) is float and -_INF < ts < _INF))
+            ):
+                reason, detail = self._why_invalid(step)
+                if reason:
+                    self._observer.on_reject(reason)
+                    return Rejected(step, reason, detail)
+        else:
+            reason, detail = self._why_invalid(step)
+            self._observer.on_reject(reason)
+            return Rejected(step, reason, detail)
+        started = time.perf_counter()
+        t = v.shape[0]
+        runner = self._runner
+        plan = runner.plan(1, t)
+        np.copyto(plan.x2d, v)
+        x = plan.x_flat
+        if not (math.isfinite(sum(x.tolist())) if plan.x_small else _all_finite(x)):
+            bad = int(np.flatnonzero(~np.isfinite(v).all(axis=1))[0])
+            self._observer.on_reject(REJECT_NON_FINITE)
+            return Rejected(step, REJECT_NON_FINITE, f"values hold NaN or Inf (row {bad})")
+        store = self._store
+        store.begin()
+        admitted = store.admit(step.stream, seq, ts, t, self._clock())
+        if type(admitted) is str:
+            self._observer.on_reject(admitted)
+            return Rejected(step, admitted, _reject_detail(admitted, step, store.get(step.stream)))
+        assert isinstance(admitted, int) and store.last is not None
+        st = store.last
+        rows = store.rows
+        row = st.row
+        reset = st.reset
+        if reset:
+            store.clear_row(row)
+            self._observer.on_reset(reset, 1)
+        # The same stream alone twice in a row: run it in place, from one of its two
+        # store rows into the other.
+        banked = None
+        if st is self._alone:
+            twin = st.twin if st.twin >= 0 else store.twin_for(st)
+            other = twin if row == st.home else st.home
+            banked = runner.banked(plan, rows, t, row, other)
+        self._alone = st
+        try:
+            if banked is not None:
+                runner.run_io(banked.io)
+                out = banked.out
+                st.row = other
+            else:
+                np.copyto(plan.state_in_flat, rows[row])
+                runner.run(plan)
+                out = plan.state_out_flat
+                rows[row] = out
+        except Exception as exc:  # onnxruntime failures: the step is lost, not the engine
+            return self._fail_one(step, st, exc)
+        names = self._output_names
+        if len(names) == 1:
+            values = {names[0]: plan.first[0].copy()}
+        else:  # pragma: no cover - every task of schema 1 has one output
+            values = {nm: o.copy() for nm, o in zip(names, plan.first, strict=True)}
+        if st.pending or reset:
+            done = store.take_pending(st)
+            result = Result(step, values, (*done, reset) if reset else done)
+        else:
+            result = Result(step, values, ())
+        if self._check_state and not math.isfinite(out.dot(out)) and not _all_finite(out):
+            store.mark_reset(st, RESET_NON_FINITE, forget_sequence=False)
+        self._observer.on_batch(1, time.perf_counter() - started)
+        return result
+
+    def _fail_one(self, step: Step, st: Stream, exc: Exception) -> Rejected:
+        group = _Group(step.values.shape[0], [0], [0], [st.row])
+        results: list[Result | Rejected | None] = [None]
+        self._fail((step,), group, exc, results)
+        out = results[0]
+        assert isinstance(out, Rejected)
+        return out
+
+    def _run_group(
+        self,
+        steps: Sequence[Step],
+        group: _Group,
+        stage: Array,
+        starts: Sequence[int],
+        results: list[Result | Rejected | None],
+    ) -> None:
+        """One session.run for distinct streams with the same T; fills their results."""
+        started = time.perf_counter()
+        store = self._store
+        runner = self._runner
+        b = len(group.rows)
+        t = group.t
+        plan = runner.plan(b, t)
+        state_rows = store.rows
+        observer = self._observer
+        if group.resets:
+            for k, reason in group.resets.items():
+                store.clear_row(group.rows[k])
+                observer.on_reset(reason, 1)
+        index = np.array(group.rows, dtype=np.intp)
+        gather = runner.gather_buffer(b)
+        np.take(state_rows, index, axis=0, out=gather, mode="clip")
+        for dst, src in zip(plan.state_in, plan.cols, strict=True):
+            np.copyto(dst, src)
+        pos = group.pos
+        if t == 1 and type(pos) is range and type(starts) is range:
+            np.copyto(plan.x2d, stage[pos.start : pos.stop])  # consecutive rows
+        else:
+            first = np.array([starts[j] for j in pos], dtype=np.intp)
+            if t > 1:
+                first = (first[:, None] + np.arange(t, dtype=np.intp)).ravel()
+            np.take(stage, first, axis=0, out=plan.x2d, mode="clip")
+        try:
+            runner.run(plan)
+        except Exception as exc:  # onnxruntime failures: the batch is lost, not the engine
+            self._fail(steps, group, exc, results)
+            return
+        out = plan.state_out_flat
+        bad: list[int] = []
+        if self._check_state and not _all_finite(out):
+            bad = self._non_finite_rows(plan, b)
+        for dst, src in zip(plan.cols, plan.state_out, strict=True):
+            np.copyto(dst, src)
+        state_rows[index] = gather
+        names = self._output_names
+        idx = group.idx
+        if len(names) == 1 and not group.resets and not store.pending_streams:
+            name = names[0]
+            out0 = plan.outputs[0].copy()
+            if type(idx) is range and idx.step == 1 and len(idx) == len(steps):
+                made = [Result(s, {name: row}, ()) for s, row in zip(steps, out0, strict=True)]
+            else:
+                made = [
+                    Result(steps[i], {name: row}, ()) for i, row in zip(idx, out0, strict=True)
+                ]
+            if type(idx) is range and idx.step == 1:
+                results[idx.start : idx.stop] = made
+            else:
+                for i, r in zip(idx, made, strict=True):
+                    results[i] = r
+        else:
+            outputs = [o.copy() for o in plan.outputs]
+            resets = group.resets
+            take_pending = store.take_pending
+            for k, i in enumerate(idx):
+                values = {nm: o[k] for nm, o in zip(names, outputs, strict=True)}
+                done = take_pending(self._stream(steps[i]))
+                if k in resets:
+                    done = (*done, resets[k])
+                results[i] = Result(steps[i], values, done)
+        for k in bad:
+            st = self._stream(steps[idx[k]])
+            store.mark_reset(st, RESET_NON_FINITE, forget_sequence=False)
+        observer.on_batch(b, time.perf_counter() - started)
+
+    def _non_finite_rows(self, plan: _Plan, b: int) -> list[int]:
+        mask = np.zeros(b, dtype=bool)
+        for s, arr in zip(self._model.spec.state, plan.state_out, strict=True):
+            rows = np.moveaxis(arr, s.batch_axis, 0).reshape(b, -1)
+            mask |= ~np.isfinite(rows).all(axis=1)
+        return [int(k) for k in np.flatnonzero(mask)]
+
+    def _fail(
+        self,
+        steps: Sequence[Step],
+        group: _Group,
+        exc: Exception,
+        results: list[Result | Rejected | None],
+    ) -> None:
+        log.error("session.run failed for a batch of %d: %s", len(group.idx), exc)
+        for i in group.idx:
+            self._store.mark_reset(self._stream(steps[i]), RESET_ENGINE_ERROR, forget_sequence=True)
+            results[i] = Rejected(steps[i], REJECT_ENGINE_ERROR, f"session.run failed: {exc}")
+            self._observer.on_reject(REJECT_ENGINE_ERROR)
+
+    def _reject_non_finite(
+        self,
+        steps: Sequence[Step],
+        valid: Sequence[int],
+        lens: list[int] | None,
+        starts: Sequence[int],
+        stage: Array,
+        results: list[Result | Rejected | None],
+    ) -> tuple[list[int], list[int] | None, list[int]]:
+        """Drop steps holding NaN/Inf; returns the survivors, their lengths and row starts."""
+        good_rows = np.asarray(np.isfinite(stage).all(axis=1))
+        keep_v: list[int] = []
+        keep_l: list[int] = []
+        keep_s: list[int] = []
+        for j, i in enumerate(valid):
+            a = starts[j]
+            t = 1 if lens is None else lens[j]
+            if good_rows[a : a + t].all():
+                keep_v.append(i)
+                keep_l.append(t)
+                keep_s.append(a)
+            else:
+                bad = int(np.flatnonzero(~good_rows[a : a + t])[0])
+                results[i] = Rejected(
+                    steps[i], REJECT_NON_FINITE, f"values hold NaN or Inf (row {bad})"
+                )
+                self._observer.on_reject(REJECT_NON_FINITE)
+        return keep_v, None if lens is None else keep_l, keep_s
+
+    def _why_invalid(self, step: Any) -> tuple[str, str]:
+        """The reason a step failed the fast structural check ("" when it is fine after all)."""
+        if not isinstance(step, Step):
+            return REJECT_BAD_STEP, f"expected a Step, got {type(step).__name__}"
+        if not isinstance(step.stream, str) or not step.stream:
+            return REJECT_BAD_STREAM, "stream must be a non-empty string"
+        v = step.values
+        if not isinstance(v, np.ndarray) or type(v) is not np.ndarray:
+            return REJECT_BAD_TYPE, f"values must be a numpy array, got {type(v).__name__}"
+        if v.dtype != _F32:
+            return REJECT_BAD_DTYPE, f"values are {v.dtype}, expected float32"
+        if v.ndim != 2:
+            return REJECT_BAD_RANK, f"values have shape {v.shape}, expected [T, F]"
+        if v.shape[1] != self._n_features:
+            return (
+                REJECT_BAD_FEATURES,
+                f"values have {v.shape[1]} features, the model takes {self._n_features}",
+            )
+        if v.shape[0] == 0:
+            return REJECT_EMPTY, "values have no rows"
+        if v.shape[0] > self.settings.max_chunk:
+            return REJECT_TOO_LONG, f"{v.shape[0]} rows exceed max_chunk {self.settings.max_chunk}"
+        seq = step.seq
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
+            return REJECT_BAD_SEQ, f"seq must be a non-negative int, got {seq!r}"
+        ts = step.ts
+        if ts is not None and (
+            isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)
+        ):
+            return REJECT_BAD_TS, f"ts must be a finite number, got {ts!r}"
+        return "", ""
+
+    # -- stream management --------------------------------------------------------------
+
+    def reset(self, stream: str, reason: str = RESET_EXPLICIT) -> bool:
+        """Reset ``stream`` now (its sequence tracking restarts too); False if unknown."""
+        return self._store.reset(stream, reason, forget_sequence=True)
+
+    def tick(self, now: float | None = None) -> int:
+        """Forget streams idle past the timeout; returns how many. Call it periodically."""
+        return self._store.expire(self._clock() if now is None else now)
+
+    def save(self, path: str | Path) -> int:
+        """Checkpoint every stream's state atomically; returns how many streams."""
+        spec = self._model.spec
+        return self._store.save(Path(path), {"model": spec.name, "version": spec.version})
+
+    def restore(self, path: str | Path) -> int:
+        """Replace all streams with a checkpoint's (bit-exact); returns how many."""
+        return self._store.load(Path(path), self._clock())
+
+    def swap_model(self, model: StepModel) -> bool:
+        """Use ``model`` from now on; True when streams kept their state.
+
+        Streams keep their state when the state signatures match; otherwise every
+        stream is reset with reason ``model_change``.
+        """
+        kept = model.spec.state_signature == self._model.spec.state_signature
+        if not kept:
+            self._store.reset_all(model.spec.state, RESET_MODEL_CHANGE)
+        self._bind(model)
+        if self._stage.shape[1] != model.spec.n_features:
+            self._stage = np.empty((256, model.spec.n_features), dtype=np.float32)
+        return kept
+
+
+def _all_finite(x: Array) -> bool:
+    """NaN/Inf probe for small arrays, cheaper than ``np.isfinite(x).all()`` per call.
+
+    float32 values summed as Python floats cannot overflow, so a non-finite sum means a
+    non-finite value; a dot product may overflow, so its alarm is double-checked.
+    """
+    if x.size <= _SMALL:
+        return math.isfinite(sum(x.tolist()))
+    return math.isfinite(x.dot(x)) or bool(np.isfinite(x).all())
+
+
+def _without(n: int, skip: list[int]) -> list[int]:
+    gone = set(skip)
+    return [i for i in range(n) if i not in gone]
+
+
+def _reject_detail(reason: str, step: Step, st: Stream | None) -> str:
+    if st is None:
+        return "every stream slot is held by a step of this same call"
+    if step.seq is not None and st.next_seq is not None:
+        return f"seq {step.seq}; stream expects {st.next_seq}"
+    return f"ts {step.ts}; stream's last ts {st.last_ts}"
+
+
+# -- the worker thread ------------------------------------------------------------------
+
+Overflow = Literal["block", "drop"]
+Sink = Callable[[Sequence[Result | Rejected]], None]
+
+
+class _Call:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[Engine], Any], future: Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
+
+
+# A queue item: a step, ("reset", stream, reason), or a call to run on the worker.
+_Item = Step | tuple[str, str, str] | _Call
+
+
+class Worker:
+    """One thread: bounded queue -> :meth:`Engine.process` in batches -> ``sink``.
+
+    Only this thread touches the engine once started; use :meth:`call` to checkpoint,
+    swap models or read anything from the engine. ``overflow="drop"`` refuses steps
+    when the queue is full: :meth:`submit` returns False, and the stream is reset
+    (reason ``dropped``) where the lost step would have run, since its carried state
+    skipped a step. ``overflow="block"`` makes the producer wait (up to its timeout;
+    a step that times out is dropped the same way).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        sink: Sink,
+        *,
+        max_queue: int = 10_000,
+        max_batch: int = 1024,
+        max_wait_ms: float = 1.0,
+        overflow: Overflow = "block",
+        tick_interval_s: float = 1.0,
+    ) -> None:
+        if max_queue < 1:
+            raise ConfigError("max_queue: must be >= 1")
+        if max_batch < 1:
+            raise ConfigError("max_batch: must be >= 1")
+        if max_wait_ms < 0:
+            raise ConfigError("max_wait_ms: must be >= 0")
+        if overflow not in ("block", "drop"):
+            raise ConfigError(f"overflow: must be 'block' or 'drop', got {overflow!r}")
+        self._engine = engine
+        self._sink = sink
+        self._max_queue = max_queue
+        self._max_batch = max_batch
+        self._max_wait = max_wait_ms / 1000.0
+        self._overflow = overflow
+        self._tick_interval = tick_interval_s
+        self._queue: deque[_Item] = deque()
+        self._steps_queued = 0
+        self._cv = threading.Condition()
+        self._drop_resets: set[str] = set()  # streams with a queued "dropped" reset
+        self._dropped = 0
+        self._stopping = False
+        self._drain = True
+        self._thread: threading.Thread | None = None
+
+    # -- producers (any thread) ---------------------------------------------------------
+
+    def submit(self, step: Step, timeout: float | None = None) -> bool:
+        """Queue a step; False when it was dropped (queue full, or the worker stopped)."""
+        with self._cv:
+            if self._stopping:
+                return False
+            if self._steps_queued >= self._max_queue:
+                if self._overflow == "block":
+                    self._cv.wait_for(
+                        lambda: self._steps_queued < self._max_queue or self._stopping, timeout
+                    )
+                if self._steps_queued >= self._max_queue or self._stopping:
+                    self._dropped += 1
+                    self._reset_after_drop(step.stream)
+                    return False
+            self._queue.append(step)
+            self._steps_queued += 1
+            self._cv.notify_all()
+        return True
+
+    def _reset_after_drop(self, stream: str) -> None:
+        """Queue a ``dropped`` reset where the lost step would have run (lock held).
+
+        It goes past the bound (it is tiny), once per stream until it has run, so the
+        queue grows by at most one marker per stream however long the overload lasts.
+        """
+        if stream not in self._drop_resets:
+            self._drop_resets.add(stream)
+            self._queue.append(("reset", stream, RESET_DROPPED))
+
+    def submit_reset(self, stream: str) -> None:
+        """Reset ``stream`` after the steps already queued for it (never dropped)."""
+        self._enqueue(("reset", stream, RESET_EXPLICIT))
+
+    def call(self, fn: Callable[[Engine], T]) -> Future[T]:
+        """Run ``fn(engine)`` on the worker thread, after what is queued; returns its future."""
+        future: Future[T] = Future()
+        self._enqueue(_Call(fn, future))
+        return future
+
+    def _enqueue(self, item: Any) -> None:
+        with self._cv:
+            if self._stopping and not self._drain:
+                if isinstance(item, _Call):
+                    item.future.cancel()
+                return
+            self._queue.append(item)
+            self._cv.notify_all()
+
+    @property
+    def depth(self) -> int:
+        """Steps waiting in the queue."""
+        return self._steps_queued
+
+    @property
+    def dropped(self) -> int:
+        """Steps refused since start (queue full or stopped)."""
+        return self._dropped
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("worker already started")
+        self._thread = threading.Thread(target=self._loop, name="seqstream-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = 10.0) -> bool:
+        """Stop the thread, first running what is queued when ``drain``; True if it ended."""
+        with self._cv:
+            self._stopping = True
+            self._drain = drain
+            if not drain:
+                self._discard_locked()
+            self._cv.notify_all()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _discard_locked(self) -> None:
+        for item in self._queue:
+            if isinstance(item, _Call):
+                item.future.cancel()
+        self._queue.clear()
+        self._drop_resets.clear()
+        self._steps_queued = 0
+
+    # -- the thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        next_tick = time.monotonic() + self._tick_interval
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait(max(0.0, next_tick - time.monotonic()))
+                    if time.monotonic() >= next_tick:
+                        break
+                if self._stopping and not self._queue:
+                    return
+                if self._queue and self._max_wait > 0 and self._steps_queued < self._max_batch:
+                    deadline = time.monotonic() + self._max_wait
+                    self._cv.wait_for(
+                        lambda: self._steps_queued >= self._max_batch or self._stopping,
+                        max(0.0, deadline - time.monotonic()),
+                    )
+                batch = self._take_locked()
+                self._cv.notify_all()  # room for blocked producers
+            self._handle(batch)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + self._tick_interval
+                self._guard(self._engine.tick)
+
+    def _take_locked(self) -> list[_Item]:
+        batch: list[_Item] = []
+        taken = 0
+        q = self._queue
+        while q and taken < self._max_batch:
+            item = q.popleft()
+            if isinstance(item, Step):
+                taken += 1
+            batch.append(item)
+        self._steps_queued -= taken
+        return batch
+
+    def _handle(self, batch: list[_Item]) -> None:
+        steps: list[Step] = []
+        for item in batch:
+            if isinstance(item, Step):
+                steps.append(item)
+                continue
+            self._flush(steps)  # what came before runs before the reset or call
+            steps = []
+            if isinstance(item, _Call):
+                if item.future.set_running_or_notify_cancel():
+                    try:
+                        item.future.set_result(item.fn(self._engine))
+                    except BaseException as exc:
+                        item.future.set_exception(exc)
+            else:
+                _tag, stream, reason = item
+                if reason == RESET_DROPPED:
+                    with self._cv:
+                        self._drop_resets.discard(stream)
+                self._guard(functools.partial(self._engine.reset, stream, reason))
+        self._flush(steps)
+
+    def _flush(self, steps: list[Step]) -> None:
+        if not steps:
+            return
+        results = self._guard(lambda: self._engine.process(steps))
+        if results is not None:
+            self._guard(lambda: self._sink(results))
+
+    def _guard(self, fn: Callable[[], T]) -> T | None:
+        """Keep the thread alive whatever a callee raises (logged: it is a bug somewhere)."""
+        try:
+            return fn()
+        except Exception:
+            log.exception("engine worker: unexpected error")
+            return None

@@ -1,0 +1,196 @@
+"""Every Prometheus metric of the daemon, created against an injected registry.
+
+:class:`Metrics` owns the metric objects and is the engine's observer
+(:class:`~pipeline.engine.EngineObserver`). Nothing here is global: the daemon passes
+its own :class:`~prometheus_client.CollectorRegistry`, tests pass a private one, so two
+daemons in one process never share counters. Label values come only from fixed sets
+(rejection and reset reasons); stream ids are never labels, so the number of series
+stays bounded however many streams connect.
+
+Gauges that mirror other objects' state (active streams, queue depth) are read at
+scrape time through :meth:`Metrics.track`, which costs the hot path nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import start_http_server
+
+from pipeline.errors import ConfigError
+
+NAMESPACE = "seqstream"
+
+# Inference of a small step model costs tens of microseconds per batch.
+INFERENCE_BUCKETS = (
+    25e-6,
+    50e-6,
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    50e-3,
+    100e-3,
+    250e-3,
+    1.0,
+)
+END_TO_END_BUCKETS = (
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    50e-3,
+    100e-3,
+    250e-3,
+    500e-3,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = tuple(float(1 << i) for i in range(13))  # 1 .. 4096
+
+
+class Metrics:
+    """The daemon's metrics; the engine's observer and the MQTT link's observer too."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        reject_reasons: Iterable[str] = (),
+        reset_reasons: Iterable[str] = (),
+    ) -> None:
+        self.registry = registry
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, namespace=NAMESPACE, registry=registry)
+
+        self.received = counter(
+            "messages_received", "Sensor messages received from the broker (incl. rejected)."
+        )
+        self.rejected = counter(
+            "messages_rejected", "Messages or steps refused, by reason.", ("reason",)
+        )
+        self.published = counter("predictions_published", "Prediction messages published.")
+        self.publish_failures = counter(
+            "publish_failures", "Messages the MQTT client refused to queue, by reason.", ("reason",)
+        )
+        self.errors_suppressed = counter(
+            "error_reports_suppressed", "Error-topic reports skipped by the rate limit."
+        )
+        self.resets = counter("state_resets", "Stream state resets, by reason.", ("reason",))
+        self.reconnects = counter(
+            "broker_reconnects", "Successful connections to the broker after the first."
+        )
+        self.checkpoints = counter("checkpoints", "State checkpoints written.")
+        self.checkpoint_failures = counter(
+            "checkpoint_failures", "State checkpoints that could not be written."
+        )
+        self.inference = Histogram(
+            "inference_seconds",
+            "Wall time of one engine batch (gather, session.run, scatter).",
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=INFERENCE_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "batch_size",
+            "Stream steps per engine batch.",
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=BATCH_BUCKETS,
+        )
+        self.end_to_end = Histogram(
+            "end_to_end_seconds",
+            "From a message's arrival to its prediction being handed to the MQTT client.",
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=END_TO_END_BUCKETS,
+        )
+        self.active_streams = gauge("active_streams", "Streams with carried state.")
+        self.queue_depth = gauge("queue_depth", "Steps waiting between network and engine.")
+        self.broker_connected = gauge("broker_connected", "1 while connected to the broker.")
+        self.model = Info("model", "The loaded model.", namespace=NAMESPACE, registry=registry)
+        # Children cached by reason: the hot path then skips labels()' lock and lookup,
+        # and known reasons are exported as 0 before they first happen.
+        self._rejected = {r: self.rejected.labels(r) for r in reject_reasons}
+        self._resets = {r: self.resets.labels(r) for r in reset_reasons}
+
+    # -- engine observer ----------------------------------------------------------------
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(seconds)
+
+    def on_reset(self, reason: str, count: int = 1) -> None:
+        child = self._resets.get(reason)
+        if child is None:
+            child = self._resets.setdefault(reason, self.resets.labels(reason))
+        child.inc(count)
+
+    def on_reject(self, reason: str) -> None:
+        child = self._rejected.get(reason)
+        if child is None:
+            child = self._rejected.setdefault(reason, self.rejected.labels(reason))
+        child.inc()
+
+    # -- MQTT link observer ---------------------------------------------------------------
+
+    def on_connected(self, first: bool) -> None:
+        self.broker_connected.set(1)
+        if not first:
+            self.reconnects.inc()
+
+    def on_disconnected(self) -> None:
+        self.broker_connected.set(0)
+
+    # -- wiring -------------------------------------------------------------------------
+
+    def track(self, *, streams: Callable[[], float], depth: Callable[[], float]) -> None:
+        """Read active streams and queue depth from their owners at scrape time."""
+        self.active_streams.set_function(streams)
+        self.queue_depth.set_function(depth)
+
+    def set_model(self, *, name: str, version: str, provider: str, opset: int) -> None:
+        self.model.info(
+            {"name": name, "version": version, "provider": provider, "opset": str(opset)}
+        )
+
+
+class Exporter:
+    """The ``/metrics`` HTTP endpoint on its own thread; :meth:`close` stops it."""
+
+    def __init__(self, registry: CollectorRegistry, bind: str, port: int) -> None:
+        try:
+            self._server, self._thread = start_http_server(port, bind, registry)
+        except OSError as exc:
+            why = "address in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise ConfigError(f"metrics: cannot listen on {bind}:{port} ({why})") from None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when configured as 0)."""
+        server: WSGIServer = self._server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        thread: threading.Thread = self._thread
+        thread.join(timeout=5.0)

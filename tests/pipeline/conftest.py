@@ -1,0 +1,77 @@
+"""Small random step models for runtime tests: every cell type and every task.
+
+Exported once per session with :func:`models.export.export_random` (real ONNX files
+under the contract, real onnxruntime sessions); the runtime under test never sees torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.contract import CELLS, TASKS
+from pipeline.model import StepModel
+
+KINDS = [(cell, task) for cell in CELLS for task in TASKS]
+N_FEATURES = 6
+
+ModelFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def random_model_path(tmp_path_factory: pytest.TempPathFactory) -> ModelFactory:
+    """``make(cell, task, hidden=16, seed=0)`` -> path of an exported random model (cached)."""
+    from models.export import export_random
+
+    root = tmp_path_factory.mktemp("random-models")
+    cache: dict[tuple[str, str, int, int], Path] = {}
+
+    def make(cell: str = "lstm", task: str = "classify", hidden: int = 16, seed: int = 0) -> Path:
+        key = (cell, task, hidden, seed)
+        if key not in cache:
+            out = root / f"{cell}-{task}-h{hidden}-s{seed}.onnx"
+            export_random(
+                out,
+                cell=cell,
+                task=task,
+                n_features=N_FEATURES,
+                hidden=hidden,
+                layers=2,
+                n_classes=4,
+                horizon=3,
+                seed=seed,
+            )
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session", params=KINDS, ids=[f"{c}-{t}" for c, t in KINDS])
+def any_model(request: pytest.FixtureRequest, random_model_path: ModelFactory) -> StepModel:
+    """One loaded model per (cell, task)."""
+    cell, task = request.param
+    return StepModel.load(random_model_path(cell, task))
+
+
+@pytest.fixture(scope="session")
+def lstm_model(random_model_path: ModelFactory) -> StepModel:
+    return StepModel.load(random_model_path("lstm", "classify"))
+
+
+Offline = Callable[[StepModel, np.ndarray], dict[str, np.ndarray]]
+
+
+@pytest.fixture(scope="session")
+def offline() -> Offline:
+    """``offline(model, values)``: a whole ``[T, F]`` sequence in one call from the initial
+    state, the reference every streamed run must match."""
+
+    def run(model: StepModel, values: np.ndarray) -> dict[str, np.ndarray]:
+        outputs, _ = model.run(values[None].astype(np.float32), model.initial_state(1))
+        return {k: v[0] for k, v in outputs.items()}
+
+    return run

@@ -1,0 +1,393 @@
+"""The per-stream state store: slots, admission rules, resets, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.contract import StateSpec, recurrent_state
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.state import (
+    REJECT_CAPACITY,
+    REJECT_DUPLICATE,
+    REJECT_OUT_OF_ORDER,
+    REPEAT,
+    RESET_EVICTED,
+    RESET_EXPLICIT,
+    RESET_IDLE,
+    RESET_MODEL_CHANGE,
+    RESET_SEQ_GAP,
+    RESET_TS_GAP,
+    Layout,
+    StateStore,
+    TWINS,
+    StorePolicy,
+)
+
+LSTM = recurrent_state("lstm", 2, 4)  # h, c: [2, batch, 4]
+
+
+class Resets:
+    """Counts what the store reports, like the engine's observer does."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, reason: str, count: int) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + count
+
+
+def store_with(**policy: object) -> tuple[StateStore, Resets]:
+    resets = Resets()
+    return StateStore(LSTM, StorePolicy(**policy), resets), resets  # type: ignore[arg-type]
+
+
+def admit(
+    store: StateStore,
+    key: str,
+    seq: int | None = None,
+    ts: float | None = None,
+    n: int = 1,
+    now: float = 0.0,
+) -> int | str:
+    store.begin()
+    return store.admit(key, seq, ts, n, now)
+
+
+# -- layout and slots ---------------------------------------------------------------------
+
+
+def test_layout_puts_every_state_tensor_of_a_stream_in_one_row() -> None:
+    specs = (
+        StateSpec("h", "h_out", (2, "batch", 3), init=0.5),
+        StateSpec("w", "w_out", ("batch", 5)),
+    )
+    lay = Layout(specs)
+    assert lay.offsets == (0, 6) and lay.sizes == (6, 5) and lay.row_size == 11
+    assert lay.init_row.tolist() == [0.5] * 6 + [0.0] * 5
+    assert lay.signature == (("h", (2, 3), "float32"), ("w", (5,), "float32"))
+
+
+def test_new_streams_start_from_the_initial_state() -> None:
+    specs = (StateSpec("h", "h_out", (2, "batch", 3), init=0.25),)
+    store = StateStore(specs, StorePolicy(initial_capacity=2))
+    store.rows[:] = 7.0  # garbage left by earlier streams
+    slot = admit(store, "a")
+    assert isinstance(slot, int)
+    assert store.state_of("a")["h"].tolist() == [[0.25] * 3] * 2
+    assert store.rows.shape == (TWINS + 2, 6)
+
+
+def test_capacity_grows_by_doubling_up_to_max_streams() -> None:
+    store, _ = store_with(max_streams=5, initial_capacity=2)
+    for k in range(5):
+        assert isinstance(admit(store, f"s{k}"), int)
+    assert store.capacity == 5 and len(store) == 5
+    slots = {store.get(f"s{k}").slot for k in range(5)}  # type: ignore[union-attr]
+    assert slots == set(range(5))
+
+
+def test_growth_keeps_existing_rows() -> None:
+    store, _ = store_with(initial_capacity=1)
+    admit(store, "a")
+    store.rows[store.get("a").row] = 3.0  # type: ignore[union-attr]
+    admit(store, "b")
+    assert store.capacity >= 2
+    assert np.all(store.rows[store.get("a").row] == 3.0)  # type: ignore[union-attr]
+
+
+def test_twin_rows_are_lent_recalled_and_returned() -> None:
+    store, _ = store_with(initial_capacity=4)
+    for k in range(TWINS + 1):
+        admit(store, f"s{k}")
+    first = store.get("s0")
+    assert first is not None
+    k0 = store.twin_for(first)
+    assert 0 <= k0 < TWINS and store.twin_for(first) == k0
+    store.rows[k0] = 4.0  # the state moved to the twin row
+    first.row = k0
+    for k in range(1, TWINS + 1):  # one loan more than there are twins
+        st = store.get(f"s{k}")
+        assert st is not None
+        store.twin_for(st)
+    assert first.twin == -1 and first.row == first.home  # recalled, state brought home
+    assert np.all(store.rows[first.home] == 4.0)
+    last = store.get(f"s{TWINS}")
+    assert last is not None and last.twin == k0
+    last.row = last.twin
+    store.rows[last.row] = 2.0
+    assert store.state_of(f"s{TWINS}")["h"].tolist() == [[2.0] * 4] * 2
+    store.expire(now=1e9)  # removal returns the loan
+    assert len(store) == 0 and last.twin == -1
+
+
+# -- eviction and idleness -------------------------------------------------------------------
+
+
+def test_least_recently_used_stream_is_evicted_beyond_max_streams() -> None:
+    store, resets = store_with(max_streams=2, initial_capacity=2)
+    admit(store, "a")
+    admit(store, "b")
+    admit(store, "a")  # a is now more recent than b
+    admit(store, "c")
+    assert "b" not in store and "a" in store and "c" in store
+    assert resets.counts == {RESET_EVICTED: 1}
+
+
+def test_streams_of_the_current_call_are_never_evicted() -> None:
+    store, resets = store_with(max_streams=2, initial_capacity=2)
+    store.begin()
+    assert isinstance(store.admit("a", None, None, 1, 0.0), int)
+    assert isinstance(store.admit("b", None, None, 1, 0.0), int)
+    assert store.admit("c", None, None, 1, 0.0) == REJECT_CAPACITY
+    assert "c" not in store and resets.counts == {}
+
+
+def test_idle_stream_is_reset_on_its_next_step_but_not_at_the_limit() -> None:
+    store, _ = store_with(idle_timeout_s=10.0)
+    admit(store, "a", now=0.0)
+    admit(store, "a", now=10.0)
+    assert store.get("a").reset == ""  # type: ignore[union-attr]
+    admit(store, "a", now=20.5)
+    assert store.get("a").reset == RESET_IDLE  # type: ignore[union-attr]
+
+
+def test_expire_forgets_only_streams_idle_past_the_timeout() -> None:
+    store, resets = store_with(idle_timeout_s=10.0)
+    admit(store, "old", now=0.0)
+    admit(store, "new", now=5.0)
+    assert store.expire(now=10.0) == 0
+    assert store.expire(now=12.0) == 1
+    assert "old" not in store and "new" in store
+    assert resets.counts == {RESET_IDLE: 1}
+
+
+def test_without_idle_timeout_nothing_expires() -> None:
+    store, _ = store_with(idle_timeout_s=None)
+    admit(store, "a", now=0.0)
+    assert store.expire(now=1e9) == 0
+    admit(store, "a", now=1e9)
+    assert store.get("a").reset == ""  # type: ignore[union-attr]
+
+
+# -- sequence numbers and timestamps ----------------------------------------------------
+
+
+def test_duplicate_and_older_steps_are_refused_without_changing_anything() -> None:
+    store, _ = store_with()
+    admit(store, "a", seq=10, n=3)  # rows 10, 11, 12
+    st = store.get("a")
+    assert st is not None and st.next_seq == 13
+    assert admit(store, "a", seq=10, n=3) == REJECT_DUPLICATE
+    assert admit(store, "a", seq=11) == REJECT_OUT_OF_ORDER
+    assert admit(store, "a", seq=4) == REJECT_OUT_OF_ORDER
+    assert st.next_seq == 13 and st.last_seq == 10
+    assert isinstance(admit(store, "a", seq=13), int) and st.reset == ""
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "gap", "reset"),
+    [(0, 0, ""), (0, 1, RESET_SEQ_GAP), (2, 2, ""), (2, 3, RESET_SEQ_GAP)],
+)
+def test_sequence_gap_beyond_tolerance_resets(tolerance: int, gap: int, reset: str) -> None:
+    store, _ = store_with(seq_gap_tolerance=tolerance)
+    admit(store, "a", seq=0)
+    admit(store, "a", seq=1 + gap)
+    assert store.get("a").reset == reset  # type: ignore[union-attr]
+
+
+def test_timestamps_order_steps_without_sequence_numbers() -> None:
+    store, _ = store_with()
+    admit(store, "a", ts=5.0)
+    assert admit(store, "a", ts=5.0) == REJECT_DUPLICATE
+    assert admit(store, "a", ts=4.0) == REJECT_OUT_OF_ORDER
+    assert isinstance(admit(store, "a", ts=6.0), int)
+
+
+@pytest.mark.parametrize(("gap", "reset"), [(0.5, ""), (1.0, ""), (1.01, RESET_TS_GAP)])
+def test_timestamp_gap_beyond_tolerance_resets(gap: float, reset: str) -> None:
+    store, _ = store_with(ts_gap_tolerance_s=1.0)
+    admit(store, "a", ts=100.0)
+    admit(store, "a", ts=100.0 + gap)
+    assert store.get("a").reset == reset  # type: ignore[union-attr]
+
+
+def test_without_ts_tolerance_timestamp_gaps_never_reset() -> None:
+    store, _ = store_with(ts_gap_tolerance_s=None)
+    admit(store, "a", ts=0.0)
+    admit(store, "a", ts=1e6)
+    assert store.get("a").reset == ""  # type: ignore[union-attr]
+
+
+def test_a_stream_admits_one_step_per_wave() -> None:
+    store, _ = store_with()
+    store.begin()
+    assert isinstance(store.admit("a", 0, None, 1, 0.0), int)
+    assert store.admit("a", 1, None, 1, 0.0) == REPEAT
+    assert store.call_repeats == 1
+    store.next_wave()
+    assert isinstance(store.admit("a", 1, None, 1, 0.0), int)
+    assert store.call_repeats == 0
+
+
+# -- resets -------------------------------------------------------------------------------
+
+
+def test_explicit_reset_restores_the_initial_row_and_is_pending_once() -> None:
+    store, resets = store_with()
+    admit(store, "a", seq=0)
+    st = store.get("a")
+    assert st is not None
+    store.rows[st.row] = 9.0
+    assert store.reset("a", RESET_EXPLICIT, forget_sequence=True)
+    assert not store.reset("nobody", RESET_EXPLICIT, forget_sequence=True)
+    assert np.all(store.rows[st.row] == 0.0)
+    assert st.next_seq is None  # a new sequence may start anywhere
+    assert store.pending_streams == 1
+    assert store.take_pending(st) == (RESET_EXPLICIT,)
+    assert store.take_pending(st) == () and store.pending_streams == 0
+    assert resets.counts == {RESET_EXPLICIT: 1}
+
+
+def test_reset_all_relays_rows_for_new_specs() -> None:
+    store, resets = store_with()
+    admit(store, "a")
+    admit(store, "b")
+    gru = recurrent_state("gru", 1, 8)
+    assert store.reset_all(gru, RESET_MODEL_CHANGE) == 2
+    assert store.rows.shape[1] == 8
+    assert store.state_of("a")["h"].shape == (1, 8)
+    assert store.get("b").pending == (RESET_MODEL_CHANGE,)  # type: ignore[union-attr]
+    assert resets.counts == {RESET_MODEL_CHANGE: 2}
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"max_streams": 0},
+        {"idle_timeout_s": 0.0},
+        {"seq_gap_tolerance": -1},
+        {"ts_gap_tolerance_s": -1.0},
+        {"initial_capacity": 0},
+    ],
+)
+def test_bad_policy_is_a_config_error(policy: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        StorePolicy(**policy)  # type: ignore[arg-type]
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+
+def filled_store(n: int = 5) -> StateStore:
+    store, _ = store_with()
+    rng = np.random.default_rng(1)
+    for k in range(n):
+        admit(store, f"s{k}", seq=k * 10, ts=float(k), n=2)
+        st = store.get(f"s{k}")
+        assert st is not None
+        store.rows[st.row] = rng.standard_normal(store.layout.row_size).astype(np.float32)
+    if n > 1:
+        store.reset("s1", RESET_EXPLICIT, forget_sequence=False)
+        store.rows[store.get("s1").row] = 1.5  # type: ignore[union-attr]
+    return store
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    src = filled_store()
+    path = tmp_path / "state.npz"
+    assert src.save(path, {"model": "m"}) == 5
+    dst, _ = store_with()
+    admit(dst, "stale")  # replaced by the checkpoint
+    assert dst.load(path, now=100.0) == 5
+    assert "stale" not in dst and len(dst) == 5
+    for k in range(5):
+        a, b = src.get(f"s{k}"), dst.get(f"s{k}")
+        assert a is not None and b is not None
+        assert src.rows[a.row].tobytes() == dst.rows[b.row].tobytes()
+        assert (a.next_seq, a.last_seq, a.last_ts, a.pending) == (
+            b.next_seq,
+            b.last_seq,
+            b.last_ts,
+            b.pending,
+        )
+        assert b.last_seen == 100.0
+    assert dst.pending_streams == 1
+    # Sequence bookkeeping survives: a redelivered step is still a duplicate.
+    assert admit(dst, "s3", seq=30, n=2, now=100.0) == REJECT_DUPLICATE
+    # LRU order survives: the oldest restored stream goes first.
+    small, resets = store_with(max_streams=5, initial_capacity=5)
+    small.load(path, now=0.0)
+    admit(small, "new")
+    assert "s0" not in small and resets.counts == {RESET_EVICTED: 1}
+
+
+def test_checkpoint_is_written_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "state.npz"
+    filled_store(3).save(path, {})
+    first = path.read_bytes()
+    filled_store(4).save(path, {})
+    assert path.read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.npz"]  # no temp left
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "state.npz"
+    store = filled_store(2)
+    store.save(path, {})
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        store.save(path, {"not json": object()})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.npz"]
+
+
+def test_save_into_a_missing_directory_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="missing"):
+        filled_store(2).save(tmp_path / "missing" / "state.npz", {})
+
+
+def test_restore_keeps_the_most_recent_streams_within_max_streams(tmp_path: Path) -> None:
+    path = tmp_path / "state.npz"
+    filled_store(5).save(path, {})
+    small, resets = store_with(max_streams=3, initial_capacity=1)
+    assert small.load(path, now=0.0) == 3
+    assert sorted(st.key for st in small) == ["s2", "s3", "s4"]
+    assert resets.counts == {RESET_EVICTED: 2}
+
+
+def test_restore_refuses_another_state_signature(tmp_path: Path) -> None:
+    path = tmp_path / "state.npz"
+    filled_store(2).save(path, {})
+    other = StateStore(recurrent_state("gru", 2, 4), StorePolicy())
+    with pytest.raises(CheckpointError, match="state signature"):
+        other.load(path, now=0.0)
+
+
+def test_restore_of_missing_or_corrupt_files_is_a_checkpoint_error(tmp_path: Path) -> None:
+    store, _ = store_with()
+    with pytest.raises(CheckpointError, match="not found"):
+        store.load(tmp_path / "absent.npz", now=0.0)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(os.urandom(256))
+    with pytest.raises(CheckpointError):
+        store.load(junk, now=0.0)
+    good = tmp_path / "good.npz"
+    filled_store(2).save(good, {})
+    with np.load(good) as data:
+        header = json.loads(str(data["header"][()]))
+        rows = data["rows"]
+    header["streams"][0][1] = "ten"  # a malformed entry
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, rows=rows, header=np.array(json.dumps(header)))
+    with pytest.raises(CheckpointError, match="malformed"):
+        store.load(bad, now=0.0)
+    header["streams"][0][1] = 10
+    np.savez(bad, rows=rows[:1], header=np.array(json.dumps(header)))
+    with pytest.raises(CheckpointError, match="do not agree"):
+        store.load(bad, now=0.0)
+    assert len(store) == 0  # nothing half-restored
