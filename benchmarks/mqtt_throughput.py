@@ -97,7 +97,9 @@ class Counter:
         self.client.loop_stop()
 
 
-def payloads(streams: int, readings: int, total: int, seq0: int) -> list[tuple[str, bytes]]:
+def payloads(
+    streams: int, readings: int, total: int, seq0: int, fmt: str
+) -> list[tuple[str, bytes]]:
     """``total`` messages round-robin over ``streams``; sequence numbers continue from ``seq0``."""
     values = np.random.default_rng(0).normal(size=(64, readings, 6)).astype(np.float32)
     out = []
@@ -105,13 +107,14 @@ def payloads(streams: int, readings: int, total: int, seq0: int) -> list[tuple[s
         i, rnd = k % streams, k // streams
         seq = seq0 + rnd * readings
         v = values[k % 64]
-        data = codecs.encode_json(v[0], seq) if readings == 1 else codecs.encode_binary(v, seq)
+        one = v[0] if readings == 1 else v
+        data = codecs.encode_json(one, seq) if fmt == "json" else codecs.encode_binary(one, seq)
         out.append((f"{IN}/s{i}", data))
     return out
 
 
 def publish_main(
-    port: int, qos: int, readings: int, total: int, streams: int, seq0: int, rate: float
+    port: int, qos: int, readings: int, total: int, streams: int, seq0: int, rate: float, fmt: str
 ) -> None:
     """The sensors, in their own process: print when the first message left, then exit."""
     client = make_client(port)
@@ -127,7 +130,7 @@ def publish_main(
             data = codecs.encode_json(values[k % 64], seq0 + k // streams, time.monotonic())
             info = client.publish(f"{IN}/s{i}", data, qos)
     else:
-        batch = payloads(streams, readings, total, seq0)
+        batch = payloads(streams, readings, total, seq0, fmt)
         started = time.monotonic()
         for topic, data in batch:
             info = client.publish(topic, data, qos)
@@ -146,20 +149,22 @@ class Sensors:
         self.streams = streams
         self.seq = 0  # every stream has sent rows [0, seq)
 
-    def run(self, qos: int, readings: int, total: int, rate: float = 0.0) -> float:
+    def run(
+        self, qos: int, readings: int, total: int, rate: float = 0.0, fmt: str = "json"
+    ) -> float:
         rows = -(-total // self.streams) * readings
         cmd = [sys.executable, __file__, "--publish", str(self.port), str(qos), str(readings)]
-        cmd += [str(total), str(self.streams), str(self.seq), str(rate)]
+        cmd += [str(total), str(self.streams), str(self.seq), str(rate), fmt]
         self.seq += rows
         out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
         return float(json.loads(out.stdout.decode().strip().splitlines()[-1])["started"])
 
 
 def throughput(
-    sensors: Sensors, sink: Counter, qos: int, readings: int, total: int
+    sensors: Sensors, sink: Counter, qos: int, readings: int, total: int, fmt: str
 ) -> dict[str, Any]:
     sink.reset()
-    started = sensors.run(qos, readings, total)
+    started = sensors.run(qos, readings, total, fmt=fmt)
     sink.wait(total)
     elapsed = max(sink.last - started, 1e-9)
     return {
@@ -269,17 +274,24 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=20_000, help="per run with 1 reading/message")
     ap.add_argument("--rate", type=float, default=1000.0, help="messages/s for the latency runs")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each latency run")
-    ap.add_argument("--max-wait-ms", type=float, default=0.5, help="the daemon's queue.max_wait_ms")
+    ap.add_argument("--max-wait-ms", type=float, default=0.0, help="the daemon's queue.max_wait_ms")
     ap.add_argument("--relay", nargs=2, type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--publish", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--publish", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.relay:
         relay_main(*args.relay)
         return
     if args.publish:
-        port, qos, readings, total, streams, seq0, rate = args.publish
+        port, qos, readings, total, streams, seq0, rate, fmt = args.publish
         publish_main(
-            int(port), int(qos), int(readings), int(total), int(streams), int(seq0), float(rate)
+            int(port),
+            int(qos),
+            int(readings),
+            int(total),
+            int(streams),
+            int(seq0),
+            float(rate),
+            fmt,
         )
         return
 
@@ -300,28 +312,29 @@ def main() -> None:
         "daemon_max_wait_ms": args.max_wait_ms,
         "throughput": {},
     }
-    plans = [(1, args.messages), (100, max(1, args.messages // 10))]
+    few = max(1, args.messages // 10)
+    plans = [(1, args.messages, "json"), (100, few, "json"), (100, few, "binary")]
     sensors = Sensors(broker.port, args.streams)
     try:
         for qos in (0, 1):
-            for readings, total in plans:
+            for readings, total, fmt in plans:
                 row: dict[str, Any] = {}
                 sink = Counter(broker.port, f"{IN}/#", qos)
-                row["pubsub"] = throughput(sensors, sink, qos, readings, total)
+                row["pubsub"] = throughput(sensors, sink, qos, readings, total, fmt)
                 sink.close()
                 sink = Counter(broker.port, f"{OUT}/#", qos)
                 for kind in ("relay", "daemon"):
                     proc = start_middle(kind, broker.port, qos, work, model, args.max_wait_ms)
                     try:
-                        throughput(sensors, sink, qos, readings, min(total, 2000))  # warm-up
-                        row[kind] = throughput(sensors, sink, qos, readings, total)
+                        throughput(sensors, sink, qos, readings, min(total, 2000), fmt)  # warm-up
+                        row[kind] = throughput(sensors, sink, qos, readings, total, fmt)
                     finally:
                         stop(proc)
                 sink.close()
                 d = row["daemon"]["messages_per_s"]
                 row["daemon_vs_pubsub"] = round(d / row["pubsub"]["messages_per_s"], 3)
                 row["daemon_vs_relay"] = round(d / row["relay"]["messages_per_s"], 3)
-                report["throughput"][f"qos{qos}_{readings}_readings_per_msg"] = row
+                report["throughput"][f"qos{qos}_{readings}_readings_{fmt}"] = row
         report["latency"] = {}
         for qos in (0, 1):
             sink = Counter(broker.port, f"{OUT}/#", qos)

@@ -13,10 +13,10 @@ import logging
 
 from prometheus_client import CollectorRegistry
 
-from pipeline import codecs
+from pipeline import codecs, keywords_service
 from pipeline.codecs import Decoder, PredictionEncoder
 from pipeline.config import Settings
-from pipeline.daemon import Daemon
+from pipeline.daemon import Daemon, Service
 from pipeline.datasets import file_sha256
 from pipeline.engine import REJECT_ENGINE_ERROR, REJECT_NON_FINITE, Engine, Worker
 from pipeline.errors import ConfigError, ModelError
@@ -101,6 +101,11 @@ def build(settings: Settings, registry: CollectorRegistry | None = None) -> Daem
         max_steps=settings.engine.max_chunk,
     )
     source = MqttSource(link, decoder, worker, settings.input, metrics=metrics, errors=errors)
+    services: list[Service] = []
+    if settings.audio is not None:  # keyword spotting: its own model, engine and sources
+        a = settings.audio
+        publisher = keywords_service.MqttEventPublisher(link, a.topic, a.qos)
+        services.append(keywords_service.build(a, publisher, registry))
 
     exporter = None
     if settings.metrics.enabled:
@@ -117,4 +122,5 @@ def build(settings: Settings, registry: CollectorRegistry | None = None) -> Daem
         metrics=metrics,
         checkpoint=settings.checkpoint,
         exporter=exporter,
+        services=services,
     )

@@ -32,7 +32,10 @@ from typing import Any, NoReturn, TypeVar
 
 from pipeline.engine import EngineSettings, Overflow
 from pipeline.errors import ConfigError
+from pipeline.keywords import DetectorSettings
+from pipeline.keywords_service import AudioSettings, WavFileSettings
 from pipeline.model import PROVIDERS
+from pipeline.sources.microphone import MicrophoneSettings
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -86,7 +89,10 @@ class QueueConfig:
 
     max_size: int = 10_000
     overflow: Overflow = "block"
-    max_wait_ms: float = 1.0  # how long the worker waits for more steps to fill a batch
+    # How long the worker waits for more steps to fill a batch. 0: run what is queued at
+    # once; batches still grow under load from what queues while the engine is busy,
+    # and a lone message is not held back (measured: p50 0.5 ms vs 1.7 ms with 1 ms).
+    max_wait_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +163,7 @@ class Settings:
     input: InputConfig
     output: OutputConfig
     metrics: MetricsConfig
+    audio: AudioSettings | None = None  # [audio]: keyword spotting on microphones
 
     def error_topic(self) -> str | None:
         topic = self.output.error_topic
@@ -195,6 +202,7 @@ def parse(doc: dict[str, Any], *, base: Path, source: Path) -> Settings:
         input=_input(root.table("input")),
         output=_output(root.table("output")),
         metrics=_metrics(root.table("metrics")),
+        audio=_audio(root.table("audio")) if "audio" in doc else None,
     )
     root.done()
     return settings
@@ -403,6 +411,93 @@ def _metrics(t: _Table) -> MetricsConfig:
     return cfg
 
 
+def _audio(t: _Table) -> AudioSettings:
+    """``[audio]``: the keyword model, detection, output topic and the audio sources."""
+    model = t.path("model", required=True)
+    if model is None:
+        t.fail("model", "is required")
+    providers = t.strings("providers", ("cpu",))
+    for p in providers:
+        if p not in PROVIDERS:
+            t.fail("providers", f"unknown provider {p!r}; use {', '.join(PROVIDERS)}")
+    topic = t.text("topic", "audio/{stream}/keyword")
+    _check_publish_topic(t, "topic", topic, stream=True)
+    d = DetectorSettings()
+    detector = DetectorSettings(
+        threshold=t.number("threshold", d.threshold, lo=0.01, hi=1.0),
+        smooth_ms=t.number("smooth_ms", d.smooth_ms, lo=0.0, hi=10_000.0),
+        refractory_ms=t.number("refractory_ms", d.refractory_ms, lo=0.0, hi=60_000.0),
+        background=t.strings("background", d.background),
+    )
+    mics = tuple(_microphone(m) for m in t.tables("microphone"))
+    files = tuple(_wavfile(f) for f in t.tables("wavfile"))
+    if not mics and not files:
+        t.fail("microphone", "configure at least one [[audio.microphone]] (or [[audio.wavfile]])")
+    cfg = AudioSettings(
+        model=model,
+        providers=providers or ("cpu",),
+        threads=t.integer("threads", 1, lo=1, hi=256),
+        topic=topic,
+        qos=t.integer("qos", 1, lo=0, hi=2),
+        detector=detector,
+        max_queue=t.integer("max_queue", 256, lo=1),
+        microphones=mics,
+        files=files,
+    )
+    t.done()
+    return cfg
+
+
+def _source_name(t: _Table) -> str:
+    name = t.text("name", "")
+    if not name or any(c in name for c in "/+#{}\0"):
+        t.fail("name", f"must be a non-empty topic level without / + # {{ }}, got {name!r}")
+    return name
+
+
+def _microphone(t: _Table) -> MicrophoneSettings:
+    d = MicrophoneSettings()
+    device = t.doc.get("device")
+    t.seen.add("device")
+    if device is not None and not (isinstance(device, str) and device) and not _is_int(device):
+        t.fail("device", f"must be a device name or index, got {_kind(device)} {device!r}")
+    silence = t.opt_number("silence_timeout_s", d.silence_timeout_s, positive=True)
+    lo = t.number("retry_min_s", d.retry_min_s, lo=0.01, hi=3600.0)
+    hi = t.number("retry_max_s", d.retry_max_s, lo=0.01, hi=3600.0)
+    if hi < lo:
+        t.fail("retry_max_s", f"must be >= retry_min_s ({lo}), got {hi}")
+    rate = t.doc.get("sample_rate_hz")
+    cfg = MicrophoneSettings(
+        name=_source_name(t),
+        device=device,
+        sample_rate_hz=None if rate is None else t.integer("sample_rate_hz", 0, lo=1_000),
+        channels=t.integer("channels", d.channels, lo=1, hi=64),
+        block_size=t.integer("block_size", d.block_size, lo=16, hi=1 << 20),
+        buffer_ms=t.number("buffer_ms", d.buffer_ms, lo=10.0, hi=600_000.0),
+        silence_timeout_s=silence,
+        stall_s=t.number("stall_s", d.stall_s, lo=0.1, hi=3600.0),
+        retry_min_s=lo,
+        retry_max_s=hi,
+        latency=t.choice("latency", d.latency, ("low", "high")),
+    )
+    t.done()
+    return cfg
+
+
+def _wavfile(t: _Table) -> WavFileSettings:
+    path = t.path("path", required=True, must_exist=True)
+    if path is None:
+        t.fail("path", "is required")
+    cfg = WavFileSettings(
+        name=_source_name(t),
+        path=path,
+        realtime=t.flag("realtime", True),
+        block_size=t.integer("block_size", 320, lo=16, hi=1 << 20),
+    )
+    t.done()
+    return cfg
+
+
 def _check_input_topic(t: _Table, key: str, topic: str) -> None:
     levels = topic.split("/")
     if levels.count(STREAM) != 1 or topic.count(STREAM) != 1:
@@ -458,6 +553,17 @@ class _Table:
         if not isinstance(value, dict):
             self.fail(key, f"must be a table, got {_kind(value)}")
         return _Table(value, self.key(key), self.base)
+
+    def tables(self, key: str) -> list[_Table]:
+        """An array of tables (``[[key]]``; one ``[key]`` table counts as one); absent: none."""
+        value = self._get(key, False)
+        if value is None:
+            return []
+        if isinstance(value, dict):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.fail(key, f"must be an array of tables ([[{self.key(key)}]]), got {_kind(value)}")
+        return [_Table(v, f"{self.key(key)}[{i}]", self.base) for i, v in enumerate(value)]
 
     def done(self) -> None:
         unknown = sorted(set(self.doc) - self.seen)

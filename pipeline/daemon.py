@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.config import CheckpointConfig
 from pipeline.engine import Engine, Worker
@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0
 EXIT_OK = 0
 EXIT_CHECKPOINT_FAILED = 1
+
+
+class Service(Protocol):
+    """A part with its own threads (the audio path): started before the broker link
+    connects, stopped first, so what it publishes while stopping still goes out."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class Daemon:
@@ -53,6 +61,7 @@ class Daemon:
         checkpoint: CheckpointConfig,
         exporter: Callable[[], Exporter] | None = None,
         tick_hooks: Sequence[Callable[[], None]] = (),
+        services: Sequence[Service] = (),
         drain_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -65,6 +74,7 @@ class Daemon:
         self.exporter: Exporter | None = None
         self._make_exporter = exporter
         self.tick_hooks = list(tick_hooks)
+        self.services = list(services)
         self.drain_timeout_s = drain_timeout_s
         self.should_exit = threading.Event()
         self.force_exit = False
@@ -96,9 +106,13 @@ class Daemon:
         if self._make_exporter is not None:
             self.exporter = self._make_exporter()
         self.worker.start()
+        for service in self.services:
+            service.start()
         try:
             self.link.start()
         except BaseException:
+            for service in self.services:
+                service.stop()
             self.worker.stop(drain=False, timeout=5.0)
             if self.exporter is not None:
                 self.exporter.close()
@@ -122,6 +136,8 @@ class Daemon:
         self.started.clear()
         drain = not self.force_exit
         log.info("stopping (%s)", "draining the queue" if drain else "without draining")
+        for service in self.services:
+            service.stop()
         self.source.close()
         if not self.worker.stop(drain=drain, timeout=self.drain_timeout_s):
             log.warning("worker did not finish within %g s", self.drain_timeout_s)

@@ -55,9 +55,16 @@ ACCENTS: tuple[str, ...] = (
     "en-gb-x-gbcwmd", "en-us-nyc",
 )  # fmt: skip
 TRAIN_VARIANTS: tuple[str, ...] = (
-    "m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "klatt", "klatt2", "klatt3",
-    "Andy", "Annie", "david", "edward", "linda", "max", "paul", "robert", "steph",
-    "travis", "victor", "zac",
+    "m1", "m2", "m3", "m4", "m5", "m6", "m8", "f1", "f2", "f3", "f5", "klatt", "klatt2",
+    "klatt3", "klatt5", "klatt6", "Alex", "Andrea", "Andy", "Annie", "AnxiousAndy", "Denis",
+    "Diogo", "Gene", "Gene2", "Henrique", "Hugo", "Jacky", "Lee", "Marco", "Mario", "Michael",
+    "Mike", "Nguyen", "RicishayMax", "RicishayMax2", "RicishayMax3", "Storm", "Tweaky",
+    "UniRobot", "adam", "anika", "anikaRobot", "announcer", "antonio", "aunty", "belinda",
+    "benjamin", "boris", "caleb", "croak", "david", "ed", "edward", "edward2", "grandma",
+    "grandpa", "gustave", "iven", "iven2", "iven3", "iven4", "kaukovalta", "linda", "marcelo",
+    "max", "michel", "miguel", "norbert", "pablo", "paul", "pedro", "rob", "robert",
+    "robosoft", "robosoft2", "robosoft3", "robosoft4", "robosoft5", "robosoft6", "robosoft7",
+    "robosoft8", "sandro", "shelby", "steph", "steph2", "steph3", "travis", "victor", "zac",
 )  # fmt: skip
 TEST_VARIANTS: tuple[str, ...] = ("m7", "f4", "klatt4", "Alicia", "john", "quincy")
 SPLITS: dict[str, int] = {"train": 0, "test": 1}

@@ -34,7 +34,7 @@ class AudioMetrics:
             return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)
 
         self.audio_seconds = counter(
-            "audio_captured_seconds", "Audio delivered by each source.", ("source",)
+            "audio_seconds", "Audio read from each source into the keyword pipeline.", ("source",)
         )
         self.overflows = counter(
             "audio_overflows",
@@ -96,10 +96,10 @@ class AudioMetrics:
     def set_rate(self, source: str, sample_rate: int) -> None:
         self._sample_rate[source] = float(sample_rate)
 
-    # -- microphone observer --------------------------------------------------------------
-
     def on_audio(self, source: str, samples: int) -> None:
         self.audio_seconds.labels(source).inc(samples / self._sample_rate.get(source, 16_000.0))
+
+    # -- microphone observer --------------------------------------------------------------
 
     def on_overflow(self, source: str, where: str) -> None:
         self.overflows.labels(source, where).inc()

@@ -258,6 +258,7 @@ class Feeder:
                 if self.source.exhausted:
                     return
                 continue
+            self._metrics.on_audio(name, int(block.samples.shape[0]))
             if not started or block.lost:
                 # A new extractor after lost audio; frame numbers jump by at least one, so
                 # the engine resets the stream's state before these frames.

@@ -32,7 +32,6 @@ from pipeline.contract import StateSpec
 from pipeline.errors import CheckpointError, ConfigError
 
 Array = np.ndarray[Any, np.dtype[np.float32]]
-IndexArray = np.ndarray[Any, np.dtype[np.intp]]
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
 
 # Reset reasons: stable words for counters and logs.
@@ -99,6 +98,7 @@ class Stream:
     """What the store knows about one stream besides its state row."""
 
     __slots__ = (
+        "home",
         "key",
         "last_seen",
         "last_seq",
@@ -107,7 +107,6 @@ class Stream:
         "next_seq",
         "pending",
         "reset",
-        "home",
         "row",
         "slot",
         "twin",

@@ -5,6 +5,7 @@
   reads directly.
 * ``recording`` speaks a list of words with pauses into one WAV file plus a JSON file
   of where each word lies: input for replay, demos and end-to-end tests.
+* ``evaluate`` scores a model on held-out WAV folders: ``confusion.json`` + ``.png``.
 * ``detect`` runs the daemon's audio path (same features, engine and detector) over
   WAV files as fast as possible and prints the keyword events and the real-time factor
   as JSON, without a broker or a microphone.
@@ -57,6 +58,15 @@ def register(sub: Any) -> None:
     r.add_argument("--snr-db", type=float, default=20.0)
     r.set_defaults(func=_recording)
 
+    e = kw.add_parser(
+        "evaluate",
+        help="accuracy on held-out WAV folders: confusion.json and confusion.png",
+    )
+    e.add_argument("model", type=Path, help="keyword model (.onnx)")
+    e.add_argument("--data", type=Path, required=True, help="WAV folders, e.g. OUT/test")
+    e.add_argument("--out", type=Path, required=True, help="directory for the report")
+    e.set_defaults(func=_evaluate)
+
     d = kw.add_parser(
         "detect",
         help="keyword events of WAV files through the daemon's audio path",
@@ -102,6 +112,15 @@ def _recording(args: argparse.Namespace) -> int:
     )
     write_recording(args.out, signal, spoken, 16_000)
     print(json.dumps({"wav": str(args.out), "seconds": round(len(signal) / 16_000, 3)}))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.keywords_report import evaluate_report
+
+    report = evaluate_report(args.model, args.data, args.out)
+    keep = ("model", "n_cases", "accuracy", "labels", "confusion_matrix")
+    print(json.dumps({k: report[k] for k in keep if k in report}))
     return 0
 
 

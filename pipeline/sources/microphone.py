@@ -102,7 +102,6 @@ Opener = Callable[[MicrophoneSettings, int], CaptureStream]
 class MicrophoneObserver(Protocol):
     """Where the source reports (metrics); called on the capture thread."""
 
-    def on_audio(self, source: str, samples: int) -> None: ...
     def on_overflow(self, source: str, where: str) -> None: ...
     def on_device_problem(self, source: str, problem: str) -> None: ...
     def on_device_up(self, source: str, up: bool) -> None: ...
@@ -287,7 +286,6 @@ class MicrophoneSource:
             dropped = self._ring.push(block)
             for _ in range(dropped):
                 observer.on_overflow(name, OVERFLOW_BUFFER)
-            observer.on_audio(name, n)
             if limit is not None:
                 zeros = 0 if samples.any() else zeros + n
                 if zeros >= limit:

@@ -29,7 +29,7 @@ from pipeline.engine import (
     Step,
     Worker,
 )
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, ModelError
 from pipeline.model import StepModel
 from pipeline.state import (
     REJECT_DUPLICATE,
@@ -224,6 +224,24 @@ def test_more_streams_stepping_alone_than_spare_rows_stay_exact(
     for key, x in seqs.items():
         want = offline(lstm_model, x[order])["probs"]
         np.testing.assert_allclose(np.concatenate(got[key]), want, atol=ATOL, rtol=0)
+
+
+def test_engine_refuses_a_model_whose_outputs_contradict_its_metadata(
+    random_model_path: ModelFactory, tmp_path: Path
+) -> None:
+    import onnx
+
+    proto = onnx.load(str(random_model_path("gru", "forecast")))
+    (entry,) = [e for e in proto.metadata_props if e.key == "seqstream"]
+    doc = json.loads(entry.value)
+    assert doc["horizon"] == 3
+    doc["horizon"] = 2  # the graph still forecasts 3 steps
+    entry.value = json.dumps(doc)
+    path = tmp_path / "lying.onnx"
+    onnx.save(proto, str(path))
+    model = StepModel.load(path)
+    with pytest.raises(ModelError, match="'forecast' has shape"):
+        Engine(model, EngineSettings())
 
 
 def test_empty_call_returns_nothing(lstm_model: StepModel) -> None:
@@ -817,15 +835,20 @@ def test_bench_prints_one_json_document_with_every_figure(
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     single = doc["single_stream"]
-    assert single["raw_session_run_us"] > 0 and single["engine_us"] > 0
-    assert single["engine_latency_us"]["p99"] >= single["engine_latency_us"]["p50"] > 0
+    for key in ("raw_session_run_us", "raw_iobinding_floor_us", "engine_us"):
+        figures = single[key]
+        assert figures["p99"] >= figures["median"] > 0 and figures["mean"] > 0
     (many,) = doc["streams"]
     assert many["streams"] == 40 and many["streams_held"] == 40
-    assert many["engine_batch_sizes"] == {"8": 2, "16": 4}
-    assert many["engine_steps_per_s"] > 0 and many["raw_batched_steps_per_s"] > 0
-    assert many["naive_steps_per_s"] > 0
+    assert many["engine_batch_sizes"] == {"8": 2, "16": 4}  # 40 = 16 + 16 + 8, 2 rounds
+    for key in ("engine_us_per_step", "raw_batched_us_per_step", "naive_us_per_step"):
+        assert many[key]["median"] > 0
+    assert many["engine_steps_per_s"] > 0 and many["naive_steps_per_s"] > 0
     assert doc["rss"]["streams"] == 40 and doc["rss"]["rss_mb"] > 0
-    assert "engine_over_raw_batched_40_streams" in doc["ratios"]
+    ratios = doc["ratios"]
+    assert ratios["engine_over_raw_batched_40_streams"] == pytest.approx(
+        many["raw_batched_us_per_step"]["median"] / many["engine_us_per_step"]["median"]
+    )
     assert "single_stream_engine_over_raw <= 1.0" in doc["targets"]
 
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline import config
 from pipeline.errors import ConfigError, DataError
 from pipeline.features.wav import read_wav, write_wav
 from pipeline.keywords import Detector, DetectorSettings
@@ -172,3 +173,61 @@ def test_wav_source_blocks_cover_the_file_and_pace_in_real_time(tmp_path: Path) 
             assert took >= 0.29  # 4800 samples at 16 kHz
             ends = np.array([b.wall_end for b in blocks])
             np.testing.assert_allclose(np.diff(ends), [1 / 16] * 3 + [0.05], atol=1e-6)
+
+
+# -- the [audio] section of the daemon's configuration -----------------------------------
+
+
+def _parse(audio: dict[str, object], tmp_path: Path) -> config.Settings:
+    doc = {"model": {"path": "m.onnx"}, "audio": audio}
+    return config.parse(doc, base=tmp_path, source=tmp_path / "t.toml")
+
+
+def test_audio_config_is_parsed_with_defaults(tmp_path: Path) -> None:
+    wav = write_wav(tmp_path / "a.wav", np.zeros(160, np.float32), 16_000)
+    s = _parse(
+        {
+            "model": "kws.onnx",
+            "threshold": 0.8,
+            "microphone": [{"name": "kitchen", "device": "default", "silence_timeout_s": False}],
+            "wavfile": [{"name": "replay", "path": "a.wav", "realtime": False}],
+        },
+        tmp_path,
+    )
+    audio = s.audio
+    assert audio is not None
+    assert audio.model == tmp_path / "kws.onnx"
+    assert audio.detector == DetectorSettings(threshold=0.8)
+    assert audio.topic == "audio/{stream}/keyword"
+    (mic,) = audio.microphones
+    assert (mic.name, mic.device, mic.block_size, mic.silence_timeout_s) == (
+        "kitchen", "default", 320, None,
+    )  # fmt: skip
+    assert audio.files[0].path == wav and audio.files[0].realtime is False
+    assert _parse_none(tmp_path).audio is None
+
+
+def _parse_none(tmp_path: Path) -> config.Settings:
+    return config.parse({"model": {"path": "m.onnx"}}, base=tmp_path, source=tmp_path / "t.toml")
+
+
+@pytest.mark.parametrize(
+    ("audio", "message"),
+    [
+        ({"microphone": [{"name": "m"}]}, "audio.model: is required"),
+        ({"model": "k.onnx"}, "audio.microphone: configure at least one"),
+        ({"model": "k.onnx", "microphone": [{"name": "a/b"}]}, r"audio.microphone\[0\].name"),
+        ({"model": "k.onnx", "microphone": [{"name": "m", "block_size": 0}]}, "block_size"),
+        ({"model": "k.onnx", "microphone": [{"name": "m", "device": 1.5}]}, "device"),
+        ({"model": "k.onnx", "microphone": [{"name": "m", "rate": 1}]}, "rate: unknown key"),
+        ({"model": "k.onnx", "microphone": {"name": "m"}, "threshold": 2.0}, "threshold"),
+        ({"model": "k.onnx", "microphone": [{"name": "m"}, {"name": "m"}]}, "unique"),
+        ({"model": "k.onnx", "microphone": [{"name": "m"}], "topic": "kw"}, "audio.topic"),
+        ({"model": "k.onnx", "wavfile": [{"name": "w", "path": "no.wav"}]}, "file not found"),
+    ],
+)
+def test_audio_config_errors_name_the_key(
+    tmp_path: Path, audio: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _parse(audio, tmp_path)

@@ -22,9 +22,9 @@ from pipeline.state import (
     RESET_MODEL_CHANGE,
     RESET_SEQ_GAP,
     RESET_TS_GAP,
+    TWINS,
     Layout,
     StateStore,
-    TWINS,
     StorePolicy,
 )
 
