@@ -97,6 +97,15 @@ class Step:
     received: float = 0.0  # time.monotonic() at arrival, for end-to-end latency
 
 
+# What a clean call is made of (Engine._clean compares sets of types against these).
+_ONLY_STEP: frozenset[type] = frozenset({Step})
+_ONLY_NDARRAY: frozenset[type] = frozenset({np.ndarray})
+_ONLY_STR: frozenset[type] = frozenset({str})
+_ONLY_INT: frozenset[type] = frozenset({int})
+_ONLY_FLOAT: frozenset[type] = frozenset({float})
+_ONLY_NONE: frozenset[type] = frozenset({type(None)})
+
+
 @dataclass(slots=True)
 class Result:
     """The model's outputs for one step (each ``[T, ...]``) and the resets applied just before."""
@@ -465,56 +474,21 @@ class Engine:
             return []
         results: list[Result | Rejected | None] = [None] * n
         # 1. the structure of every step, before any state is touched
-        vals: list[Array] = []
-        invalid: list[int] = []
-        f = self._n_features
-        max_chunk = self.settings.max_chunk
-        rows = 0
-        step_type, nd, f32, inf, one_row = Step, np.ndarray, _F32, _INF, (1, f)
-        append = vals.append
-        for i in range(n):
-            step = steps[i]
-            if type(step) is step_type:
-                v = step.values
-                seq = step.seq
-                ts = step.ts
-                if (
-                    type(v) is nd
-                    and v.dtype is f32
-                    and (
-                        (shape := v.shape) == one_row
-                        or (len(shape) == 2 and shape[1] == f and 0 < shape[0] <= max_chunk)
-                    )
-                    and type(step.stream) is str
-                    and step.stream
-                    and (seq is None or (type(seq) is int and seq >= 0))
-                    and (ts is None or (type(ts) is float and -inf < ts < inf))
-                ):
-                    append(v)
-                    rows += shape[0]
-                    continue
-            reason, detail = self._why_invalid(step)
-            if reason:
-                results[i] = Rejected(step, reason, detail)
-                self._observer.on_reject(reason)
-                invalid.append(i)
-                continue
-            vals.append(step.values)
-            rows += step.values.shape[0]
-        if not vals:
-            return results  # type: ignore[return-value]  # every slot is filled
-        valid: Sequence[int] = range(n) if not invalid else _without(n, invalid)
-        if self._stage.shape[0] < rows:
-            self._stage = np.empty((max(rows, 2 * self._stage.shape[0]), f), dtype=np.float32)
-        stage = self._stage[:rows]
-        np.concatenate(vals, axis=0, out=stage)
-        if rows == len(vals):
-            lens: list[int] | None = None  # every step is one row
-            starts: Sequence[int] = range(rows)
+        clean = self._clean(steps)
+        keys: list[str] | None = None
+        if clean is not None:
+            stage, lens, keys, seqs, tss = clean
+            valid: Sequence[int] = range(n)
         else:
-            lens = [v.shape[0] for v in vals]
+            checked = self._check_each(steps, results)
+            if checked is None:
+                return results  # type: ignore[return-value]  # every slot is filled
+            stage, lens, valid = checked
+        if lens is None:
+            starts: Sequence[int] = range(stage.shape[0])
+        else:
             starts = np.cumsum([0, *lens[:-1]]).tolist()
-        if not np.isfinite(stage).all():
+        if clean is None and not np.isfinite(stage).all():
             valid, lens, starts = self._reject_non_finite(
                 steps, valid, lens, starts, stage, results
             )
@@ -528,14 +502,15 @@ class Engine:
         waves: list[dict[int, _Group]] = []
         todo: Sequence[int] = range(len(valid))  # positions among the valid steps
         while todo:
-            if len(todo) == n:  # the first wave of a call without rejected steps
+            if keys is not None:  # the first wave of a clean call
                 if lens is None:
-                    sts = [admit(s.stream, s.seq, s.ts, 1, now) for s in steps]
+                    sts = [admit(k, q, t, 1, now) for k, q, t in zip(keys, seqs, tss, strict=True)]
                 else:
                     sts = [
-                        admit(s.stream, s.seq, s.ts, t, now)
-                        for s, t in zip(steps, lens, strict=True)
+                        admit(k, q, t, m, now)
+                        for k, q, t, m in zip(keys, seqs, tss, lens, strict=True)
                     ]
+                keys = None
             else:
                 sts = []
                 for j in todo:
@@ -568,6 +543,88 @@ class Engine:
                         part = group.part(lo, lo + max_batch)
                         self._run_group(steps, part, stage, starts, results)
         return results  # type: ignore[return-value]
+
+    def _clean(
+        self, steps: Sequence[Step]
+    ) -> tuple[Array, list[int] | None, list[str], list[Any], list[Any]] | None:
+        """The whole call checked at once when every step is well formed (the usual case):
+        the staged rows, row counts (None: all 1), streams, seqs and timestamps; else None.
+
+        C-level passes (``map``, ``set``, one ``concatenate``) instead of a Python loop
+        per step; anything unusual goes to :meth:`_check_each`, which names the culprit.
+        """
+        if set(map(type, steps)) != _ONLY_STEP:
+            return None
+        vals = [s.values for s in steps]
+        if set(map(type, vals)) != _ONLY_NDARRAY:
+            return None
+        try:
+            lens: list[int] | None = list(map(len, vals))  # bounded before any copy
+        except TypeError:  # a 0-d array
+            return None
+        assert lens is not None
+        if min(lens) < 1 or max(lens) > self.settings.max_chunk:
+            return None
+        try:  # the dtype, rank and feature count of every step, checked by numpy
+            stage = np.concatenate(vals, axis=0, dtype=np.float32, casting="no")
+        except (TypeError, ValueError):
+            return None
+        if stage.ndim != 2 or stage.shape[1] != self._n_features:
+            return None
+        if not np.isfinite(stage).all():
+            return None
+        keys = [s.stream for s in steps]
+        if set(map(type, keys)) != _ONLY_STR or "" in keys:
+            return None
+        seqs: list[Any] = [s.seq for s in steps]
+        kinds = set(map(type, seqs))
+        if kinds == _ONLY_INT:
+            if min(seqs) < 0:
+                return None
+        elif kinds != _ONLY_NONE:
+            return None
+        tss: list[Any] = [s.ts for s in steps]
+        kinds = set(map(type, tss))
+        if kinds == _ONLY_FLOAT:
+            if not math.isfinite(sum(tss)):  # also on overflow: then the slow path decides
+                return None
+        elif kinds != _ONLY_NONE:
+            return None
+        if stage.shape[0] == len(steps):
+            lens = None  # every step is one row
+        return stage, lens, keys, seqs, tss
+
+    def _check_each(
+        self, steps: Sequence[Step], results: list[Result | Rejected | None]
+    ) -> tuple[Array, list[int] | None, Sequence[int]] | None:
+        """Step by step: reject the malformed ones (by reason) and stage the rest.
+
+        Returns the staged rows, row counts (None: all 1) and positions of the steps
+        that passed, or None when none did. NaN/Inf are left to the caller.
+        """
+        n = len(steps)
+        vals: list[Array] = []
+        invalid: list[int] = []
+        f = self._n_features
+        rows = 0
+        for i in range(n):
+            step = steps[i]
+            reason, detail = self._why_invalid(step)
+            if reason:
+                results[i] = Rejected(step, reason, detail)
+                self._observer.on_reject(reason)
+                invalid.append(i)
+                continue
+            vals.append(step.values)
+            rows += step.values.shape[0]
+        if not vals:
+            return None
+        if self._stage.shape[0] < rows:
+            self._stage = np.empty((max(rows, 2 * self._stage.shape[0]), f), dtype=np.float32)
+        stage = self._stage[:rows]
+        np.concatenate(vals, axis=0, out=stage)
+        lens = None if rows == len(vals) else [v.shape[0] for v in vals]
+        return stage, lens, range(n) if not invalid else _without(n, invalid)
 
     def _sort_wave(
         self,
