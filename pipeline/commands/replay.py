@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pipeline.datasets import MISSING_POLICIES
+from pipeline.commands.data_args import add_data_arguments, data_options
 
 SCHEMES = {"mqtt": 1883, "mqtts": 8883}
 FLUSH_EVERY = 10_000  # messages; bounds what waits in the client's queue
@@ -50,17 +50,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--client-id", default="", help="MQTT client id (default: random)")
     p.add_argument("--ca-file", type=Path, help="CA certificate for mqtts://")
     p.add_argument("--password-env", help="environment variable holding the password")
-    p.add_argument(
-        "--missing",
-        default="error",
-        choices=MISSING_POLICIES,
-        help="missing values: refuse them, or hold the channel's last reading (ffill)",
-    )
-    g = p.add_argument_group("CSV layout")
-    g.add_argument("--label-column", help="column holding the class label (not a feature)")
-    g.add_argument("--time-column", help="column holding timestamps (sent as ts)")
-    g.add_argument("--case-column", help="column grouping rows into cases (default: one case)")
-    g.add_argument("--feature-columns", nargs="+", metavar="COL", help="feature columns")
+    add_data_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -89,14 +79,7 @@ def run(args: argparse.Namespace) -> int:
         if not value:
             raise ConfigError(f"--password-env: {args.password_env} is not set or empty")
         password = Secret(value)
-    options: dict[str, Any] = {"missing": args.missing}
-    if args.data.suffix.lower() == ".csv":
-        options.update(
-            label_column=args.label_column,
-            time_column=args.time_column,
-            case_column=args.case_column,
-            feature_columns=args.feature_columns,
-        )
+    options = data_options(args)
     data = datasets.load(args.data, **options)
     n = data.n_cases if args.cases is None else min(args.cases, data.n_cases)
     encode = codecs.encode_binary if args.format == "binary" else codecs.encode_json
