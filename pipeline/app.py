@@ -14,11 +14,12 @@ import logging
 from prometheus_client import CollectorRegistry
 
 from pipeline import codecs, keywords_service
+from pipeline import engine as engine_module
 from pipeline.codecs import Decoder, PredictionEncoder
 from pipeline.config import Settings
 from pipeline.daemon import Daemon, Service
 from pipeline.datasets import file_sha256
-from pipeline.engine import REJECT_ENGINE_ERROR, REJECT_NON_FINITE, Engine, Worker
+from pipeline.engine import Engine, Worker
 from pipeline.errors import ConfigError, ModelError
 from pipeline.metrics import Exporter, Metrics
 from pipeline.model import StepModel
@@ -27,20 +28,20 @@ from pipeline.sinks import mqtt as sink_mqtt
 from pipeline.sinks.mqtt import ErrorReporter, PredictionSink, PublishPolicy
 from pipeline.sources import mqtt as source_mqtt
 from pipeline.sources.mqtt import MqttSource
-from pipeline.state import REJECT_CAPACITY, REJECT_DUPLICATE, REJECT_OUT_OF_ORDER, RESET_REASONS
+from pipeline.state import RESET_REASONS
 
 log = logging.getLogger(__name__)
 
 # Every rejection reason the daemon can count, exported as 0 from the start.
-REJECT_REASONS: tuple[str, ...] = (
-    *codecs.REASONS,
-    *source_mqtt.REASONS,
-    sink_mqtt.NON_FINITE_OUTPUT,
-    REJECT_NON_FINITE,
-    REJECT_ENGINE_ERROR,
-    REJECT_DUPLICATE,
-    REJECT_OUT_OF_ORDER,
-    REJECT_CAPACITY,
+REJECT_REASONS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        (
+            *codecs.REASONS,
+            *source_mqtt.REASONS,
+            sink_mqtt.NON_FINITE_OUTPUT,
+            *engine_module.REJECT_REASONS,
+        )
+    )
 )
 
 
