@@ -248,6 +248,7 @@ enabled = false
             "run",
             "--config",
             str(conf),
+            "--allow-root",  # as the benchmark's user, whoever that is
         ]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     wait_until(lambda: ready.n > 0 or proc.poll() is not None, 30, f"{kind} ready")

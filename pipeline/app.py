@@ -10,11 +10,13 @@ names the concrete classes and decides how they are wired::
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 
 from prometheus_client import CollectorRegistry
 
-from pipeline import codecs, keywords_service
+from pipeline import codecs, config, keywords_service
 from pipeline import engine as engine_module
+from pipeline.acks import AckLedger
 from pipeline.codecs import Decoder, PredictionEncoder
 from pipeline.config import Settings
 from pipeline.daemon import Daemon, Service
@@ -24,6 +26,16 @@ from pipeline.errors import ConfigError, ModelError
 from pipeline.metrics import Exporter, Metrics
 from pipeline.model import StepModel
 from pipeline.mqtt import Link
+from pipeline.service import (
+    EXIT_RESULTS,
+    RELOAD_RESULTS,
+    EngineWatchdog,
+    Notifier,
+    Reloader,
+    ServiceEnv,
+    StatusLine,
+    record_exit,
+)
 from pipeline.sinks import mqtt as sink_mqtt
 from pipeline.sinks.mqtt import ErrorReporter, PredictionSink, PublishPolicy
 from pipeline.sources import mqtt as source_mqtt
@@ -57,18 +69,40 @@ def load_model(settings: Settings) -> StepModel:
     return StepModel.load(cfg.path, cfg.providers, cfg.threads)
 
 
-def build(settings: Settings, registry: CollectorRegistry | None = None) -> Daemon:
-    """Everything ``seqstream run`` needs, built but not started."""
+def check_model(settings: Settings, model: StepModel) -> None:
+    """What the daemon's settings require of a model (at start and at every reload)."""
+    spec = model.spec
+    if settings.output.on_change and spec.task != "classify":
+        raise ConfigError(f"output.on_change: needs a classify model; {spec.name} is {spec.task}")
+
+
+def build(
+    settings: Settings, registry: CollectorRegistry | None = None, env: ServiceEnv | None = None
+) -> Daemon:
+    """Everything ``seqstream run`` needs, built but not started.
+
+    ``env``: what systemd passed (notify socket, watchdog, state directory); by default
+    none, as outside systemd.
+    """
+    env = env if env is not None else ServiceEnv()
     model = load_model(settings)
     spec = model.spec
     out = settings.output
-    if out.on_change and spec.task != "classify":
-        raise ConfigError(f"output.on_change: needs a classify model; {spec.name} is {spec.task}")
+    check_model(settings, model)
     registry = registry if registry is not None else CollectorRegistry()
-    metrics = Metrics(registry, reject_reasons=REJECT_REASONS, reset_reasons=RESET_REASONS)
+    metrics = Metrics(
+        registry,
+        reject_reasons=REJECT_REASONS,
+        reset_reasons=RESET_REASONS,
+        reload_results=RELOAD_RESULTS,
+        exit_results=EXIT_RESULTS,
+    )
     metrics.set_model(
         name=spec.name, version=spec.version, provider=model.provider, opset=spec.opset
     )
+    metrics.set_labels(spec.labels if spec.task == "classify" else ())
+    if env.state_directory is not None:
+        metrics.set_exits(record_exit(env.state_directory))
     metrics.broker_connected.set(0)
 
     link = Link(settings.mqtt, observer=metrics)
@@ -96,12 +130,17 @@ def build(settings: Settings, registry: CollectorRegistry | None = None) -> Daem
         overflow=queue.overflow,
     )
     metrics.track(streams=lambda: engine.streams, depth=lambda: worker.depth)
+    metrics.queue_capacity.set(queue.max_size)
     decoder = Decoder(
         spec.n_features,
         max_payload_bytes=settings.input.max_payload_bytes,
         max_steps=settings.engine.max_chunk,
     )
-    source = MqttSource(link, decoder, worker, settings.input, metrics=metrics, errors=errors)
+    ckpt = settings.checkpoint
+    acks = AckLedger(link, ckpt.max_unacked) if ckpt.ack_after_checkpoint else None
+    source = MqttSource(
+        link, decoder, worker, settings.input, metrics=metrics, errors=errors, acks=acks
+    )
     services: list[Service] = []
     if settings.audio is not None:  # keyword spotting: its own model, engine and sources
         a = settings.audio
@@ -115,6 +154,42 @@ def build(settings: Settings, registry: CollectorRegistry | None = None) -> Daem
         def exporter() -> Exporter:
             return Exporter(registry, bind, port)
 
+    # -- operations: systemd readiness and status, the watchdog, SIGHUP reloads --
+    notifier = Notifier(env.notify_socket)
+    watchdog = EngineWatchdog(worker.call, notifier, watchdog_s=env.watchdog_s)
+    metrics.engine_stall.set_function(watchdog.stall_s)
+
+    def describe() -> str:
+        s = engine.model.spec
+        broker = "connected" if link.connected else "disconnected"
+        stalled = "; ENGINE STALLED" if watchdog.stalled else ""
+        return (
+            f"serving {s.name} {s.version}: {engine.streams} streams, queue {worker.depth}, "
+            f"broker {broker}{stalled}"
+        )
+
+    def swap(new: StepModel) -> Future[bool]:
+        encoder = PredictionEncoder(new.spec)
+        labels = new.spec.labels if new.spec.task == "classify" else ()
+
+        def on_engine(e: Engine) -> bool:  # between two batches: nothing else runs
+            kept = e.swap_model(new)
+            sink.use_encoder(encoder)
+            metrics.set_labels(labels)
+            return kept
+
+        return worker.call(on_engine)
+
+    reloader = Reloader(
+        settings,
+        model,
+        load_settings=config.load,
+        load_model=load_model,
+        check=check_model,
+        swap=swap,
+        metrics=metrics,
+        notifier=notifier,
+    )
     return Daemon(
         engine=engine,
         worker=worker,
@@ -124,4 +199,8 @@ def build(settings: Settings, registry: CollectorRegistry | None = None) -> Daem
         checkpoint=settings.checkpoint,
         exporter=exporter,
         services=services,
+        tick_hooks=(watchdog.tick, StatusLine(notifier, describe).tick),
+        notifier=notifier,
+        reload=reloader,
+        acks=acks,
     )

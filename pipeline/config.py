@@ -81,6 +81,10 @@ class ModelConfig:
 class CheckpointConfig:
     path: Path | None = None  # None: no checkpoints, streams start fresh after a restart
     interval_s: float = 60.0
+    # Lossless across a crash: acknowledge sensor messages only once a checkpoint covers
+    # their steps (pipeline.acks); a checkpoint is also taken when max_unacked wait.
+    ack_after_checkpoint: bool = False
+    max_unacked: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +208,9 @@ def parse(doc: dict[str, Any], *, base: Path, source: Path) -> Settings:
         metrics=_metrics(root.table("metrics")),
         audio=_audio(root.table("audio")) if "audio" in doc else None,
     )
+    if settings.checkpoint.ack_after_checkpoint and settings.input.qos != 1:
+        qos = settings.input.qos
+        root.fail("checkpoint.ack_after_checkpoint", f"needs input.qos = 1, got {qos}")
     root.done()
     return settings
 
@@ -258,7 +265,12 @@ def _checkpoint(t: _Table) -> CheckpointConfig:
     cfg = CheckpointConfig(
         path=path,
         interval_s=t.number("interval_s", d.interval_s, lo=1.0),
+        ack_after_checkpoint=t.flag("ack_after_checkpoint", d.ack_after_checkpoint),
+        # below mosquitto's 65535 packet ids, with room for a second of traffic
+        max_unacked=t.integer("max_unacked", d.max_unacked, lo=1, hi=50_000),
     )
+    if cfg.ack_after_checkpoint and path is None:
+        t.fail("ack_after_checkpoint", "needs checkpoint.path")
     t.done()
     return cfg
 

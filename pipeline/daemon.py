@@ -6,7 +6,10 @@ and announces ``online``).
 
 Run: the main thread only waits for ``should_exit`` and ticks once a second: a
 checkpoint when one is due, then the ``tick_hooks`` (the place for a watchdog ping).
-Idle expiry of streams is done by the worker itself, on the engine's thread.
+Idle expiry of streams is done by the worker itself, on the engine's thread. SIGHUP
+only sets a flag too; the ``reload`` runs at the next tick (:mod:`pipeline.service`).
+Under systemd the ``notifier`` says READY=1 once started (model loaded, broker
+connected) and STOPPING=1 when the stop begins.
 
 Stop (SIGTERM/SIGINT, uvicorn style: the handler only sets a flag): stop intake
 (later messages stay unacknowledged and go to the next session), drain the queue,
@@ -26,16 +29,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
+from pipeline.acks import AckLedger
 from pipeline.config import CheckpointConfig
 from pipeline.engine import Engine, Worker
-from pipeline.errors import SeqstreamError
+from pipeline.errors import CheckpointError, SeqstreamError
 from pipeline.metrics import Exporter, Metrics
 from pipeline.mqtt import Link
+from pipeline.service import Notifier
 from pipeline.sources.mqtt import MqttSource
 
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+CONFIRM_TIMEOUT_S = 10.0  # how long a checkpoint waits for the broker to confirm predictions
 EXIT_OK = 0
 EXIT_CHECKPOINT_FAILED = 1
 
@@ -65,7 +71,12 @@ class Daemon:
         services: Sequence[Service] = (),
         drain_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        notifier: Notifier | None = None,
+        reload: Callable[[], object] | None = None,
+        acks: AckLedger | None = None,
     ) -> None:
+        """``notifier``: systemd readiness; ``reload``: run on SIGHUP, on this thread;
+        ``acks``: sensor acknowledgements released by checkpoints (:mod:`pipeline.acks`)."""
         self.engine = engine
         self.worker = worker
         self.link = link
@@ -83,6 +94,10 @@ class Daemon:
         self._clock = clock
         self._next_checkpoint = 0.0
         self._previous_handlers: dict[int, Any] = {}
+        self.notifier = notifier if notifier is not None else Notifier(None)
+        self._reload = reload
+        self._reload_requested = threading.Event()
+        self.acks = acks
 
     # -- whole life ---------------------------------------------------------------------
 
@@ -92,6 +107,7 @@ class Daemon:
             self._install_signals()
         try:
             self.start()
+            self.notifier.ready(f"serving; status on {self.link.status_topic}")
             while not self.should_exit.wait(TICK_S):
                 self.tick()
         finally:
@@ -125,9 +141,18 @@ class Daemon:
         self.started.set()
         log.info("running; status on %r", self.link.status_topic)
 
+    def request_reload(self) -> None:
+        """Reload at the next tick (what SIGHUP does); ignored without a ``reload``."""
+        self._reload_requested.set()
+
     def tick(self) -> None:
+        if self._reload is not None and self._reload_requested.is_set():
+            self._reload_requested.clear()
+            self._reload()
         path = self.checkpoint.path
-        if path is not None and self._clock() >= self._next_checkpoint:
+        if path is not None and (
+            self._clock() >= self._next_checkpoint or (self.acks is not None and self.acks.due)
+        ):
             self._next_checkpoint = self._clock() + self.checkpoint.interval_s
             self._save_running(path)
         for hook in self.tick_hooks:
@@ -139,6 +164,7 @@ class Daemon:
             return EXIT_OK
         self.started.clear()
         drain = not self.force_exit
+        self.notifier.stopping("stopping: draining the queue" if drain else "stopping")
         log.info("stopping (%s)", "draining the queue" if drain else "without draining")
         for service in self.services:
             service.stop()
@@ -146,7 +172,8 @@ class Daemon:
         worker_stopped = self.worker.stop(drain=drain, timeout=self.drain_timeout_s)
         if not worker_stopped:
             log.warning("worker did not finish within %g s", self.drain_timeout_s)
-        if not self.link.flush(self.drain_timeout_s):
+        flushed = self.link.flush(self.drain_timeout_s)
+        if not flushed:
             log.warning("some predictions were not confirmed by the broker before stopping")
         code = EXIT_OK
         path = self.checkpoint.path
@@ -156,11 +183,18 @@ class Daemon:
             self.metrics.checkpoint_failures.inc()
             log.error("no checkpoint on stop: the engine is still busy; keeping the previous one")
             code = EXIT_CHECKPOINT_FAILED
+        elif path is not None and self.acks is not None and not flushed:
+            # A checkpoint now would cover steps whose predictions may never reach the
+            # broker; their messages stay unacknowledged and the next run redoes them.
+            log.warning("no checkpoint on stop: the next run redoes the unconfirmed steps")
         elif path is not None:
+            cut = self.acks.cut() if self.acks is not None else None
             try:
                 n = self.engine.save(path)  # the worker has stopped: this thread owns it now
                 self.metrics.checkpoints.inc()
                 log.info("checkpointed %d streams to %s", n, path)
+                if cut is not None and self.acks is not None:
+                    self.acks.release(cut)
             except SeqstreamError as exc:
                 self.metrics.checkpoint_failures.inc()
                 log.error("checkpoint failed: %s", exc)
@@ -174,9 +208,12 @@ class Daemon:
     # -- helpers ------------------------------------------------------------------------
 
     def _save_running(self, path: Path) -> None:
-        """A checkpoint taken on the engine's thread, between two batches."""
+        """A checkpoint taken on the engine's thread, between two batches; then the
+        acknowledgements it covers (taken before it was queued) go to the broker."""
+        acks = self.acks
+        cut = acks.cut() if acks is not None else None
         try:
-            self.worker.call(lambda engine: engine.save(path)).result(timeout=60.0)
+            self.worker.call(lambda engine: self._save_confirmed(engine, path)).result(timeout=60.0)
             self.metrics.checkpoints.inc()
         except SeqstreamError as exc:
             self.metrics.checkpoint_failures.inc()
@@ -184,17 +221,35 @@ class Daemon:
         except TimeoutError:
             self.metrics.checkpoint_failures.inc()
             log.error("checkpoint did not finish within 60 s")
+        else:
+            if acks is not None and cut is not None:
+                acks.release(cut)
+            return
+        if acks is not None and cut is not None:
+            acks.keep(cut)
+
+    def _save_confirmed(self, engine: Engine, path: Path) -> int:
+        """On the engine's thread. With held acknowledgements, the checkpoint must not
+        cover a step whose prediction the broker may not have: a crash would lose it."""
+        if self.acks is not None and not self.link.flush(CONFIRM_TIMEOUT_S):
+            raise CheckpointError(f"{path}: deferred, predictions not confirmed by the broker")
+        return engine.save(path)
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        if self._reload is not None:
+            self._previous_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hup)
 
     def _restore_signals(self) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers.clear()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._reload_requested.set()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.should_exit.is_set():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
@@ -61,6 +62,8 @@ END_TO_END_BUCKETS = (
     10.0,
 )
 BATCH_BUCKETS = tuple(float(1 << i) for i in range(13))  # 1 .. 4096
+# An anomaly score over the model's own threshold: one scale for every model, 1 = the line.
+ANOMALY_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.5, 2.0, 4.0, 8.0)
 
 
 class Metrics:
@@ -72,6 +75,8 @@ class Metrics:
         *,
         reject_reasons: Iterable[str] = (),
         reset_reasons: Iterable[str] = (),
+        reload_results: Iterable[str] = (),
+        exit_results: Iterable[str] = (),
     ) -> None:
         self.registry = registry
 
@@ -125,8 +130,39 @@ class Metrics:
         )
         self.active_streams = gauge("active_streams", "Streams with carried state.")
         self.queue_depth = gauge("queue_depth", "Steps waiting between network and engine.")
+        self.queue_capacity = gauge("queue_capacity", "The queue's limit (queue.max_size).")
         self.broker_connected = gauge("broker_connected", "1 while connected to the broker.")
         self.model = Info("model", "The loaded model.", namespace=NAMESPACE, registry=registry)
+        # -- operations (pipeline.service) --
+        self.reloads = counter("model_reloads", "Model reloads (SIGHUP), by result.", ("result",))
+        self.service_exits = counter(
+            "service_exits",
+            "How earlier runs of the service ended (systemd's $SERVICE_RESULT), by result; "
+            "kept in the state directory across restarts.",
+            ("result",),
+        )
+        self.engine_stall = gauge(
+            "engine_stall_seconds",
+            "How long the engine has owed the watchdog's probe; 0 while it keeps up.",
+        )
+        self.start_time = gauge("start_time_seconds", "When this process started (Unix time).")
+        self.start_time.set(time.time())
+        self.by_label = counter(
+            "predictions_by_label", "Published classifications, by predicted label.", ("label",)
+        )
+        self.anomaly_ratio = Histogram(
+            "anomaly_score_ratio",
+            "Anomaly scores divided by the model's threshold (above 1: flagged).",
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=ANOMALY_RATIO_BUCKETS,
+        )
+        self.anomalies = counter("anomalies", "Steps flagged as anomalous.")
+        self._by_label: list[Counter] = []
+        for r in reload_results:
+            self.reloads.labels(r)
+        for r in exit_results:
+            self.service_exits.labels(r)
         # Children cached by reason: the hot path then skips labels()' lock and lookup,
         # and known reasons are exported as 0 before they first happen.
         self._rejected = {r: self.rejected.labels(r) for r in reject_reasons}
@@ -150,6 +186,19 @@ class Metrics:
             child = self._rejected.setdefault(reason, self.rejected.labels(reason))
         child.inc()
 
+    def on_label(self, index: int) -> None:
+        """One published classification; ``index`` into the labels of :meth:`set_labels`."""
+        children = self._by_label
+        if index < len(children):
+            children[index].inc()
+
+    def on_anomaly(self, score: float, threshold: float) -> None:
+        """One scored step of an anomaly model (observed by whoever publishes it)."""
+        ratio = score / threshold if threshold > 0 else score
+        self.anomaly_ratio.observe(ratio)
+        if ratio > 1.0:
+            self.anomalies.inc()
+
     # -- MQTT link observer ---------------------------------------------------------------
 
     def on_connected(self, first: bool) -> None:
@@ -171,6 +220,16 @@ class Metrics:
         self.model.info(
             {"name": name, "version": version, "provider": provider, "opset": str(opset)}
         )
+
+    def set_labels(self, labels: Iterable[str]) -> None:
+        """The current model's class labels (none for other tasks), exported from 0."""
+        self._by_label = [self.by_label.labels(label) for label in labels]
+
+    def set_exits(self, counts: dict[str, int]) -> None:
+        """Counts restored from the state directory (:func:`pipeline.service.record_exit`)."""
+        for result, n in counts.items():
+            if n > 0:
+                self.service_exits.labels(result).inc(n)
 
 
 class Exporter:

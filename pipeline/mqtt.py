@@ -26,11 +26,12 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -73,7 +74,9 @@ class Link:
         self._first = threading.Event()  # the first CONNACK (or refusal) has arrived
         self._refused: str | None = None
         self._ever_connected = False
-        self._last: paho.MQTTMessageInfo | None = None
+        # The last publish at each QoS that paho took (flush waits for all of them).
+        self._last: dict[int, paho.MQTTMessageInfo] = {}
+        self.generation = 0  # successful connections so far; message ids belong to one
         v5 = cfg.protocol == "5"
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -163,7 +166,9 @@ class Link:
         self, topic: str, payload: bytes, qos: int, retain: bool = False
     ) -> paho.MQTTMessageInfo:
         info = self.client.publish(topic, payload, qos, retain)
-        self._last = info
+        rc = info.rc
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (qos and rc == MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._last[qos] = info  # QoS 1/2 while disconnected: paho sends it after reconnect
         return info
 
     def ack(self, mid: int, qos: int) -> None:
@@ -171,24 +176,30 @@ class Link:
             self.client.ack(mid, qos)
 
     def flush(self, timeout: float) -> bool:
-        """Wait until the last publish so far has left (QoS 0) or been acknowledged."""
-        info = self._last
-        if info is None or info.is_published():
-            return True
-        if not self.connected:
-            return False
-        try:
-            info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError):  # disconnected meanwhile, or refused by paho
-            return False
-        return info.is_published()
+        """Wait until every publish so far has left (QoS 0) or been acknowledged (QoS 1, 2).
+
+        Each QoS is tracked apart: a later QoS 0 message on the wire says nothing about
+        the acknowledgement of an earlier QoS 1 one. False when that does not happen
+        within ``timeout`` or the broker is away; never raises.
+        """
+        deadline = time.monotonic() + timeout
+        for info in tuple(self._last.values()):
+            while not _confirmed(info):
+                left = deadline - time.monotonic()
+                if not self.connected or left <= 0:
+                    return False
+                if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    info.wait_for_publish(min(left, 0.1))  # then look at the connection again
+                else:  # queued while disconnected: paho's wait would raise
+                    time.sleep(min(left, 0.005))
+        return True
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish ``offline`` (retained), disconnect cleanly (no Will), stop the loop."""
         if self.connected and self.status_topic is not None:
             info = self.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             self.flush(timeout)
-            if not info.is_published():
+            if not _confirmed(info):
                 log.warning("mqtt: 'offline' not confirmed by the broker within %g s", timeout)
         self.client.disconnect()
         self.client.loop_stop()
@@ -215,6 +226,7 @@ class Link:
             else:
                 log.warning("mqtt: broker refused the reconnection: %s", reason)
             return
+        self.generation += 1
         if self._subs:
             client.subscribe(list(self._subs))
         if self.status_topic is not None:
@@ -262,6 +274,18 @@ class Link:
         for (topic, _), code in zip(self._subs, reasons, strict=False):
             if code.is_failure:
                 log.error("mqtt: broker refused the subscription to %r (%s)", topic, code)
+
+
+def _confirmed(info: paho.MQTTMessageInfo) -> bool:
+    """Whether paho saw a message through (sent at QoS 0, acknowledged at QoS 1/2).
+
+    ``is_published()`` raises for a message queued while disconnected (rc NO_CONN),
+    even after paho sent it on reconnect and the broker acknowledged it; the flag it
+    guards is the answer.
+    """
+    if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+        return bool(info._published)
+    return info.is_published()
 
 
 def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -58,7 +58,8 @@ port = $metrics_port
 CONF
 seqstream config check "$out/seqstream.toml"
 mosquitto_sub -p "$broker_port" -t 'predictions/#' -v > "$out/predictions.txt" & pids+=($!)
-seqstream run --config "$out/seqstream.toml" > "$out/daemon.log" 2>&1 & daemon=$!; pids+=($daemon)
+seqstream run --config "$out/seqstream.toml" $( [ "$(id -u)" -eq 0 ] && echo --allow-root ) \
+  > "$out/daemon.log" 2>&1 & daemon=$!; pids+=($daemon)
 mosquitto_sub -p "$broker_port" -t seqstream/demo/status -C 1 -W 30 | sed 's/^/   daemon status: /'
 seqstream --log-level WARNING replay "$data/BasicMotions_TEST.ts" \
   --broker "mqtt://127.0.0.1:$broker_port" --rate 50 --prefix watch-

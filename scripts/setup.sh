@@ -18,6 +18,7 @@ if [ "$profile" = dev ]; then
   command -v sox >/dev/null || need+=(sox)
   command -v pulseaudio >/dev/null || need+=(pulseaudio pulseaudio-utils libasound2-plugins alsa-utils)
   command -v systemd-analyze >/dev/null || need+=(systemd)
+  command -v npm >/dev/null || need+=(nodejs npm)  # Grafana's schema types (tests/deploy)
   dpkg -s libportaudio2 >/dev/null 2>&1 || need+=(libportaudio2)
 fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
@@ -39,4 +40,14 @@ PY
 .venv/bin/python -m pip install -q "torch==2.13.0"
 if [ "$profile" = dev ]; then extras="dev"; else extras="train"; fi
 .venv/bin/python -m pip install -q -e ".[$extras]"
+if [ "$profile" = dev ]; then
+  # Grafana's dashboard types for tests/deploy, pinned by the lock file; cached, never committed.
+  lock=tests/deploy/grafana-schema/package-lock.json
+  if ! cmp -s "$lock" .cache/grafana-schema/package-lock.json \
+      || [ ! -d .cache/grafana-schema/node_modules/@grafana/schema ]; then
+    mkdir -p .cache/grafana-schema
+    cp tests/deploy/grafana-schema/package.json "$lock" .cache/grafana-schema/
+    (cd .cache/grafana-schema && npm ci --no-audit --no-fund --silent)
+  fi
+fi
 echo "setup: ready ($(.venv/bin/python --version))"

@@ -52,7 +52,7 @@ def register(sub: Any) -> None:
     )
     r.add_argument("--out", type=Path, required=True, help="WAV file to write (.json beside)")
     r.add_argument("--words", required=True, help="comma-separated words, in order")
-    r.add_argument("--voice", default="en-us+f4", help="espeak-ng voice (accent+variant)")
+    r.add_argument("--voice", default="en-us+f5", help="espeak-ng voice (accent+variant)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--pause", type=float, nargs=2, default=(1.5, 2.5), metavar=("MIN", "MAX"))
     r.add_argument("--snr-db", type=float, default=20.0)

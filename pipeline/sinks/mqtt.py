@@ -135,9 +135,15 @@ class PredictionSink:
         self._policy = policy
         self._clock = clock
 
+    def use_encoder(self, encoder: PredictionEncoder) -> None:
+        """A reloaded model's message format; call it on the engine's thread."""
+        self._encoder = encoder
+
     def __call__(self, results: Sequence[Result | Rejected]) -> None:
         published = 0
         observe = self._metrics.end_to_end.observe
+        encoder = self._encoder
+        classify = encoder.task == "classify"
         for r in results:
             if isinstance(r, Rejected):
                 if r.reason not in QUIET:
@@ -145,10 +151,10 @@ class PredictionSink:
                 continue
             stream = r.step.stream
             if self._policy is not None and not self._policy.admit(
-                stream, self._encoder.label(r), bool(r.resets)
+                stream, encoder.label(r), bool(r.resets)
             ):
                 continue
-            payload = self._encoder.encode(r)
+            payload = encoder.encode(r)
             if payload is None:
                 self._metrics.on_reject(NON_FINITE_OUTPUT)
                 self._errors.report(NON_FINITE_OUTPUT, "model output is NaN/Inf", stream=stream)
@@ -164,5 +170,7 @@ class PredictionSink:
                 continue
             published += 1
             observe(self._clock() - r.step.received)
+            if classify:
+                self._metrics.on_label(encoder.label(r))
         if published:
             self._metrics.published.inc(published)

@@ -9,7 +9,9 @@ backpressure); with ``"drop"`` the worker drops the step and resets that stream.
 
 After :meth:`MqttSource.close` messages are neither processed nor acknowledged, so
 the broker redelivers them to the next session (persistent sessions) instead of this
-daemon losing them during shutdown.
+daemon losing them during shutdown. With an :class:`~pipeline.acks.AckLedger` a queued
+step's acknowledgement (and a reset's) waits for the checkpoint that covers it, so not
+even a crash loses it; a rejected message is acknowledged at once either way.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from pipeline.acks import AckLedger
 from pipeline.codecs import Decoder
 from pipeline.config import STREAM, InputConfig
 from pipeline.engine import Step
@@ -62,8 +65,10 @@ class MqttSource:
         metrics: Metrics,
         errors: ErrorReporter,
         clock: Callable[[], float] = time.monotonic,
+        acks: AckLedger | None = None,
     ) -> None:
         self._link = link
+        self._acks = acks
         self._decoder = decoder
         self._intake = intake
         self._metrics = metrics
@@ -96,6 +101,9 @@ class MqttSource:
                     if not self._open:
                         return  # refused because we are stopping: the next session gets it
                     self._reject(QUEUE_FULL, msg.topic, "queue full; step dropped, stream reset")
+                elif self._acks is not None and msg.qos == 1:
+                    self._acks.hold(msg.mid)
+                    return
         except PayloadError as exc:
             self._reject(exc.reason, msg.topic, exc.detail)
         except Exception:  # a bug here must not stall the broker's delivery to us
@@ -108,6 +116,9 @@ class MqttSource:
         stream = _level(msg.topic, self._reset_level)
         if stream is not None:
             self._intake.submit_reset(stream)
+            if self._acks is not None and msg.qos == 1:
+                self._acks.hold(msg.mid)
+                return
         self._link.ack(msg.mid, msg.qos)
 
     def _on_unknown(self, msg: Message) -> None:

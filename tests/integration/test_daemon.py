@@ -251,7 +251,7 @@ def test_wrong_password_or_no_broker_is_a_clear_error_at_start(
     ):
         pass
     path = write_toml(tmp_path / "wrong.toml", doc)
-    assert cli.main(["run", "--config", str(path)]) == cli.EXIT_ERROR
+    assert cli.main(["run", "--config", str(path), "--allow-root"]) == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Not authorized" in err[0], err
     assert "not the password" not in err[0]
@@ -356,7 +356,7 @@ def test_sigterm_drains_checkpoints_and_a_restart_continues(
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", "--config", str(path)],
+            [sys.executable, "-m", "pipeline.cli", "run", "--config", str(path), "--allow-root"],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
             stderr=open(tmp_path / "daemon.log", "ab"),  # noqa: SIM115

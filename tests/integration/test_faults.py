@@ -1,0 +1,480 @@
+"""Faults with real processes: broker and daemon stopped, killed and restarted mid-stream.
+
+A real mosquitto configured like ``deploy/mosquitto.conf`` (persistence, autosave on
+every change, no queue or in-flight caps), real ``seqstream run`` subprocesses, sensors
+publishing QoS 1 readings with sequence numbers, all on loopback; every process is
+stopped by its PID. For each fault the test proves, against the offline oracle
+(:func:`pipeline.evaluation.run_stepwise` on the same data):
+
+* every step the broker accepted (PUBACK to the sensor) got a prediction;
+* no step was processed twice: QoS 1 redeliveries are refused by ``seq`` (counted),
+  and every prediction equals the uninterrupted offline run, so no stream lost state.
+
+A SIGKILLed daemon cannot say what it had done: with ``checkpoint.ack_after_checkpoint``
+nothing is lost, and the steps after the last checkpoint are predicted a second time,
+with the same values (at-least-once output); with the default ack on receipt the loss
+is bounded by the steps acknowledged since the last checkpoint, each affected stream is
+reset once with reason ``seq_gap``. Both bounds are checked against the checkpoint file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from pipeline import codecs
+from pipeline.evaluation import run_stepwise
+from pipeline.model import StepModel
+from tests.integration.broker import HOST, Broker, free_port, wait_until
+from tests.integration.conftest import daemon_config, write_toml
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_BROKER = REPO / "deploy" / "mosquitto.conf"
+ATOL = 1e-5
+STREAMS = 12
+ROWS = 90  # per stream
+RATE_HZ = 25.0  # rows per second per stream: 300 messages/s in all, for 3.6 s
+
+
+# -- the broker users would run --------------------------------------------------------
+
+
+def shipped_broker(workdir: Path) -> Broker:
+    """A private mosquitto with the options of ``deploy/mosquitto.conf``.
+
+    Only what makes it private is replaced: its listener, persistence directory and log
+    (the :class:`Broker` fixture writes those); every other option is the shipped one.
+    """
+    own = ("listener", "persistence", "persistence_location", "max_queued_messages", "log_dest")
+    keep = [
+        line
+        for line in SHIPPED_BROKER.read_text().splitlines()
+        if line.strip() and not line.startswith("#") and line.split()[0] not in own
+    ]
+    return Broker(workdir, extra="\n".join(["allow_anonymous true", *keep]))
+
+
+@pytest.fixture
+def shipped(tmp_path: Path) -> Iterator[Broker]:
+    broker = shipped_broker(tmp_path / "broker")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+# -- sensors and consumers ---------------------------------------------------------------
+
+
+def paho_client(port: int, client_id: str, **kw: Any) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, **kw)
+    c.reconnect_delay_set(1, 1)
+    c.max_inflight_messages_set(100)
+    c.max_queued_messages_set(0)
+    return c
+
+
+class Sensors:
+    """``len(data)`` streams publishing one row per message at ``rate`` Hz each, QoS 1.
+
+    One paho client with a persistent session, as a sensor gateway: while the broker is
+    away paho keeps the messages and sends them after it reconnects. A step counts as
+    accepted once the broker acknowledged it.
+    """
+
+    def __init__(self, port: int, data: list[np.ndarray], rate: float) -> None:
+        self.data = data
+        self.rate = rate
+        self.sent = 0  # rows sent per stream so far
+        self.mids: dict[tuple[str, int], int] = {}
+        self.acked: set[int] = set()  # PUBACKs; paho keeps a message's mid when it resends
+        self.client = paho_client(port, f"sensors-{port}")
+        self.client.on_publish = lambda c, u, mid, rc, p: self.acked.add(mid)
+        self.client.connect(HOST, port)
+        self.client.loop_start()
+        wait_until(self.client.is_connected, 5, "sensor connection")
+        self._thread = threading.Thread(target=self._run, name="sensors")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        for t in range(len(self.data[0])):
+            delay = started + t / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            for i, rows in enumerate(self.data):
+                encode = codecs.encode_binary if i % 2 else codecs.encode_json
+                payload = encode(rows[t], t, 1e9 + t / self.rate)
+                info = self.client.publish(f"sensors/s{i}/data", payload, 1)
+                self.mids[(f"s{i}", t)] = info.mid
+            self.sent = t + 1
+
+    def wait_sent(self, rows: int) -> None:
+        wait_until(lambda: self.sent >= rows, 60, f"{rows} rows sent")
+
+    def accepted(self, timeout: float = 30.0) -> set[tuple[str, int]]:
+        """Every step, once the broker has acknowledged all of them (fails otherwise)."""
+        self._thread.join(60)
+        wait_until(lambda: self.acked >= set(self.mids.values()), timeout, "PUBACKs")
+        return set(self.mids)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Predictions:
+    """Every prediction message, with its DUP flag (a broker's redelivery to us)."""
+
+    def __init__(self, port: int) -> None:
+        self.got: list[tuple[str, dict[str, Any], bool]] = []
+        self._lock = threading.Lock()
+        subscribed = threading.Event()
+        c = paho_client(port, f"predictions-{port}")
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe("predictions/#", 1)
+        c.on_subscribe = lambda *a: subscribed.set()
+        c.on_message = self._on_message
+        c.connect(HOST, port)
+        c.loop_start()
+        self.client = c
+        assert subscribed.wait(5)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.got.append((msg.topic.rsplit("/", 1)[1], json.loads(msg.payload), msg.dup))
+
+    def steps(self) -> set[tuple[str, int]]:
+        with self._lock:
+            return {(s, p["seq"]) for s, p, _ in self.got}
+
+    def wait_for(self, steps: set[tuple[str, int]], timeout: float = 30.0) -> None:
+        wait_until(lambda: steps <= self.steps(), timeout, "a prediction for every step")
+        time.sleep(0.3)  # anything still coming (a duplicate) arrives too
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Status:
+    """The daemon's retained status topic."""
+
+    def __init__(self, port: int, client_id: str) -> None:
+        self.got: list[bytes] = []
+        c = mqtt.Client(CallbackAPIVersion.VERSION2)
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"seqstream/{client_id}/status", 1)
+        c.on_message = lambda cl, u, m: self.got.append(m.payload)
+        c.reconnect_delay_set(1, 1)
+        c.connect(HOST, port)
+        c.loop_start()
+        self.client = c
+
+    def online(self) -> int:
+        return self.got.count(b"online")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# -- the daemon as users run it ----------------------------------------------------------
+
+
+class DaemonProcess:
+    """``seqstream run`` in its own process; started, signalled and waited for by PID."""
+
+    def __init__(self, config: Path, log: Path, metrics_port: int, status: Status) -> None:
+        self.config = config
+        self.log = log
+        self.metrics_port = metrics_port
+        self.status = status
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        online = self.status.online()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "run", "--config", str(self.config)]
+                + ["--allow-root"],  # the tests run as root in CI
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdout=log,
+                stderr=log,
+            )
+        wait_until(
+            lambda: self.status.online() > online or self.proc is None or self.exited(),
+            60,
+            "the daemon online",
+        )
+        assert not self.exited(), self.log.read_text()[-2000:]
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def metrics(self) -> dict[str, float]:
+        url = f"http://{HOST}:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(60)
+        self.proc = None
+        return code
+
+    def kill_if_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def oracle_data(model_path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each stream's rows and the offline stepwise probabilities for them."""
+    rng = np.random.default_rng(2024)
+    data = [rng.normal(size=(ROWS, 6)).astype(np.float32) for _ in range(STREAMS)]
+    model = StepModel.load(model_path)
+    return data, [out["probs"] for out in run_stepwise(model, data)]
+
+
+class Rig:
+    """Broker + daemon + sensors + consumers for one fault test."""
+
+    def __init__(
+        self, broker: Broker, model_path: Path, tmp: Path, data: list[np.ndarray], **cfg: Any
+    ) -> None:
+        self.broker = broker
+        self.tmp = tmp
+        self.model_path = model_path
+        self.client_id = f"faults-{broker.port}"
+        self.metrics_port = free_port()
+        cfg.setdefault("metrics", {})["port"] = self.metrics_port
+        cfg.setdefault("checkpoint", {}).setdefault("interval_s", 1.0)
+        doc = daemon_config(tmp, model_path, broker.port, self.client_id, **cfg)
+        self.checkpoint = Path(doc["checkpoint"]["path"])
+        self.status = Status(broker.port, self.client_id)
+        self.predictions = Predictions(broker.port)
+        self.daemon = DaemonProcess(
+            write_toml(tmp / "daemon.toml", doc), tmp / "daemon.log", self.metrics_port, self.status
+        )
+        self.sensors = Sensors(broker.port, data, RATE_HZ)
+
+    def close(self) -> None:
+        self.daemon.kill_if_running()
+        for part in (self.sensors, self.predictions, self.status):
+            part.close()
+
+
+@pytest.fixture
+def rig(
+    shipped: Broker,
+    model_path: Path,
+    tmp_path: Path,
+    oracle_data: tuple[list[np.ndarray], list[np.ndarray]],
+) -> Iterator[Callable[..., Rig]]:
+    made: list[Rig] = []
+
+    def make(**cfg: Any) -> Rig:
+        r = Rig(shipped, model_path, tmp_path, oracle_data[0], **cfg)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def check_against_oracle(
+    got: list[tuple[str, dict[str, Any], bool]], expected: list[np.ndarray]
+) -> dict[tuple[str, int], list[tuple[dict[str, Any], bool]]]:
+    """Every prediction equals the uninterrupted offline run; returns them by step."""
+    by_step: dict[tuple[str, int], list[tuple[dict[str, Any], bool]]] = {}
+    for stream, p, dup in got:
+        by_step.setdefault((stream, p["seq"]), []).append((p, dup))
+        probs = np.array(list(p["probs"].values()), dtype=np.float32)
+        want = expected[int(stream[1:])][p["seq"]]
+        np.testing.assert_allclose(probs, want, atol=ATOL, rtol=0, err_msg=f"{stream} {p}")
+        assert "resets" not in p, p
+    return by_step
+
+
+def first_deliveries(by_step: dict[tuple[str, int], list[tuple[dict[str, Any], bool]]]) -> int:
+    """Predictions the daemon published (a broker's redelivery carries DUP)."""
+    return sum(1 for deliveries in by_step.values() for _, dup in deliveries if not dup)
+
+
+def run_until(rig: Rig, rows: int) -> None:
+    rig.daemon.start()
+    rig.sensors.start()
+    rig.sensors.wait_sent(rows)
+
+
+def finish(rig: Rig) -> tuple[set[tuple[str, int]], dict[str, float]]:
+    """Wait for every accepted step's prediction; the last daemon's metrics; stop it."""
+    accepted = rig.sensors.accepted()
+    assert len(accepted) == STREAMS * ROWS
+    rig.predictions.wait_for(accepted)
+    metrics = rig.daemon.metrics()
+    assert rig.daemon.stop() == 0
+    return accepted, metrics
+
+
+# -- the four faults ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_broker_stopped_or_killed_mid_stream_loses_and_repeats_nothing(
+    rig: Callable[..., Rig],
+    oracle_data: tuple[list[np.ndarray], list[np.ndarray]],
+    sig: int,
+) -> None:
+    r = rig()
+    run_until(r, ROWS // 3)
+    r.broker.stop(sig)
+    time.sleep(0.5)  # sensors keep publishing into paho's queue; the daemon reconnects
+    r.broker.start()
+    accepted, metrics = finish(r)
+    by_step = check_against_oracle(r.predictions.got, oracle_data[1])
+    assert set(by_step) == accepted
+    # one daemon process throughout: its counters say what it did
+    assert metrics["seqstream_predictions_published_total"] == len(accepted)
+    assert metrics["seqstream_broker_reconnects_total"] >= 1
+    redelivered = sum(
+        metrics[f'seqstream_messages_rejected_total{{reason="{why}"}}']
+        for why in ("duplicate", "out_of_order")
+    )
+    assert metrics["seqstream_messages_received_total"] == len(accepted) + redelivered
+
+
+@pytest.mark.parametrize("ack", ["receipt", "checkpoint"])
+def test_daemon_stopped_mid_stream_continues_exactly(
+    rig: Callable[..., Rig],
+    oracle_data: tuple[list[np.ndarray], list[np.ndarray]],
+    ack: str,
+) -> None:
+    r = rig(checkpoint={"ack_after_checkpoint": ack == "checkpoint"})
+    run_until(r, ROWS // 3)
+    assert r.daemon.stop(signal.SIGTERM) == 0
+    r.daemon.start()  # the broker queued what came meanwhile
+    accepted, _ = finish(r)
+    by_step = check_against_oracle(r.predictions.got, oracle_data[1])
+    assert set(by_step) == accepted
+    assert first_deliveries(by_step) == len(accepted)  # each step predicted exactly once
+    assert "restored 12 streams" in r.daemon.log.read_text()
+
+
+def checkpointed(path: Path) -> dict[str, int]:
+    """Each stream's next sequence number in a checkpoint (its documented ``header``)."""
+    with np.load(path, allow_pickle=False) as data:
+        header = json.loads(str(data["header"][()]))
+    return {key: next_seq for key, next_seq, *_ in header["streams"]}
+
+
+def kill_after_a_checkpoint(r: Rig) -> dict[str, int]:
+    """SIGKILL mid-stream, once a periodic checkpoint exists; what that checkpoint covers."""
+    run_until(r, ROWS // 3)
+    wait_until(r.checkpoint.is_file, 10, "a periodic checkpoint")
+    r.sensors.wait_sent(ROWS // 2)
+    assert r.daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    return checkpointed(r.checkpoint)
+
+
+def test_daemon_killed_with_acks_after_checkpoint_loses_nothing(
+    rig: Callable[..., Rig], oracle_data: tuple[list[np.ndarray], list[np.ndarray]]
+) -> None:
+    """Lossless: the broker redelivers what the last checkpoint does not cover. The bound:
+    only steps after that checkpoint that were predicted before the kill are predicted
+    twice, with the same values."""
+    r = rig(checkpoint={"ack_after_checkpoint": True})
+    covered = kill_after_a_checkpoint(r)
+    time.sleep(0.3)  # predictions already on their way arrive
+    before = r.predictions.steps()
+    r.daemon.start()
+    accepted, metrics = finish(r)
+    by_step = check_against_oracle(r.predictions.got, oracle_data[1])
+    assert set(by_step) == accepted  # nothing lost
+    twice = {step for step, d in by_step.items() if sum(not dup for _, dup in d) > 1}
+    after_checkpoint = {(s, q) for s, q in before if q >= covered.get(s, 0)}
+    assert twice <= after_checkpoint
+    assert all(sum(not dup for _, dup in d) <= 2 for d in by_step.values())
+    # the redelivered messages the checkpoint covers were refused, not run again
+    refused = sum(
+        metrics[f'seqstream_messages_rejected_total{{reason="{why}"}}']
+        for why in ("duplicate", "out_of_order")
+    )
+    run_again = metrics["seqstream_predictions_published_total"]
+    assert metrics["seqstream_messages_received_total"] == run_again + refused
+    assert run_again == len(accepted) - sum(covered.values())
+
+
+def test_daemon_killed_with_acks_on_receipt_resets_within_the_bound(
+    rig: Callable[..., Rig], oracle_data: tuple[list[np.ndarray], list[np.ndarray]]
+) -> None:
+    """The default: acknowledged on receipt. The bound: every lost step comes after the
+    last checkpoint; each stream whose state moved past it is reset once ("seq_gap") when
+    it resumes and from there equals an offline run started from zeros; nothing twice."""
+    r = rig()
+    covered = kill_after_a_checkpoint(r)
+    r.daemon.start()
+    accepted = r.sensors.accepted()
+    wait_until(
+        lambda: {(s, ROWS - 1) for s, _ in accepted} <= r.predictions.steps(),
+        30,
+        "every stream's last prediction",
+    )
+    time.sleep(0.3)
+    metrics = r.daemon.metrics()
+    assert r.daemon.stop() == 0
+    model = StepModel.load(r.model_path)
+    data, expected = oracle_data
+    by_stream: dict[str, list[dict[str, Any]]] = {}
+    for stream, p, dup in r.predictions.got:
+        if not dup:
+            by_stream.setdefault(stream, []).append(p)
+    resets = 0
+    for stream, preds in by_stream.items():
+        i = int(stream[1:])
+        seqs = [p["seq"] for p in preds]
+        assert seqs == sorted(set(seqs))  # nothing predicted twice
+        lost = sorted(set(range(ROWS)) - set(seqs))
+        start = covered.get(stream, 0)
+        assert all(q >= start for q in lost), (stream, start, lost)
+        resumed = [p for p in preds if "resets" in p]
+        assert len(resumed) <= 1
+        for p in preds:
+            q = p["seq"]
+            probs = np.array(list(p["probs"].values()), dtype=np.float32)
+            if resumed and q >= resumed[0]["seq"]:
+                a = resumed[0]["seq"]
+                want = run_stepwise(model, [data[i][a:]])[0]["probs"][q - a]
+            else:
+                want = expected[i][q]
+            np.testing.assert_allclose(probs, want, atol=ATOL, rtol=0, err_msg=f"{stream} {q}")
+        if resumed:
+            assert resumed[0]["resets"] == ["seq_gap"]
+            assert resumed[0]["seq"] > start  # the state had moved past the checkpoint
+            resets += 1
+        else:
+            assert not lost
+    assert metrics['seqstream_state_resets_total{reason="seq_gap"}'] == resets
