@@ -124,7 +124,7 @@ class ModelSpec:
     def from_json(cls, text: str) -> ModelSpec:
         try:
             doc = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting
             raise ContractError(f"metadata '{METADATA_KEY}' is not valid JSON: {exc}") from None
         return cls.from_dict(doc)
 

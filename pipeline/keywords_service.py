@@ -44,6 +44,7 @@ from pipeline.sources.microphone import (
     MicrophoneSource,
     Opener,
     open_sounddevice,
+    require_sounddevice,
 )
 from pipeline.sources.wavfile import WavFileSource
 from pipeline.state import RESET_REASONS
@@ -369,6 +370,8 @@ def build(
         reset_reasons=RESET_REASONS,
     )
     sources: list[AudioSource] = []
+    if settings.microphones and opener is open_sounddevice:
+        require_sounddevice()  # fail at start, not in a capture thread
     for mic in settings.microphones:
         if mic.sample_rate_hz is not None and mic.sample_rate_hz != rate:
             raise ConfigError(

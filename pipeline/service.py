@@ -199,7 +199,7 @@ class EngineWatchdog:
         if stall <= self.stall_after_s:
             if self.stalled:
                 self.stalled = False
-                log.warning("engine is making progress again (after %.1f s)", stall)
+                log.warning("engine is making progress again; watchdog pings resume")
             if self._ping:
                 self._notifier.watchdog()
             return
@@ -284,10 +284,10 @@ class Reloader:
             self._check(settings, model)
             kept = self._wait(self._swap(model))
         except SeqstreamError as exc:
-            self._metrics.reloads.labels("failed").inc()
-            log.error("reload failed; still serving %s: %s", _describe(old), exc)
-            self._notifier.ready(f"reload failed, serving {_describe(old)}: {exc}"[:_STATUS_MAX])
-            return False
+            return self._failed(old, str(exc))
+        except Exception as exc:  # a bug must not take the serving daemon down with it
+            log.exception("reload: unexpected error")
+            return self._failed(old, f"unexpected {type(exc).__name__}: {exc}")
         stale = _changed_sections(self.settings, settings)
         if stale:
             log.warning("reload: [%s] changed; takes effect after a restart", "], [".join(stale))
@@ -306,6 +306,12 @@ class Reloader:
         )
         self._notifier.ready(f"serving {_describe(model)}")
         return True
+
+    def _failed(self, old: StepModel, why: str) -> bool:
+        self._metrics.reloads.labels("failed").inc()
+        log.error("reload failed; still serving %s: %s", _describe(old), why)
+        self._notifier.ready(f"reload failed, serving {_describe(old)}: {why}"[:_STATUS_MAX])
+        return False
 
     def _wait(self, future: Future[bool]) -> bool:
         try:

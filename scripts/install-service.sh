@@ -54,6 +54,10 @@ if [ -z "$root" ] && [ "$(id -u)" -ne 0 ]; then
   echo "install-service: run as root (or stage with --root DIR)" >&2
   exit 2
 fi
+if [ "$start" -eq 1 ] && [ ! -d /run/systemd/system ]; then
+  echo "install-service: systemd is not running here; use --no-start (or --root DIR)" >&2
+  exit 2
+fi
 
 etc="$root/etc/seqstream"
 unit_dir="$root/etc/systemd/system"

@@ -107,8 +107,8 @@ class MicrophoneObserver(Protocol):
     def on_device_up(self, source: str, up: bool) -> None: ...
 
 
-def open_sounddevice(cfg: MicrophoneSettings, rate: int) -> CaptureStream:
-    """A started ``sounddevice.InputStream`` in blocking mode (no callback)."""
+def require_sounddevice() -> Any:
+    """The ``sounddevice`` module, or a DependencyError saying what to install."""
     try:
         import sounddevice as sd
     except (ImportError, OSError) as exc:  # OSError: libportaudio2 missing
@@ -116,6 +116,12 @@ def open_sounddevice(cfg: MicrophoneSettings, rate: int) -> CaptureStream:
             f"the microphone source needs sounddevice and PortAudio ({exc}): "
             "pip install 'seqstream[audio]'; apt-get install libportaudio2"
         ) from None
+    return sd
+
+
+def open_sounddevice(cfg: MicrophoneSettings, rate: int) -> CaptureStream:
+    """A started ``sounddevice.InputStream`` in blocking mode (no callback)."""
+    sd = require_sounddevice()
     stream = sd.InputStream(
         samplerate=rate,
         blocksize=cfg.block_size,
@@ -222,8 +228,6 @@ class MicrophoneSource:
         cfg = self.cfg
         try:
             stream = self._open(cfg, self.sample_rate)
-        except DependencyError:
-            raise
         except Exception as exc:  # PortAudioError, ValueError (no such device), OSError
             log.warning("microphone %r: cannot open device %r: %s", self.name, cfg.device, exc)
             return PROBLEM_OPEN
