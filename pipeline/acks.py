@@ -19,7 +19,9 @@ at-least-once, as MQTT QoS 1 is).
 
 The price: the broker must let that many messages wait for their acknowledgement
 (mosquitto: ``max_inflight_messages 0``), and its packet ids cap that at 65535, so the
-daemon also checkpoints once ``max_unacked`` messages wait (:attr:`AckLedger.due`).
+daemon also checkpoints once ``max_unacked`` messages wait (:attr:`AckLedger.due`), and
+when checkpoints keep failing (a full disk) it acknowledges them anyway beyond twice that,
+with an error logged: without a checkpoint there is no durability left to keep.
 
 A message id means something only on the connection it came on: after a reconnect the
 broker redelivers every unacknowledged message itself, so what was held from before is

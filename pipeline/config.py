@@ -266,8 +266,8 @@ def _checkpoint(t: _Table) -> CheckpointConfig:
         path=path,
         interval_s=t.number("interval_s", d.interval_s, lo=1.0),
         ack_after_checkpoint=t.flag("ack_after_checkpoint", d.ack_after_checkpoint),
-        # below mosquitto's 65535 packet ids, with room for a second of traffic
-        max_unacked=t.integer("max_unacked", d.max_unacked, lo=1, hi=50_000),
+        # twice this stays below mosquitto's 65535 packet ids (see Daemon._save_running)
+        max_unacked=t.integer("max_unacked", d.max_unacked, lo=1, hi=30_000),
     )
     if cfg.ack_after_checkpoint and path is None:
         t.fail("ack_after_checkpoint", "needs checkpoint.path")
@@ -625,7 +625,7 @@ class _Table:
     def number(
         self, key: str, default: float, *, lo: float | None = None, hi: float | None = None
     ) -> float:
-        value = float(self._typed(key, default, _is_number, "a number"))
+        value = self._float(key, self._typed(key, default, _is_number, "a number"))
         if not math.isfinite(value):
             self.fail(key, f"must be finite, got {value}")
         self._range(key, value, lo, hi)
@@ -638,10 +638,16 @@ class _Table:
             return default if value is None else None
         if not _is_number(value):
             self.fail(key, f"must be a number or false, got {_kind(value)} {value!r}")
-        value = float(value)
+        value = self._float(key, value)
         if not math.isfinite(value) or (positive and value <= 0):
             self.fail(key, f"must be a finite number > 0 (or false for off), got {value}")
         return float(value)
+
+    def _float(self, key: str, value: float) -> float:
+        try:
+            return float(value)
+        except OverflowError:  # TOML integers have no size limit in tomllib
+            self.fail(key, f"must be finite, got an integer of {len(str(value))} digits")
 
     def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self._get(key, False)
@@ -657,7 +663,12 @@ class _Table:
             return None
         if not isinstance(value, str) or not value:
             self.fail(key, f"must be a non-empty path string, got {_kind(value)} {value!r}")
-        p = Path(value).expanduser()
+        if "\0" in value:
+            self.fail(key, f"must not contain a NUL character, got {value!r}")
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError:  # ~user of an unknown user
+            self.fail(key, f"cannot expand {value.split('/')[0]!r} (no such user or home)")
         p = p if p.is_absolute() else self.base / p
         if must_exist and not p.is_file():
             self.fail(key, f"file not found: {p}")

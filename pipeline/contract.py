@@ -145,6 +145,9 @@ class ModelSpec:
             required = f.default is MISSING and f.default_factory is MISSING
             if required and f.name not in doc:
                 raise ContractError(f"metadata is missing field {f.name!r}")
+        for key, kind in _JSON_KINDS.items():  # bool is not an int here; JSON has both
+            if key in doc and type(doc[key]) not in kind:
+                raise ContractError(f"metadata field {key!r} must be {_KIND_NAMES[kind]}")
         try:
             norm = doc["normalisation"]
             states = doc["state"]
@@ -165,8 +168,40 @@ class ModelSpec:
             return cls(**kwargs)
         except KeyError as exc:
             raise ContractError(f"metadata is missing field {exc.args[0]!r}") from None
-        except TypeError as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. float("x"), float(10**400)
             raise ContractError(f"metadata is malformed: {exc}") from None
+
+
+# The JSON types of the scalar and object fields (lists are checked where they are read).
+_STR: tuple[type, ...] = (str,)
+_INT: tuple[type, ...] = (int,)
+_OPT_NUMBER: tuple[type, ...] = (int, float, type(None))
+_OBJECT: tuple[type, ...] = (dict,)
+_OPT_OBJECT: tuple[type, ...] = (dict, type(None))
+_KIND_NAMES = {
+    _STR: "a string",
+    _INT: "an integer",
+    _OPT_NUMBER: "a number or null",
+    _OBJECT: "an object",
+    _OPT_OBJECT: "an object or null",
+}
+_JSON_KINDS: dict[str, tuple[type, ...]] = {
+    "name": _STR,
+    "version": _STR,
+    "task": _STR,
+    "cell": _STR,
+    "layers": _INT,
+    "hidden": _INT,
+    "horizon": _INT,
+    "season": _INT,
+    "sample_rate_hz": _OPT_NUMBER,
+    "input": _STR,
+    "opset": _INT,
+    "data_sha256": _STR,
+    "metrics": _OBJECT,
+    "extra": _OBJECT,
+    "frontend": _OPT_OBJECT,
+}
 
 
 def _floats(value: Any, where: str) -> tuple[float, ...]:

@@ -227,6 +227,9 @@ class Daemon:
             return
         if acks is not None and cut is not None:
             acks.keep(cut)
+            if acks.held >= 2 * acks.max_held:  # the broker's 65535 packet ids would run out
+                n = acks.release(acks.cut())
+                log.error("checkpoints keep failing: acknowledged %d messages none covers", n)
 
     def _save_confirmed(self, engine: Engine, path: Path) -> int:
         """On the engine's thread. With held acknowledgements, the checkpoint must not

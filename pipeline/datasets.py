@@ -146,7 +146,7 @@ def load(
     (:func:`pipeline.features.wavfolders.load_wav_folders`).
     """
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and p.suffix.lower() not in SUFFIXES:
         from pipeline.features.wavfolders import load_wav_folders
 
         _no_csv_options(p, label_column, time_column, feature_columns, case_column)

@@ -3,9 +3,10 @@
 There is no internet on the edge box or in CI, so the Speech Commands words are spoken
 by Debian's ``espeak-ng`` in many voices (accent x voice variant), speeds and pitches,
 stretched by resampling (+-10 %: vocal tract length and tempo), resampled to 16 kHz and
-mixed with white, pink or brown noise at a random SNR and time shift. Every clip's randomness comes from ``numpy.random.default_rng([seed, split,
-class, index])``, so a data set is a pure function of its seed (and of espeak-ng's
-version), whatever the number of worker threads.
+mixed with white, pink or brown noise at a random SNR and time shift. Every clip's
+randomness comes from ``numpy.random.default_rng([seed, split, class, index])``, so a
+data set is a pure function of its seed (and of espeak-ng's version), whatever the
+number of worker threads.
 
 Clips are laid out for a *streaming* classifier that carries its state across words:
 
@@ -130,7 +131,9 @@ def synthesize(u: Utterance, rate: int, binary: str | None = None) -> Samples:
     cmd = [binary or espeak_binary(), "--stdout", "-v", u.voice, "-s", str(u.speed_wpm)]
     cmd += ["-p", str(u.pitch), "-a", "100", u.text]
     try:
-        done = subprocess.run(cmd, capture_output=True, check=True, timeout=30)
+        # close_fds=False lets Python use posix_spawn (vfork): far cheaper than fork for
+        # a big parent process, and espeak-ng inherits nothing but its pipes anyway.
+        done = subprocess.run(cmd, capture_output=True, check=True, timeout=30, close_fds=False)
     except subprocess.CalledProcessError as exc:
         raise DataError(
             f"espeak-ng failed for {u}: {exc.stderr.decode(errors='replace')}"

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -552,7 +553,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Array]:
             rows = np.asarray(data["rows"])
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # truncated
         raise CheckpointError(f"{path}: not a readable state checkpoint ({exc})") from None
     try:
         header = json.loads(text)

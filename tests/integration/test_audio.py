@@ -65,13 +65,14 @@ class KeywordModel:
 
 @pytest.fixture(scope="session")
 def keyword_model(tmp_path_factory: pytest.TempPathFactory) -> KeywordModel:
+    root = tmp_path_factory.mktemp("keywords")
+    generate(GenerateConfig(out=root / "data", seed=0))  # before torch: cheaper spawns
+
     import torch
 
     from models.export import export_checkpoint
     from models.train import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("keywords")
-    generate(GenerateConfig(out=root / "data", seed=0))
     threads = torch.get_num_threads()
     # One thread: small recurrent nets gain little from two, and two spin badly when the
     # machine is shared.
@@ -249,7 +250,8 @@ def test_wav_source_through_the_daemon_publishes_the_offline_detections(
 
     offline = Collect()
     settings = ks.AudioSettings(
-        model=keyword_model.onnx, files=(ks.WavFileSettings("w", wav, realtime=False),)
+        model=keyword_model.onnx,
+        files=(ks.WavFileSettings("w", wav, realtime=False, block_size=800),),
     )
     service = ks.build(settings, offline, CollectorRegistry())
     service.start()

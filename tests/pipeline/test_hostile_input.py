@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
@@ -184,16 +184,7 @@ JSON = st.recursive(
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
     max_leaves=12,
 )
-SPEC_KEYS = sorted(_valid_spec_doc()) + [
-    "mean",
-    "std",
-    "in_graph",
-    "name",
-    "output",
-    "shape",
-    "init",
-    "dtype",
-]
+SPEC_KEYS = [*sorted(_valid_spec_doc()), "mean", "std", "in_graph", "output", "shape", "init"]
 
 
 def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -264,7 +255,7 @@ SECTIONS: dict[str, list[str]] = {
         "max_batch",
         "max_chunk",
         "check_state",
-    ],  # fmt: skip
+    ],
     "checkpoint": ["path", "interval_s", "ack_after_checkpoint", "max_unacked"],
     "queue": ["max_size", "overflow", "max_wait_ms"],
     "mqtt": [
@@ -285,7 +276,7 @@ SECTIONS: dict[str, list[str]] = {
         "password_env",
         "status_topic",
         "tls",
-    ],  # fmt: skip
+    ],
     "input": ["topic", "reset_topic", "qos", "max_payload_bytes"],
     "output": [
         "topic",
@@ -296,19 +287,40 @@ SECTIONS: dict[str, list[str]] = {
         "error_topic",
         "error_rate_per_s",
         "error_burst",
-    ],  # fmt: skip
+    ],
     "metrics": ["enabled", "bind", "port"],
 }
 STRINGS = [
-    "", "\x00", "a\x00b", "~no-such-user-here/x", "/no/such/dir/file", "model.onnx",
-    "sensors/{stream}/data", "{stream}", "a/+/{stream}", "#", "{client_id}/x", "{other}",
-    "s/{stream}/{stream}", "cpu", "cuda", "tpu", "3.1.1", "5", "block", "drop", "a" * 70_000,
-    "0" * 64, "é/{stream}", "SEQSTREAM_NO_SUCH_VAR", "\ud7ff",
-]  # fmt: skip
+    "",
+    "\x00",
+    "a\x00b",
+    "~no-such-user-here/x",
+    "/no/such/dir/file",
+    "model.onnx",
+    "sensors/{stream}/data",
+    "{stream}",
+    "a/+/{stream}",
+    "#",
+    "{client_id}/x",
+    "{other}",
+    "s/{stream}/{stream}",
+    "cpu",
+    "cuda",
+    "tpu",
+    "3.1.1",
+    "5",
+    "block",
+    "drop",
+    "a" * 70_000,
+    "0" * 64,
+    "é/{stream}",
+    "SEQSTREAM_NO_SUCH_VAR",
+    "\ud7ff",
+]
 TOML_SCALARS = (
     st.booleans()
     | st.integers(-(2**63), 2**63 - 1)
-    | st.sampled_from([0, 1, -1, 65_535, 65_536, 2**31, 50_001])
+    | st.sampled_from([0, 1, -1, 65_535, 65_536, 2**31, 50_001, 10**400])
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.sampled_from(STRINGS)
     | st.text(max_size=8)
@@ -326,16 +338,18 @@ TOML_VALUES = st.recursive(
 )
 
 
+PATH_KEYS = {"path", "password_file", "ca_file", "cert_file", "key_file"}
+PATHS = st.sampled_from(STRINGS) | TOML_VALUES
+
+
 @st.composite
 def config_docs(draw: st.DrawFn) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     for section, keys in SECTIONS.items():
         if section != "model" and not draw(st.booleans()):
             continue
-        table = {
-            k: draw(TOML_VALUES)
-            for k in draw(st.lists(st.sampled_from(keys), unique=True, max_size=4))
-        }
+        picked = draw(st.lists(st.sampled_from(keys), unique=True, max_size=4))
+        table = {k: draw(PATHS if k in PATH_KEYS else TOML_VALUES) for k in picked}
         if section == "model" and draw(st.integers(0, 9)):
             table.setdefault("path", "model.onnx")  # mostly present: the other keys get reached
         doc[section] = table if draw(st.integers(0, 19)) else draw(TOML_VALUES)
@@ -346,6 +360,9 @@ def config_docs(draw: st.DrawFn) -> dict[str, Any]:
 
 @FUZZ
 @given(doc=config_docs())
+@example(doc={"model": {"path": "~no-such-user-here/x"}})
+@example(doc={"model": {"path": "m"}, "mqtt": {"username": "u", "password_file": "a\x00b"}})
+@example(doc={"model": {"path": "m"}, "engine": {"idle_timeout_s": 10**400}})
 def test_any_config_document_gives_settings_or_one_line_naming_the_key(
     doc: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
