@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -198,8 +199,18 @@ class Status:
 # -- the daemon as users run it ----------------------------------------------------------
 
 
+def _ignore_file_size_signal() -> None:
+    """In the child: a write past RLIMIT_FSIZE fails with EFBIG, as on a full disk,
+    instead of SIGXFSZ killing the process."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 class DaemonProcess:
-    """``seqstream run`` in its own process; started, signalled and waited for by PID."""
+    """``seqstream run`` in its own process; started, signalled and waited for by PID.
+
+    Its output comes through a pipe (copied to ``log`` by this process), so a file-size
+    limit put on the daemon to play a full disk does not also silence its log.
+    """
 
     def __init__(self, config: Path, log: Path, metrics_port: int, status: Status) -> None:
         self.config = config
@@ -210,20 +221,33 @@ class DaemonProcess:
 
     def start(self) -> None:
         online = self.status.online()
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*RUN, "--config", str(self.config)],
-                cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-                stdout=log,
-                stderr=log,
-            )
+        self.proc = subprocess.Popen(
+            [*RUN, "--config", str(self.config)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_ignore_file_size_signal,
+        )
+        threading.Thread(target=self._copy_log, args=(self.proc,), daemon=True).start()
         wait_until(
             lambda: self.status.online() > online or self.proc is None or self.exited(),
             60,
             "the daemon online",
         )
         assert not self.exited(), self.log.read_text()[-2000:]
+
+    def _copy_log(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        with open(self.log, "ab") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def exited(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
@@ -486,3 +510,34 @@ def test_daemon_killed_with_acks_on_receipt_loses_one_run_of_steps_per_stream(
             np.testing.assert_allclose(probs, want, atol=ATOL, rtol=0, err_msg=f"{stream} {q}")
     assert metrics['seqstream_state_resets_total{reason="seq_gap"}'] == resets
     print(f"\nack on receipt, SIGKILL: {lost} steps lost, {resets} streams reset (seq_gap)")
+
+
+def test_a_full_disk_fails_checkpoints_keeps_the_last_good_one_and_loses_nothing(
+    rig: Callable[..., Rig], oracle_data: tuple[list[np.ndarray], list[np.ndarray]]
+) -> None:
+    """The disk fills up under a running daemon (played by RLIMIT_FSIZE: writes fail with
+    EFBIG where a full disk gives ENOSPC; both are the same OSError to the daemon)."""
+    r = rig(checkpoint={"ack_after_checkpoint": True})
+    run_until(r, ROWS // 4)
+    wait_until(
+        lambda: r.checkpoint.is_file() and len(checkpointed(r.checkpoint)) == STREAMS,
+        10,
+        "a checkpoint of every stream",
+    )
+    good = r.checkpoint.read_bytes()
+    resource.prlimit(r.daemon.pid, resource.RLIMIT_FSIZE, (256, 256))  # the disk is full
+    wait_until(
+        lambda: r.daemon.metrics()["seqstream_checkpoint_failures_total"] >= 2, 10, "failures"
+    )
+    served = r.daemon.metrics()["seqstream_predictions_published_total"]
+    r.sensors.wait_sent(ROWS * 2 // 3)
+    assert r.daemon.metrics()["seqstream_predictions_published_total"] > served  # still serving
+    assert r.checkpoint.read_bytes() == good
+    assert [p.name for p in r.checkpoint.parent.iterdir() if p.suffix == ".tmp"] == []
+    assert r.daemon.stop() == 1  # the last checkpoint failed too, and says so
+    assert r.checkpoint.read_bytes() == good
+    assert "File too large" in r.daemon.log.read_text()
+    r.daemon.start()  # room again: the broker redelivers all the good checkpoint lacks
+    accepted, _ = finish(r)
+    by_step = check_against_oracle(r.predictions.got, oracle_data[1])
+    assert set(by_step) == accepted

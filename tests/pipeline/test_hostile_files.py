@@ -13,6 +13,7 @@ about in ``test_config.py``.)
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -59,6 +60,8 @@ def run_cli(
 ) -> str:
     """``seqstream run`` on a config naming ``model`` and ``ckpt``; its one error line."""
     lines = [f'[model]\npath = "{model}"', f'[checkpoint]\npath = "{ckpt}"']
+    # a port nobody listens on: a start that gets as far as the broker fails at once
+    lines.append(f"[mqtt]\nport = {_free_port()}\nconnect_timeout_s = 1")
     lines += [f"[{k}]\n{v}" for k, v in extra.items()]
     cfg = tmp_path / "run.toml"
     cfg.write_text("\n".join(lines) + "\n")
@@ -67,6 +70,18 @@ def run_cli(
     assert code == cli.EXIT_ERROR and len(err) == 1, err
     assert "Traceback" not in err[0]
     return err[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _npz(**arrays: Any) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 # -- model files ---------------------------------------------------------------------------
@@ -216,7 +231,7 @@ def test_an_unreadable_config_is_one_line_naming_the_file(
     [
         lambda b: b[: len(b) // 2],
         lambda b: b"",
-        lambda b: b.replace(b"seqstream-state", b"seqstream-other"),
+        lambda b: _npz(rows=np.zeros((1, 3), np.float32), header=np.array('{"format": "x"}')),
     ],
     ids=["truncated", "empty", "foreign"],
 )
