@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from models.nets import NetConfig, StepNet
+from models.nets import NetConfig, SeqNet, build
 from pipeline.errors import ModelError
 
 FILENAME = "checkpoint.pt"
 
 
-def save(directory: Path, net: StepNet, meta: dict[str, Any]) -> Path:
+def save(directory: Path, net: SeqNet, meta: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / FILENAME
     tmp = path.with_suffix(".tmp")
@@ -29,13 +29,13 @@ def save(directory: Path, net: StepNet, meta: dict[str, Any]) -> Path:
     return path
 
 
-def load(directory: Path) -> tuple[StepNet, dict[str, Any]]:
+def load(directory: Path) -> tuple[SeqNet, dict[str, Any]]:
     path = directory / FILENAME if directory.is_dir() else directory
     if not path.is_file():
         raise ModelError(f"{path}: no checkpoint (train with 'seqstream train --out DIR')")
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
-        net = StepNet(NetConfig.from_dict(doc["net"]))
+        net = build(NetConfig.from_dict(doc["net"]))
         net.load_state_dict(doc["state_dict"])
         meta = dict(doc["meta"])
     except Exception as exc:  # pickle, zip and key errors all mean the same thing here

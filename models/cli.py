@@ -1,7 +1,10 @@
 """``seqstream train | export | verify``: the commands that need the ``[train]`` extra.
 
 Parsers are built without importing torch; each ``func`` imports the training stack
-when it runs, and says which extra to install when it is missing.
+when it runs, and says which extra to install when it is missing. Options left out
+take the task's defaults (:data:`models.train.TASK_DEFAULTS`, else
+:class:`models.train.TrainConfig`'s), so ``--help`` shows no numbers that one task
+would silently override.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.data_args import add_data_arguments, data_options
+from pipeline.contract import CELLS, TASKS
 from pipeline.errors import DependencyError
 
 VERIFY_FAILED = 1
@@ -32,29 +36,42 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a stateful sequence model",
-        description="Train a classifier or forecaster; writes checkpoint, config.json, "
-        "metrics.json and curve.png into --out.",
+        description="Train a classifier, forecaster, seq2seq forecaster or anomaly "
+        "detector; writes checkpoint, config.json, metrics.json and curve.png into --out. "
+        "Options left out take the task's defaults (written to config.json).",
     )
-    p.add_argument("--task", required=True, choices=["classify", "forecast"])
+    p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--data", required=True, help="training data (.ts or .csv)")
     p.add_argument("--test", help="test data scored after training (classification)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn"])
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=200, help="maximum epochs (early stopping)")
-    p.add_argument("--patience", type=int, default=40, help="epochs without improvement")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--cell", choices=list(CELLS), help="recurrent cell (default lstm)")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--epochs", type=int, help="maximum epochs (early stopping)")
+    p.add_argument("--patience", type=int, help="epochs without improvement")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--val-fraction", type=float)
     p.add_argument("--name", help="model name in metadata (default: data-cell-task)")
-    f = p.add_argument_group("forecasting")
-    f.add_argument("--target", dest="targets", nargs="+", default=(), help="target columns")
-    f.add_argument("--horizon", type=int, default=1, help="steps ahead forecast at each step")
-    f.add_argument("--season", type=int, default=1, help="season length for seasonal-naive/MASE")
-    f.add_argument("--window", type=int, default=96, help="training window length")
-    f.add_argument("--test-fraction", type=float, default=0.2, help="held-out tail")
+    f = p.add_argument_group("forecasting (forecast, seq2seq) and anomaly")
+    f.add_argument("--target", dest="targets", nargs="+", help="target columns")
+    f.add_argument("--horizon", type=int, help="steps ahead forecast at each step")
+    f.add_argument("--season", type=int, help="season length for seasonal-naive/MASE")
+    f.add_argument("--window", type=int, help="training window length (forecast, seq2seq)")
+    f.add_argument("--test-fraction", type=float, help="held-out tail")
+    f.add_argument(
+        "--context",
+        type=int,
+        help="steps the model looks back over at every step: the window an anomaly "
+        "model rebuilds, the memory a seq2seq model attends to",
+    )
+    f.add_argument("--pool", type=int, help="anomaly: rebuild means of this many steps")
+    f.add_argument(
+        "--threshold-quantile",
+        type=float,
+        help="anomaly: the threshold is this quantile of the training part's scores",
+    )
     add_data_arguments(p)
     p.set_defaults(func=_train)
 
@@ -62,6 +79,11 @@ def register(sub: Any) -> None:
     p.add_argument("checkpoint", type=Path, help="directory written by 'seqstream train'")
     p.add_argument("--out", type=Path, required=True, help="MODEL.onnx to write")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="write an int8 model (onnxruntime dynamic quantisation, LSTM included)",
+    )
     p.set_defaults(func=_export)
 
     p = sub.add_parser(
@@ -73,6 +95,12 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint", type=Path, help="training directory, to compare with PyTorch")
     p.add_argument("--data", type=Path, help="real inputs (.ts/.csv); default random")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reference",
+        type=Path,
+        metavar="FLOAT.onnx",
+        help="for an int8 model: the float model it came from, to report the difference",
+    )
     add_data_arguments(p)
     p.set_defaults(func=_verify)
 
@@ -81,7 +109,7 @@ def _train(args: argparse.Namespace) -> int:
     _need_torch()
     from models.train import TrainConfig, train
 
-    cfg = TrainConfig(
+    cfg = TrainConfig.for_task(
         task=args.task,
         data=args.data,
         test=args.test,
@@ -96,11 +124,14 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         val_fraction=args.val_fraction,
         name=args.name,
-        targets=tuple(args.targets),
+        targets=tuple(args.targets) if args.targets else None,
         horizon=args.horizon,
         season=args.season,
         window=args.window,
         test_fraction=args.test_fraction,
+        context=args.context,
+        pool=args.pool,
+        threshold_quantile=args.threshold_quantile,
         data_options=data_options(args),
     )
     metrics = train(cfg)
@@ -110,9 +141,17 @@ def _train(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     _need_torch()
-    from models.export import export_checkpoint
+    from models.export import export_checkpoint, quantize_int8
 
-    spec = export_checkpoint(args.checkpoint, args.out, opset=args.opset)
+    if args.quantize:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            float_model = Path(d) / "float.onnx"
+            export_checkpoint(args.checkpoint, float_model, opset=args.opset)
+            spec = quantize_int8(float_model, args.out)
+    else:
+        spec = export_checkpoint(args.checkpoint, args.out, opset=args.opset)
     print(
         json.dumps(
             {
@@ -121,6 +160,7 @@ def _export(args: argparse.Namespace) -> int:
                 "task": spec.task,
                 "cell": spec.cell,
                 "opset": spec.opset,
+                "quantization": spec.extra.get("quantization", {}).get("mode"),
             }
         )
     )
@@ -140,6 +180,6 @@ def _verify(args: argparse.Namespace) -> int:
         cases = data.cases[:8]
         steps = min(min(len(c) for c in cases), 500)
         x = np.stack([c[:steps] for c in cases]).astype(np.float32)
-    report = verify(args.model, args.checkpoint, x=x, seed=args.seed)
+    report = verify(args.model, args.checkpoint, x=x, seed=args.seed, reference=args.reference)
     print(json.dumps(report.to_dict()))
     return 0 if report.ok else VERIFY_FAILED

@@ -1,9 +1,17 @@
-"""Stateful sequence networks: one recurrent core, one head per task.
+"""Stateful sequence networks: one recurrent core, one network per task.
 
-Every network maps raw inputs ``x[B, T, F]`` and a state tuple to an output at every
-step plus the new state, so the same module trains on whole sequences and exports as
-a step model (:mod:`models.export`). Normalisation is a buffer inside the module, so
-the exported graph takes raw values and training/serving cannot drift apart.
+Every network maps raw inputs ``x[B, T, F]`` and a state tuple to the task's outputs
+at every step plus the new state (:meth:`SeqNet.outputs`), so the same module trains
+on whole sequences and exports as a step model (:mod:`models.export`). Normalisation
+is a buffer inside the module, so the exported graph takes raw values and
+training/serving cannot drift apart. Each network also names its state tensors
+(:meth:`SeqNet.state_specs`): the runtime carries them generically, whatever they hold.
+
+* :class:`StepNet` (classify, forecast): core -> linear head at every step.
+* :class:`AnomalyNet` (anomaly): the window of the last W inputs is the carried state;
+  at every step an encoder-decoder reconstructs it and the score is the error.
+* :class:`Seq2SeqNet` (seq2seq): a carried encoder; the last W encoder outputs are the
+  carried state; a decoder with additive attention over them emits H values per step.
 """
 
 from __future__ import annotations
@@ -15,16 +23,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.contract import CELLS, TASKS
+from pipeline.contract import BATCH, CELLS, TASKS, StateSpec, recurrent_state
 
 State = tuple[Tensor, ...]
 
 _RNNS: dict[str, Callable[..., nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+_CELLS: dict[str, Callable[..., nn.Module]] = {
+    "lstm": nn.LSTMCell,
+    "gru": nn.GRUCell,
+    "rnn": nn.RNNCell,
+}
 
 
 @dataclass(frozen=True)
 class NetConfig:
-    """Architecture of a :class:`StepNet`; saved in checkpoints to rebuild it."""
+    """Architecture of a network; saved in checkpoints to rebuild it."""
 
     task: str
     cell: str
@@ -37,6 +50,8 @@ class NetConfig:
     dropout: float = 0.0
     mean: tuple[float, ...] = field(default_factory=tuple)
     std: tuple[float, ...] = field(default_factory=tuple)
+    window: int = 0  # anomaly: steps reconstructed; seq2seq: steps attended to
+    pool: int = 1  # anomaly: the window is reconstructed as means of `pool` steps
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -45,8 +60,12 @@ class NetConfig:
             raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
         if self.task == "classify" and self.n_classes < 2:
             raise ValueError("a classifier needs at least two classes")
-        if self.task == "forecast" and (not self.targets or self.horizon < 1):
+        if self.task in ("forecast", "seq2seq") and (not self.targets or self.horizon < 1):
             raise ValueError("a forecaster needs target channels and a horizon >= 1")
+        if self.task in ("anomaly", "seq2seq") and self.window < 1:
+            raise ValueError(f"task {self.task} needs a window >= 1")
+        if self.pool < 1 or (self.task == "anomaly" and self.window % self.pool):
+            raise ValueError(f"pool must be >= 1 and divide the window ({self.window})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,7 +104,40 @@ class RecurrentCore(nn.Module):
         return y, (h,)
 
 
-class StepNet(nn.Module):
+class SeqNet(nn.Module):
+    """What every network shares: normalisation buffers and the step-model interface."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, config: NetConfig) -> None:
+        super().__init__()
+        self.config = config
+        n = config.n_features
+        self.register_buffer("mean", torch.tensor(config.mean or [0.0] * n, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(config.std or [1.0] * n, dtype=torch.float32))
+
+    def normalise(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def initial_state(self, batch: int) -> State:
+        """Zeros shaped like :meth:`state_specs` (every spec's ``init`` is 0)."""
+        return tuple(
+            torch.zeros(
+                *(batch if d == BATCH else int(d) for d in s.shape), device=self.mean.device
+            )
+            for s in self.state_specs()
+        )
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        raise NotImplementedError
+
+    def outputs(self, x: Tensor, state: State) -> tuple[tuple[Tensor, ...], State]:
+        """The exported graph: the task outputs (contract order) and the new state."""
+        raise NotImplementedError
+
+
+class StepNet(SeqNet):
     """Normalisation -> recurrent core -> task head, producing an output at every step.
 
     ``forward`` returns what the exported graph returns (class probabilities, or the
@@ -93,18 +145,11 @@ class StepNet(nn.Module):
     the forecast in normalised units).
     """
 
-    mean: Tensor
-    std: Tensor
     target_idx: Tensor
 
     def __init__(self, config: NetConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         n = config.n_features
-        mean = torch.tensor(config.mean or [0.0] * n, dtype=torch.float32)
-        std = torch.tensor(config.std or [1.0] * n, dtype=torch.float32)
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
         self.core = RecurrentCore(config.cell, n, config.hidden, config.layers, config.dropout)
         if config.task == "classify":
             self.head = nn.Linear(config.hidden, config.n_classes)
@@ -113,11 +158,11 @@ class StepNet(nn.Module):
             self.head = nn.Linear(config.hidden, config.horizon * k)
             self.register_buffer("target_idx", torch.tensor(config.targets, dtype=torch.long))
 
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        return recurrent_state(self.config.cell, self.config.layers, self.config.hidden)
+
     def initial_state(self, batch: int) -> State:
         return self.core.initial_state(batch, device=self.mean.device)
-
-    def normalise(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
 
     def train_outputs(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         z = self.normalise(x)
@@ -140,11 +185,182 @@ class StepNet(nn.Module):
         std = self.std.index_select(0, self.target_idx)
         return out * std + mean, new_state
 
+    def outputs(self, x: Tensor, state: State) -> tuple[tuple[Tensor, ...], State]:
+        out, new_state = self(x, state)
+        return (out,), new_state
 
-def build(config: NetConfig, seed: int | None = None) -> StepNet:
+
+def sliding(memory: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
+    """Windows over a carried memory: ``memory[B, W, D]`` then ``new[B, T, D]``.
+
+    Returns ``windows[B, T, W, D]`` (row t: the W rows ending with ``new[:, t]``) and the
+    memory to carry on (the last W rows). A gather with a ``Range`` index in ONNX, so
+    one call over T steps equals T calls of one step.
+    """
+    w = memory.shape[1]
+    t = new.shape[1]
+    full = torch.cat([memory, new], dim=1)
+    idx = torch.arange(t).unsqueeze(1) + torch.arange(1, w + 1).unsqueeze(0)
+    windows = full.index_select(1, idx.reshape(-1))
+    return windows.reshape(full.shape[0], t, w, full.shape[2]), full[:, -w:]
+
+
+class AnomalyNet(SeqNet):
+    """Reconstruction of the last W steps at every step; the error is the score.
+
+    The window buffer ``win[B, W, F]`` (normalised inputs, 0 = the training mean before
+    a stream has W steps) is the only carried state, so a stream's score depends on its
+    last W inputs alone. At each step the window is averaged over ``pool`` steps (W/pool
+    rows, which keeps the per-step cost and the sharp, jittery detail down), encoded by a
+    recurrent encoder from a zero state, and rebuilt, most recent row first, by a
+    recurrent decoder fed the encoder's last output. ``score`` is the mean squared error
+    in normalised units; the anomaly threshold lives in the metadata, not the graph.
+    """
+
+    rev: Tensor
+
+    def __init__(self, config: NetConfig) -> None:
+        super().__init__(config)
+        n, h = config.n_features, config.hidden
+        self.rows = config.window // config.pool
+        self.encoder = RecurrentCore(config.cell, n, h, config.layers, config.dropout)
+        self.decoder = RecurrentCore(config.cell, h, h, config.layers, config.dropout)
+        self.head = nn.Linear(h, n)
+        self.register_buffer("rev", torch.arange(self.rows - 1, -1, -1))
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        shape = (BATCH, self.config.window, self.config.n_features)
+        return (StateSpec("win", "win_out", shape),)
+
+    def pooled(self, windows: Tensor) -> Tensor:
+        """``[..., W, F]`` -> ``[N, W/pool, F]`` (N = all leading dims)."""
+        f, k = self.config.n_features, self.config.pool
+        return windows.reshape(-1, self.rows, k, f).mean(dim=2)
+
+    def reconstruct(self, pooled: Tensor) -> Tensor:
+        y, _ = self.encoder.rnn(pooled)
+        latent = y[:, -1:].expand(-1, self.rows, -1)
+        d, _ = self.decoder.rnn(latent)
+        out: Tensor = self.head(d)
+        return out.index_select(1, self.rev)
+
+    def window_errors(self, pooled: Tensor) -> Tensor:
+        """Mean squared reconstruction error of each pooled window ``[N]``."""
+        return (self.reconstruct(pooled) - pooled).pow(2).mean(dim=(1, 2))
+
+    def outputs(self, x: Tensor, state: State) -> tuple[tuple[Tensor, ...], State]:
+        windows, win = sliding(state[0], self.normalise(x))
+        score = self.window_errors(self.pooled(windows)).reshape(x.shape[0], x.shape[1])
+        return (score,), (win,)
+
+    def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        (score,), new_state = self.outputs(x, state)
+        return score, new_state
+
+
+class Seq2SeqNet(SeqNet):
+    """Encoder carried step by step; a decoder with additive attention emits H values.
+
+    The encoder reads first differences of the normalised inputs (the previous input
+    comes from the memory), so nothing depends on the series' level. The memory
+    ``mem[B, W, hidden + F]`` holds the last W encoder outputs beside the inputs they
+    saw. At every step the decoder starts from the encoder output; decoder step k
+    scores each memory row with Bahdanau's ``v . tanh(U m_j + q_k)`` (the query from
+    the decoder state, plus learned embeddings of the row's age and of k), and the
+    forecast is the current value plus the attention-weighted change of the targets
+    from the attended rows to now: a learned mix of "now", "a season ago" and what
+    lies between, which cannot extrapolate the training data's level or shape.
+    """
+
+    target_idx: Tensor
+    target_cols: Tensor
+
+    def __init__(self, config: NetConfig) -> None:
+        super().__init__(config)
+        n, h, w = config.n_features, config.hidden, config.window
+        k = len(config.targets)
+        self.width = h + n
+        self.encoder = RecurrentCore(config.cell, n, h, config.layers, config.dropout)
+        self.key = nn.Linear(self.width, h, bias=False)
+        self.query = nn.Linear(h, h)
+        self.energy = nn.Linear(h, 1, bias=False)
+        self.age = nn.Parameter(torch.zeros(w, h))
+        self.step = nn.Parameter(torch.zeros(config.horizon, h))
+        self.decoder = _CELLS[config.cell](k + self.width, h)
+        self.register_buffer("target_idx", torch.tensor(config.targets, dtype=torch.long))
+        self.register_buffer("target_cols", torch.tensor([h + i for i in config.targets]))
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        cfg = self.config
+        mem = StateSpec("mem", "mem_out", (BATCH, cfg.window, self.width))
+        return (*recurrent_state(cfg.cell, cfg.layers, cfg.hidden), mem)
+
+    def train_outputs(
+        self, x: Tensor, state: State, positions: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        """Forecasts in normalised units ``[B, T, H, J]``, or ``[B, P, H, J]`` at
+        ``positions[B, P]`` only (training decodes a sample of steps)."""
+        cfg = self.config
+        b, t = x.shape[0], x.shape[1]
+        z = self.normalise(x)
+        *rec, mem = state
+        previous = torch.cat([mem[:, -1:, cfg.hidden :], z[:, :-1]], dim=1)
+        y, new_rec = self.encoder(z - previous, tuple(rec))
+        windows, new_mem = sliding(mem, torch.cat([y, z], dim=2))
+        now, top = z, y
+        if positions is not None:
+            rows = torch.arange(b).unsqueeze(1)
+            windows, now, top = windows[rows, positions], z[rows, positions], y[rows, positions]
+        n = windows.shape[0] * windows.shape[1]
+        # Each memory row relative to now: encoder output, and input minus current input.
+        windows = windows.reshape(n, cfg.window, self.width)
+        now = now.reshape(n, 1, cfg.n_features)
+        zeros = torch.zeros_like(windows[:, :, : cfg.hidden])
+        values = windows - torch.cat([zeros, now.expand(-1, cfg.window, -1)], dim=2)
+        keys = self.key(values) + self.age
+        h = top.reshape(n, cfg.hidden)
+        c = torch.zeros_like(h)
+        prev = torch.zeros_like(values[:, 0, : len(cfg.targets)])
+        steps = []
+        for k in range(cfg.horizon):
+            query = self.query(h) + self.step[k]
+            energy = self.energy(torch.tanh(keys + query.unsqueeze(1))).squeeze(2)
+            weights = torch.softmax(energy, dim=1)
+            context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)
+            if cfg.cell == "lstm":
+                h, c = self.decoder(torch.cat([prev, context], dim=1), (h, c))
+            else:
+                h = self.decoder(torch.cat([prev, context], dim=1), h)
+            prev = context.index_select(1, self.target_cols)
+            steps.append(prev)
+        change = torch.stack(steps, dim=1)  # [n, H, J]
+        out = change + now.reshape(n, 1, cfg.n_features).index_select(2, self.target_idx)
+        p = t if positions is None else positions.shape[1]
+        return out.reshape(b, p, cfg.horizon, len(cfg.targets)), (*new_rec, new_mem)
+
+    def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        out, new_state = self.train_outputs(x, state)
+        mean = self.mean.index_select(0, self.target_idx)
+        std = self.std.index_select(0, self.target_idx)
+        return out * std + mean, new_state
+
+    def outputs(self, x: Tensor, state: State) -> tuple[tuple[Tensor, ...], State]:
+        out, new_state = self(x, state)
+        return (out,), new_state
+
+
+_NETS: dict[str, Callable[[NetConfig], SeqNet]] = {
+    "classify": StepNet,
+    "forecast": StepNet,
+    "anomaly": AnomalyNet,
+    "seq2seq": Seq2SeqNet,
+}
+
+
+def build(config: NetConfig, seed: int | None = None) -> SeqNet:
     if seed is not None:
         torch.manual_seed(seed)
-    return StepNet(config)
+    return _NETS[config.task](config)
 
 
 def normalisation(cases: Sequence[Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:

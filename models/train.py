@@ -7,7 +7,16 @@ only, fits with early stopping on a validation split, and writes ``config.json``
 
 Streaming shapes the losses: a classifier is scored at every step (mostly at the last),
 so its running prediction is useful before a sequence ends; a forecaster is trained on
-windows with carried context and scored only after a short warm-up.
+windows with carried context and scored only after a short warm-up; a seq2seq model
+likewise, decoding a sample of positions per window once its attention memory is full;
+an anomaly model on the windows it will score, padded at a series' start exactly as
+the runtime's initial window is, skipping windows that hold labelled anomalies.
+An anomaly model's threshold is a high quantile of its scores on the training part.
+
+Defaults differ by task (:data:`TASK_DEFAULTS`, applied by :meth:`TrainConfig.for_task`):
+those of classify/forecast reach 1.0 on BasicMotions and MASE ~0.5 on water flow; the
+anomaly and seq2seq ones are sized for ECG at 360 Hz and hourly data with a daily
+season, and train in well under a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -28,8 +37,18 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models import checkpoint
-from models.nets import NetConfig, StepNet, build, normalisation
-from pipeline import datasets, scoring
+from models.export import spec_for
+from models.nets import (
+    AnomalyNet,
+    NetConfig,
+    Seq2SeqNet,
+    SeqNet,
+    StepNet,
+    build,
+    normalisation,
+)
+from pipeline import datasets, evaluation, scoring
+from pipeline.contract import TASKS
 from pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -61,12 +80,23 @@ class TrainConfig:
     window: int = 96
     warmup: int = 8
     test_fraction: float = 0.2
+    # anomaly (window reconstructed) and seq2seq (attention memory): the model's window
+    context: int = 0
+    pool: int = 1  # anomaly: reconstruct means of this many steps
+    threshold_quantile: float = 0.99  # anomaly: of the training part's scores
     # how to read the data files (see pipeline.commands.data_args)
     data_options: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def for_task(cls, **given: Any) -> TrainConfig:
+        """A config from the options given (``None`` = not given) over the task's defaults."""
+        chosen = {k: v for k, v in given.items() if v is not None}
+        return cls(**{**TASK_DEFAULTS.get(chosen.get("task", ""), {}), **chosen})
+
     def __post_init__(self) -> None:
+        sized = self.task in ("anomaly", "seq2seq")
         checks = [
-            (self.task in ("classify", "forecast"), "task", "must be classify or forecast"),
+            (self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}"),
             (self.cell in ("lstm", "gru", "rnn"), "cell", "must be lstm, gru or rnn"),
             (self.hidden >= 1, "hidden", "must be >= 1"),
             (self.layers >= 1, "layers", "must be >= 1"),
@@ -79,10 +109,42 @@ class TrainConfig:
             (self.season >= 1, "season", "must be >= 1"),
             (self.window >= 2, "window", "must be >= 2"),
             (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
+            (not sized or self.context >= 1, "context", "must be >= 1"),
+            (self.pool >= 1 and (self.context % self.pool == 0), "pool", "must divide --context"),
+            (0 < self.threshold_quantile <= 1, "threshold-quantile", "must be in (0, 1]"),
+            (
+                self.task != "seq2seq" or self.window > self.context,
+                "window",
+                "must be longer than --context (the memory must fill before the loss counts)",
+            ),
         ]
         for ok, key, problem in checks:
             if not ok:
                 raise ConfigError(f"--{key}: {problem}")
+
+
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "anomaly": {
+        "hidden": 32,
+        "layers": 1,
+        "epochs": 15,
+        "patience": 4,
+        "batch_size": 64,
+        "context": 256,
+        "pool": 4,
+    },
+    "seq2seq": {
+        "hidden": 16,
+        "layers": 1,
+        "epochs": 80,
+        "patience": 20,
+        "lr": 1e-2,
+        "context": 48,
+        "window": 144,
+    },
+}
+# seq2seq: decoder positions sampled per training window (all of them cost T x H steps)
+_POSITIONS = 16
 
 
 def seed_everything(seed: int) -> None:
@@ -139,7 +201,7 @@ def _split_cases(
 
 
 def _fit(
-    net: StepNet,
+    net: SeqNet,
     cfg: TrainConfig,
     train_step: Any,
     val_loss: Any,
@@ -207,6 +269,7 @@ def _train_classifier(
         ),
         seed=cfg.seed,
     )
+    assert isinstance(net, StepNet)
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     n_batches = math.ceil(len(tr) / cfg.batch_size)
@@ -273,6 +336,7 @@ def _train_forecaster(
         ),
         seed=cfg.seed,
     )
+    assert isinstance(net, StepNet)
     t_mean = torch.tensor([mean[i] for i in tidx])
     t_std = torch.tensor([std[i] for i in tidx])
     cases = [torch.from_numpy(np.asarray(c, dtype=np.float32)) for c in data.cases]
@@ -325,8 +389,198 @@ def _train_forecaster(
     return net, hist, {"bounds": bounds, "target_idx": tidx}
 
 
+def _split(data: datasets.Dataset, cfg: TrainConfig, least: int) -> list[tuple[int, int]]:
+    """``(val_start, test_start)`` per case: [train | validation | held-out tail]."""
+    bounds = []
+    for c in data.cases:
+        n = len(c)
+        test_start = datasets.split_tail(n, cfg.test_fraction)
+        val_start = test_start - round(test_start * cfg.val_fraction)
+        if val_start < least:
+            raise DataError(f"{data.path}: series of {n} steps is too short to split for training")
+        bounds.append((val_start, test_start))
+    return bounds
+
+
+def _row_anomalies(data: datasets.Dataset) -> list[np.ndarray]:
+    """Per case, True on rows labelled anomalous (all False without a label column)."""
+    if data.row_labels is None:
+        return [np.zeros(len(c), dtype=bool) for c in data.cases]
+    try:
+        return [scoring.binary_labels(r) for r in data.row_labels]
+    except ValueError as exc:
+        raise DataError(f"{data.path}: {exc}") from None
+
+
+def _train_anomaly(
+    cfg: TrainConfig, data: datasets.Dataset
+) -> tuple[AnomalyNet, History, dict[str, Any]]:
+    w = cfg.context
+    bounds = _split(data, cfg, least=2)
+    bad = _row_anomalies(data)
+    mean, std = normalisation(
+        [c[:vs][~b[:vs]] for c, b, (vs, _) in zip(data.cases, bad, bounds, strict=True)]
+    )
+    config = NetConfig(
+        task="anomaly",
+        cell=cfg.cell,
+        n_features=len(data.features),
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        dropout=cfg.dropout,
+        mean=mean,
+        std=std,
+        window=w,
+        pool=cfg.pool,
+    )
+    net = build(config, seed=cfg.seed)
+    assert isinstance(net, AnomalyNet)
+    # Each case padded with the runtime's initial window (zeros = the mean), so the
+    # window ending at row t is padded[t : t + w].
+    padded = [
+        torch.cat([torch.zeros(w - 1, c.shape[1]), net.normalise(torch.from_numpy(c))])
+        for c in (np.asarray(c, dtype=np.float32) for c in data.cases)
+    ]
+
+    def clean_ends(ci: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        hits = np.concatenate([np.zeros(w, dtype=np.int64), np.cumsum(bad[ci])])
+        ends = np.arange(lo, hi)
+        ok = hits[ends + w] - hits[ends] == 0  # no labelled anomaly in the window
+        return [(ci, int(t)) for t in ends[ok]]
+
+    train_ends = [e for ci, (vs, _) in enumerate(bounds) for e in clean_ends(ci, 0, vs)]
+    val_ends = [e for ci, (vs, ts) in enumerate(bounds) for e in clean_ends(ci, vs, ts)]
+    if not train_ends:
+        raise DataError(f"{data.path}: no window of the training part is free of anomalies")
+    if not val_ends:
+        val_ends = train_ends  # nothing to hold out: validate on training windows
+    val_ends = val_ends[:: max(1, len(val_ends) // 2048)]
+    offsets = torch.arange(w)
+
+    def windows(ends: Sequence[tuple[int, int]]) -> Tensor:
+        by_case: dict[int, list[int]] = {}
+        for ci, t in ends:
+            by_case.setdefault(ci, []).append(t)
+        parts = [padded[ci][torch.tensor(ts)[:, None] + offsets] for ci, ts in by_case.items()]
+        return net.pooled(torch.cat(parts))
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_batches = math.ceil(len(train_ends) / cfg.batch_size)
+    order: list[int] = []
+    val_windows = windows(val_ends)
+
+    def train_step(b: int, epoch: int) -> Tensor:
+        nonlocal order
+        if b == 0:
+            order = torch.randperm(len(train_ends), generator=gen).tolist()
+        pick = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        return net.window_errors(windows([train_ends[i] for i in pick])).mean()
+
+    def val_loss() -> Tensor:
+        return net.window_errors(val_windows).mean()
+
+    hist = _fit(net, cfg, train_step, val_loss, n_batches)
+    scores = anomaly_scores(net, data.cases)
+    calib = np.concatenate(
+        [s[:ts][~b[:ts]] for s, b, (_, ts) in zip(scores, bad, bounds, strict=True)]
+    )
+    threshold = float(np.quantile(calib, cfg.threshold_quantile))
+    extra = {"threshold": threshold, "scores": scores, "calibration_rows": int(calib.size)}
+    return net, hist, extra
+
+
+def anomaly_scores(
+    net: AnomalyNet, cases: Sequence[np.ndarray], chunk: int = 2048
+) -> list[np.ndarray]:
+    """Each case's score at every step from one streamed PyTorch pass (chunks of steps)."""
+    out = []
+    with torch.no_grad():
+        for c in cases:
+            x = torch.from_numpy(np.asarray(c, dtype=np.float32))[None]
+            state = net.initial_state(1)
+            parts = []
+            for a in range(0, x.shape[1], chunk):
+                score, state = net(x[:, a : a + chunk], state)
+                parts.append(score[0].numpy())
+            out.append(np.concatenate(parts).astype(np.float64))
+    return out
+
+
+def _train_seq2seq(
+    cfg: TrainConfig, data: datasets.Dataset
+) -> tuple[Seq2SeqNet, History, dict[str, Any]]:
+    features = list(data.features)
+    targets = list(cfg.targets) or features
+    unknown = [t for t in targets if t not in features]
+    if unknown:
+        raise ConfigError(f"--target: {unknown} not among the data's columns {features}")
+    tidx = [features.index(t) for t in targets]
+    bounds = _split(data, cfg, least=cfg.window)
+    mean, std = normalisation([c[:vs] for c, (vs, _) in zip(data.cases, bounds, strict=True)])
+    config = NetConfig(
+        task="seq2seq",
+        cell=cfg.cell,
+        n_features=len(features),
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        targets=tuple(tidx),
+        horizon=cfg.horizon,
+        dropout=cfg.dropout,
+        mean=mean,
+        std=std,
+        window=cfg.context,
+    )
+    net = build(config, seed=cfg.seed)
+    assert isinstance(net, Seq2SeqNet)
+    t_mean = torch.tensor([mean[i] for i in tidx])
+    t_std = torch.tensor([std[i] for i in tidx])
+    cases = [torch.from_numpy(np.asarray(c, dtype=np.float32)) for c in data.cases]
+    ys = [
+        (torch.from_numpy(scoring.horizon_targets(c[:, tidx], cfg.horizon).astype(np.float32)))
+        for c in data.cases
+    ]
+    ys = [(y - t_mean) / t_std for y in ys]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    length, warm = cfg.window, cfg.context
+    starts = [(ci, s) for ci, (vs, _) in enumerate(bounds) for s in range(0, vs - length + 1)]
+    n_batches = max(1, min(len(starts) // length * 4, 64))
+    ahead = torch.arange(length)[:, None] + 1 + torch.arange(cfg.horizon)[None, :]
+
+    def masked_mse(pred: Tensor, y: Tensor) -> Tensor:
+        ok = ~torch.isnan(y)
+        return ((pred - torch.nan_to_num(y)) ** 2)[ok].mean()
+
+    def train_step(b: int, epoch: int) -> Tensor:
+        pick = torch.randint(len(starts), (cfg.batch_size,), generator=gen).tolist()
+        xs, ts = [], []
+        for p in pick:
+            ci, s = starts[p]
+            y = ys[ci][s : s + length].clone()
+            y[ahead + s >= bounds[ci][0]] = float("nan")  # targets in validation stay hidden
+            xs.append(cases[ci][s : s + length])
+            ts.append(y)
+        x, y = torch.stack(xs), torch.stack(ts)
+        rows = torch.arange(len(pick))[:, None]
+        at = torch.randint(warm, length, (len(pick), _POSITIONS), generator=gen)
+        pred, _ = net.train_outputs(x, net.initial_state(len(pick)), at)
+        return masked_mse(pred, y[rows, at])
+
+    def val_loss() -> Tensor:
+        losses = []
+        for ci, (vs, ts) in enumerate(bounds):
+            pred, _ = net.train_outputs(cases[ci][None, :ts], net.initial_state(1))
+            y = ys[ci][:ts].clone()
+            lo = torch.arange(ts)[:, None] + 1 + torch.arange(cfg.horizon)[None, :]
+            y[(lo < vs) | (lo >= ts)] = float("nan")
+            losses.append(masked_mse(pred[0], y))
+        return torch.stack(losses).mean()
+
+    hist = _fit(net, cfg, train_step, val_loss, n_batches)
+    return net, hist, {"bounds": bounds, "target_idx": tidx}
+
+
 def _forecast_test_metrics(
-    net: StepNet,
+    net: StepNet | Seq2SeqNet,
     data: datasets.Dataset,
     bounds: Sequence[tuple[int, int]],
     tidx: Sequence[int],
@@ -380,6 +634,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "season": cfg.season,
     }
     meta.update(data.spec_fields())  # an audio front end travels into the model
+    net: SeqNet
     if cfg.task == "classify":
         net, hist, extra = _train_classifier(cfg, data)
         classes = list(data.classes) or sorted(set(data.labels or ()))
@@ -398,8 +653,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "n_cases": len(test.cases),
             }
         metrics.update(extra)
+    elif cfg.task == "anomaly":
+        net, hist, extra = _train_anomaly(cfg, data)
+        meta["threshold"] = extra["threshold"]
+        meta["extra"] = {
+            "test_fraction": cfg.test_fraction,
+            "threshold_quantile": cfg.threshold_quantile,
+        }
+        metrics["train"] = {
+            "threshold": extra["threshold"],
+            "threshold_quantile": cfg.threshold_quantile,
+            "calibration_rows": extra["calibration_rows"],
+        }
+        spec = spec_for(net, meta)
+        report = evaluation.anomaly_evaluation(spec, data, extra["scores"], tail=cfg.test_fraction)
+        metrics["test"] = {k: v for k, v in report.items() if k not in ("window", "threshold")}
     else:
-        net, hist, extra = _train_forecaster(cfg, data)
+        trainer = _train_seq2seq if cfg.task == "seq2seq" else _train_forecaster
+        net, hist, extra = trainer(cfg, data)
         meta["targets"] = tuple(data.features[i] for i in extra["target_idx"])
         meta["horizon"] = cfg.horizon
         meta["extra"] = {"test_fraction": cfg.test_fraction}

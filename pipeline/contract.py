@@ -20,6 +20,16 @@ Task outputs (schema version 1):
   each step. A sequence's label is the prediction at its last step.
 * ``forecast``: ``forecast`` ``[batch, time, horizon, len(targets)]`` in raw units:
   at step t, the values of the target channels at t+1 .. t+horizon.
+* ``seq2seq``: the same ``forecast`` output, from an encoder-decoder whose attention
+  reads the last ``window`` steps (carried as a state tensor, e.g. ``mem``).
+* ``anomaly``: ``score`` ``[batch, time]``, the reconstruction error of the last
+  ``window`` steps (carried as a state tensor, e.g. ``win``). A step is anomalous when
+  ``score > threshold``; ``threshold`` (calibrated on training data) lives only in the
+  metadata, and :meth:`ModelSpec.flags` is the one place that applies it, so it can be
+  re-tuned without re-exporting the graph.
+
+Every output's per-step shape (after ``[batch, time]``) is :attr:`ModelSpec.output_shapes`:
+runtimes size their buffers from it and need no per-task code.
 """
 
 from __future__ import annotations
@@ -35,11 +45,13 @@ from pipeline.errors import ContractError
 SCHEMA_VERSION = 1
 METADATA_KEY = "seqstream"
 BATCH = "batch"
-TASKS: tuple[str, ...] = ("classify", "forecast")
+TASKS: tuple[str, ...] = ("classify", "forecast", "anomaly", "seq2seq")
 CELLS: tuple[str, ...] = ("lstm", "gru", "rnn")
 TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "classify": ("probs",),
     "forecast": ("forecast",),
+    "anomaly": ("score",),
+    "seq2seq": ("forecast",),
 }
 
 
@@ -103,6 +115,10 @@ class ModelSpec:
     # Audio models: the front end that turns samples into ``features`` (log-mel settings,
     # pipeline.features.logmel.LogMelConfig); ``sample_rate_hz`` is then the audio rate.
     frontend: Mapping[str, Any] | None = None
+    # anomaly: steps reconstructed at every step; seq2seq: steps the attention reads.
+    window: int = 0
+    # anomaly: scores above this are anomalous (see ``flags``).
+    threshold: float | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -116,6 +132,22 @@ class ModelSpec:
     def state_signature(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
         """Two models with equal signatures can continue each other's carried state."""
         return tuple((s.name, s.row_shape, s.dtype) for s in self.state)
+
+    @property
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-step shape of each task output (what follows ``[batch, time]``)."""
+        shapes: dict[str, tuple[int, ...]] = {
+            "probs": (len(self.labels),),
+            "forecast": (self.horizon, len(self.targets)),
+            "score": (),
+        }
+        return {name: shapes[name] for name in self.outputs}
+
+    def flags(self, score: Any) -> Any:
+        """Anomaly flags for ``score`` (array or number): ``score > threshold``."""
+        if self.threshold is None:
+            raise ContractError(f"model {self.name!r} has no anomaly threshold")
+        return score > self.threshold
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -201,6 +233,8 @@ _JSON_KINDS: dict[str, tuple[type, ...]] = {
     "metrics": _OBJECT,
     "extra": _OBJECT,
     "frontend": _OPT_OBJECT,
+    "window": _INT,
+    "threshold": _OPT_NUMBER,
 }
 
 
@@ -279,10 +313,19 @@ def _validate(spec: ModelSpec) -> None:
     if spec.task == "classify":
         _check(len(spec.labels) >= 2, "labels", "must name at least two classes")
         _check(len(set(spec.labels)) == len(spec.labels), "labels", "must be unique")
-    if spec.task == "forecast":
+    if spec.task in ("forecast", "seq2seq"):
         _check(len(spec.targets) >= 1, "targets", "must name at least one target channel")
         _check(spec.horizon >= 1, "horizon", "must be >= 1")
         _check(all(t in spec.features for t in spec.targets), "targets", "must be among 'features'")
+    if spec.task in ("anomaly", "seq2seq"):
+        _check(spec.window >= 1, "window", f"must be >= 1 for task {spec.task!r}")
+    if spec.task == "anomaly":
+        _check(
+            spec.threshold is not None and math.isfinite(spec.threshold),
+            "threshold",
+            "must be a finite number for task 'anomaly'",
+        )
+    _check(spec.window >= 0, "window", "must be >= 0")
     _check(spec.season >= 1, "season", "must be >= 1")
     _check(spec.sample_rate_hz is None or spec.sample_rate_hz > 0, "sample_rate_hz", "must be > 0")
     if spec.frontend is not None:

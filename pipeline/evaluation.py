@@ -6,9 +6,19 @@ the engine). Nothing here needs torch, so the numbers come from the ONNX file al
 
 * classify: the label of a case is the prediction at its last step; accuracy is also
   given after 25/50/75 % of each case, which is what a streaming consumer sees early.
-* forecast: the whole series is fed; only forecasts whose targets fall in the held-out
-  tail (:func:`pipeline.datasets.split_tail`) are scored, against the seasonal-naive
-  forecast with the model's ``season`` (see :mod:`pipeline.scoring`).
+* forecast (``forecast`` and ``seq2seq`` models): the whole series is fed; only
+  forecasts whose targets fall in the held-out tail (:func:`pipeline.datasets.split_tail`)
+  are scored, against the seasonal-naive forecast with the model's ``season`` (see
+  :mod:`pipeline.scoring`), and optionally against a one-step forecaster iterated over
+  the horizon (:func:`iterated_forecasts`) on the same points.
+* anomaly: the whole series is fed; the scores of the tail's rows are judged against
+  the data's per-row labels (ROC AUC, best F1, point-adjusted F1, where the highest
+  score falls), beside a simple baseline computed in the same run: the z-score of
+  first differences (:func:`pipeline.scoring.diff_zscore`).
+
+The report's shape follows the model's outputs (``probs``, ``forecast``, ``score``),
+so a new task with an existing output needs nothing here. ``reference`` scores a second
+model (e.g. the float model of an int8 one) on the same data and reports the change.
 """
 
 from __future__ import annotations
@@ -61,11 +71,21 @@ def run_stepwise(
     return results
 
 
-def evaluate(model: StepModel, data: Dataset, *, tail: float | None = None) -> dict[str, Any]:
+def evaluate(
+    model: StepModel,
+    data: Dataset,
+    *,
+    tail: float | None = None,
+    baseline: StepModel | None = None,
+    reference: StepModel | None = None,
+) -> dict[str, Any]:
     """Score ``model`` on ``data`` step by step; returns a JSON-ready report.
 
-    ``tail`` (forecasting only) is the held-out fraction of each series; by default
-    the ``test_fraction`` the model was trained with, else 1 (score the whole series).
+    ``tail`` (forecasting and anomaly models) is the held-out fraction of each series;
+    by default the ``test_fraction`` the model was trained with, else 1 (score the
+    whole series). ``baseline`` (forecasting) is a one-step forecaster scored iterated
+    over the model's horizon on the same points; ``reference`` is a model scored the
+    same way whose headline metrics are subtracted (``change``).
     """
     spec = model.spec
     _check_features(spec, data)
@@ -84,15 +104,64 @@ def evaluate(model: StepModel, data: Dataset, *, tail: float | None = None) -> d
         "n_steps": int(sum(data.lengths)),
         "seconds": round(seconds, 4),
     }
-    if spec.task == "classify":
+    if "probs" in spec.outputs:
         if tail is not None:
-            raise DataError("--tail applies to forecasting models only")
+            raise DataError("--tail applies to forecasting and anomaly models only")
         body = classification_report(spec, data, [o["probs"] for o in outputs])
+    elif "score" in spec.outputs:
+        body = anomaly_evaluation(
+            spec, data, [o["score"] for o in outputs], tail=resolve_tail(spec, tail)
+        )
     else:
         body = forecast_evaluation(
             spec, data, [o["forecast"] for o in outputs], tail=resolve_tail(spec, tail)
         )
-    return head | body
+        if baseline is not None:
+            body["iterated_one_step"] = iterated_baseline_report(
+                spec, data, baseline, tail=body["tail_fraction"]
+            )
+    if baseline is not None and "iterated_one_step" not in body:
+        raise DataError("--baseline-model applies to forecasting models only")
+    report = head | body
+    if reference is not None:
+        ref = evaluate(reference, data, tail=tail)
+        report["reference"] = {
+            "model": reference.spec.name,
+            "path": str(reference.path),
+            "seconds": ref["seconds"],
+            **headline(ref),
+        }
+        mine = headline(report)
+        change: dict[str, float | None] = {}
+        for key, theirs in headline(ref).items():
+            ours = mine.get(key)
+            change[key] = ours - theirs if ours is not None and theirs is not None else None
+        report["change"] = change
+    return report
+
+
+HEADLINE: tuple[tuple[str, ...], ...] = (
+    ("accuracy",),
+    ("mae",),
+    ("rmse",),
+    ("mase",),
+    ("mase_mean_over_horizon",),
+    ("roc_auc",),
+    ("best_f1", "f1"),
+    ("point_adjusted_f1", "f1"),
+)
+
+
+def headline(report: dict[str, Any]) -> dict[str, float | None]:
+    """The report's main figures, flat (``best_f1.f1`` ...), for comparing two models."""
+    out: dict[str, float | None] = {}
+    for path in HEADLINE:
+        value: Any = report
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if path[0] in report:
+            out[".".join(path)] = value if isinstance(value, int | float) else None
+    return out
 
 
 def resolve_tail(spec: ModelSpec, tail: float | None) -> float:
@@ -165,6 +234,122 @@ def forecast_evaluation(
         "season": spec.season,
         "tail_fraction": tail,
     } | report
+
+
+def anomaly_evaluation(
+    spec: ModelSpec, data: Dataset, scores: Sequence[np.ndarray], *, tail: float
+) -> dict[str, Any]:
+    """Anomaly scores of each series' tail against its row labels, beside a baseline.
+
+    Without labels (no ``--label-column``) only the score distribution and how many
+    rows the model's threshold flags are reported.
+    """
+    starts = [split_tail(len(c), tail) for c in data.cases]
+    s = np.concatenate(
+        [np.asarray(v, dtype=np.float64)[a:] for v, a in zip(scores, starts, strict=True)]
+    )
+    flags = np.asarray(spec.flags(s), dtype=bool)
+    body: dict[str, Any] = {
+        "tail_fraction": tail,
+        "window": spec.window,
+        "threshold": spec.threshold,
+        "n_points": int(s.size),
+        "flagged": int(flags.sum()),
+        "flagged_fraction": float(flags.mean()) if s.size else None,
+        "score_quantiles": {f"{q:g}": float(np.quantile(s, q)) for q in (0.5, 0.9, 0.99, 1.0)},
+    }
+    if data.row_labels is None:
+        body["labelled"] = False
+        return body
+    try:
+        labels = np.concatenate(
+            [scoring.binary_labels(r)[a:] for r, a in zip(data.row_labels, starts, strict=True)]
+        )
+    except ValueError as exc:
+        raise DataError(f"{data.path}: {exc}") from None
+    cut = [a if a < len(c) else len(c) for c, a in zip(data.cases, starts, strict=True)]
+    fit = [slice(0, a) if a > 0 else slice(None) for a in cut]
+    base = np.concatenate(
+        [
+            scoring.diff_zscore(np.asarray(c, dtype=np.float64), f)[a:]
+            for c, f, a in zip(data.cases, fit, starts, strict=True)
+        ]
+    )
+    body |= {"labelled": True, "anomalous_rows": int(labels.sum())}
+    body |= _anomaly_figures(s, labels)
+    body["at_threshold"] = scoring.f1_report(flags, labels)
+    body["baseline"] = {"name": "z-score of first differences"} | _anomaly_figures(base, labels)
+    return body
+
+
+def _anomaly_figures(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    if not labels.any() or labels.all():
+        return {"roc_auc": None, "highest_score": scoring.highest_score(scores, labels)}
+    return {
+        "roc_auc": scoring.roc_auc(scores, labels),
+        "best_f1": scoring.best_f1(scores, labels),
+        "point_adjusted_f1": scoring.point_adjusted_f1(scores, labels),
+        "highest_score": scoring.highest_score(scores, labels),
+    }
+
+
+def iterated_forecasts(model: StepModel, case: np.ndarray, horizon: int) -> np.ndarray:
+    """A one-step forecaster fed its own forecasts: ``[T, horizon, J]`` for one series.
+
+    Every step of ``case`` is streamed with carried state (as :func:`run_stepwise`);
+    then, from the state after each step t, the model's next-step forecast is fed back
+    as the input at t+1, and so on ``horizon - 1`` times, all origins in one batch.
+    Needs every feature to be a target (the forecast must be a whole next input).
+    """
+    spec = model.spec
+    if "forecast" not in spec.outputs or set(spec.targets) != set(spec.features):
+        raise ModelError(
+            f"{model.path}: an iterated baseline must be a forecaster whose targets are all "
+            f"its features (features {list(spec.features)}, targets {list(spec.targets)})"
+        )
+    order = [spec.targets.index(f) for f in spec.features]
+    x = np.asarray(case, dtype=np.float32)
+    state = model.initial_state(1)
+    kept: dict[str, list[np.ndarray]] = {s.name: [] for s in spec.state}
+    first: list[np.ndarray] = []
+    for t in range(len(x)):
+        out, state = model.run(x[None, t : t + 1], state)
+        first.append(out["forecast"][0, 0, 0])
+        for name, value in state.items():
+            kept[name].append(value)
+    batch = {s.name: np.concatenate(kept[s.name], axis=s.batch_axis) for s in spec.state}
+    steps = [np.stack(first)]  # [T, J]
+    for _ in range(1, horizon):
+        feed = np.ascontiguousarray(steps[-1][:, None, order])
+        out, batch = model.run(feed, batch)
+        steps.append(out["forecast"][:, 0, 0])
+    return np.stack(steps, axis=1)
+
+
+def iterated_baseline_report(
+    spec: ModelSpec, data: Dataset, baseline: StepModel, *, tail: float
+) -> dict[str, Any]:
+    """MAE/RMSE/MASE of ``baseline`` iterated to ``spec.horizon``, on the model's points."""
+    base = baseline.spec
+    missing = [t for t in spec.targets if t not in base.targets]
+    if missing or base.n_features != spec.n_features:
+        raise ModelError(
+            f"{baseline.path}: cannot stand in for {spec.name}: it forecasts {list(base.targets)}"
+            f" from {base.n_features} feature(s)"
+        )
+    cols = [base.targets.index(t) for t in spec.targets]
+    tidx = [spec.features.index(t) for t in spec.targets]
+    preds, truths, naives = [], [], []
+    for case in data.cases:
+        series = np.asarray(case, dtype=np.float64)[:, tidx]
+        start = split_tail(len(series), tail)
+        preds.append(iterated_forecasts(baseline, case, spec.horizon)[:, :, cols])
+        truths.append(scoring.horizon_targets(series, spec.horizon, start=start))
+        naives.append(scoring.seasonal_naive(series, spec.season, spec.horizon))
+    report = scoring.forecast_report(
+        np.concatenate(preds), np.concatenate(truths), np.concatenate(naives), spec.targets
+    )
+    return {"model": base.name, "path": str(baseline.path), "iterations": spec.horizon} | report
 
 
 def _check_features(spec: ModelSpec, data: Dataset) -> None:

@@ -9,6 +9,11 @@ which only uses data known at the forecast origin ``i - k``). Here
 so MASE < 1 means the model beats the seasonal-naive forecast. (Hyndman's original
 MASE scales by the in-sample naive MAE instead; a ratio on identical points is the
 direct "does it beat the baseline here" question, and needs no training data.)
+
+Anomaly scores are judged against per-row labels (1 = anomalous) with threshold-free
+figures: ROC AUC, the best F1 over all thresholds, and the best *point-adjusted* F1
+(Xu et al., 2018: a labelled segment counts as found, every row of it, once any of its
+rows is flagged; what an operator alerted once per incident sees).
 """
 
 from __future__ import annotations
@@ -122,6 +127,8 @@ def forecast_report(
         {"step": k + 1, **_summary(model_err[:, k], naive_err[:, k])}
         for k in range(model_err.shape[1])
     ]
+    per_step = [h["mase"] for h in report["per_horizon"] if h["mase"] is not None]
+    report["mase_mean_over_horizon"] = float(np.mean(per_step)) if per_step else None
     if targets is not None and len(targets) > 1:
         report["per_target"] = {
             name: _summary(model_err[:, :, j], naive_err[:, :, j]) for j, name in enumerate(targets)
@@ -153,3 +160,141 @@ def _as_2d(series: np.ndarray) -> np.ndarray:
     if y.ndim != 2:
         raise ValueError(f"series must be [T] or [T, J], got shape {y.shape}")
     return y
+
+
+# ---------------------------------------------------------------- anomaly scores
+
+
+def binary_labels(values: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Row labels as bool (True = anomalous): numbers, 0 normal and anything else not.
+
+    Raises ValueError naming the first value that is not a number.
+    """
+    raw = np.asarray(values)
+    if raw.dtype.kind in "biuf":
+        return np.asarray(raw != 0)
+    out = np.empty(raw.shape, dtype=bool)
+    for i, v in enumerate(raw.tolist()):
+        try:
+            out[i] = float(v) != 0.0
+        except ValueError:
+            raise ValueError(
+                f"anomaly label {v!r} is not a number (0 normal, 1 anomalous)"
+            ) from None
+    return out
+
+
+def segments(labels: np.ndarray) -> np.ndarray:
+    """``[S, 2]`` half-open ``(start, end)`` row ranges of consecutive True labels."""
+    y = np.asarray(labels, dtype=bool).astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], y, [0]])))
+    return edges.reshape(-1, 2)
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve (ties count half); ``None`` without both classes."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return None
+    ranks = _average_ranks(s)
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def _average_ranks(s: np.ndarray) -> np.ndarray:
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    ranks[order] = np.arange(1, len(s) + 1)
+    values, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    if len(values) < len(s):  # ties share the mean of their ranks
+        sums = np.bincount(inverse, weights=ranks)
+        ranks = (sums / counts)[inverse]
+    return ranks
+
+
+def f1_report(predicted: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Precision, recall and F1 of boolean ``predicted`` rows."""
+    p = np.asarray(predicted, dtype=bool)
+    y = np.asarray(labels, dtype=bool)
+    tp = int(np.sum(p & y))
+    return {**_prf(tp, int(np.sum(p & ~y)), int(np.sum(~p & y))), "flagged": int(p.sum())}
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict[str, Any]:
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall}
+
+
+def best_f1(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The best F1 of ``score >= threshold`` over every threshold, and that threshold."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    thresholds = np.unique(s)[::-1]  # high to low
+    pos_sorted = np.sort(s[y])
+    neg_sorted = np.sort(s[~y])
+    tp = len(pos_sorted) - np.searchsorted(pos_sorted, thresholds, side="left")
+    fp = len(neg_sorted) - np.searchsorted(neg_sorted, thresholds, side="left")
+    return _best(thresholds, tp, fp, int(y.sum()))
+
+
+def point_adjusted_f1(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The best point-adjusted F1: a segment is wholly found once its highest row is
+    flagged (``score >= threshold``); normal rows count as usual."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    segs = segments(y)
+    seg_max = np.array([s[a:b].max() for a, b in segs], dtype=np.float64)
+    seg_len = (segs[:, 1] - segs[:, 0]) if len(segs) else np.zeros(0, dtype=np.int64)
+    thresholds = np.unique(np.concatenate([s[~y], seg_max]))[::-1]
+    by_max = np.argsort(seg_max, kind="mergesort")
+    cum_len = np.concatenate([[0], np.cumsum(seg_len[by_max][::-1])])  # longest-first sums
+    n_found = len(seg_max) - np.searchsorted(seg_max[by_max], thresholds, side="left")
+    tp = cum_len[n_found]
+    neg_sorted = np.sort(s[~y])
+    fp = len(neg_sorted) - np.searchsorted(neg_sorted, thresholds, side="left")
+    report = _best(thresholds, tp, fp, int(y.sum()))
+    report["segments"] = len(segs)
+    return report
+
+
+def _best(thresholds: np.ndarray, tp: np.ndarray, fp: np.ndarray, pos: int) -> dict[str, Any]:
+    if not len(thresholds) or pos == 0:
+        return {"f1": 0.0, "precision": 0.0, "recall": 0.0, "threshold": None}
+    tp = np.asarray(tp, dtype=np.float64)
+    fp = np.asarray(fp, dtype=np.float64)
+    f1 = np.where(tp > 0, 2 * tp / (2 * tp + fp + (pos - tp)), 0.0)
+    i = int(np.argmax(f1))
+    return {
+        **_prf(int(tp[i]), int(fp[i]), pos - int(tp[i])),
+        "threshold": float(thresholds[i]),
+    }
+
+
+def highest_score(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Where the highest score falls relative to the labelled segments."""
+    s = np.asarray(scores, dtype=np.float64)
+    segs = segments(labels)
+    i = int(np.argmax(s))
+    inside = any(a <= i < b for a, b in segs)
+    distance: int | None = None
+    if len(segs):
+        gaps = np.maximum(segs[:, 0] - i, 0) + np.maximum(i - (segs[:, 1] - 1), 0)
+        distance = int(gaps.min())
+    return {"row": i, "score": float(s[i]), "in_anomaly": inside, "rows_from_anomaly": distance}
+
+
+def diff_zscore(series: np.ndarray, fit: slice = slice(None)) -> np.ndarray:
+    """A baseline anomaly score: ``|z|`` of the first differences, largest over channels.
+
+    Mean and std of the differences come from the rows in ``fit`` (the training part);
+    the first row has difference 0.
+    """
+    y = _as_2d(series)
+    d = np.diff(y, axis=0, prepend=y[:1])
+    ref = d[fit]
+    std = ref.std(axis=0)
+    std[~(std > 0)] = 1.0
+    return np.asarray(np.max(np.abs((d - ref.mean(axis=0)) / std), axis=1))

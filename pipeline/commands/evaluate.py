@@ -24,7 +24,9 @@ def register(subparsers: Any) -> None:
         description="Feed every case one step per call with carried state (as the daemon "
         "does) and print JSON metrics: accuracy and confusion matrix for classifiers; MAE, "
         "RMSE and MASE against the seasonal-naive forecast (MASE < 1 beats it) for "
-        "forecasters, on the held-out tail of each series.",
+        "forecasters, on the held-out tail of each series; ROC AUC, best and "
+        "point-adjusted F1 for anomaly models (with --label-column), beside the "
+        "z-score of first differences.",
     )
     p.add_argument("model", type=Path, help="MODEL.onnx written by 'seqstream export'")
     p.add_argument("--data", type=Path, required=True, help="data to score (.ts or .csv)")
@@ -32,8 +34,22 @@ def register(subparsers: Any) -> None:
         "--tail",
         type=float,
         metavar="FRACTION",
-        help="forecasting: held-out fraction of each series to score "
+        help="forecasting and anomaly models: held-out fraction of each series to score "
         "(default: the model's training test fraction, else the whole series)",
+    )
+    p.add_argument(
+        "--baseline-model",
+        type=Path,
+        metavar="ONE_STEP.onnx",
+        help="forecasting: also score this one-step forecaster fed its own forecasts "
+        "over the model's horizon, on the same points",
+    )
+    p.add_argument(
+        "--reference",
+        type=Path,
+        metavar="MODEL.onnx",
+        help="also score this model (e.g. the float model of an int8 one) and report "
+        "the change of the headline metrics",
     )
     p.add_argument(
         "--providers",
@@ -59,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
     if args.data.suffix.lower() == ".csv" and not options["feature_columns"]:
         options["feature_columns"] = list(model.spec.features)
     data = datasets.load(args.data, **options)
-    report = evaluate(model, data, tail=args.tail)
+    baseline = reference = None
+    if args.baseline_model is not None:
+        baseline = StepModel.load(args.baseline_model, providers=providers, threads=args.threads)
+    if args.reference is not None:
+        reference = StepModel.load(args.reference, providers=providers, threads=args.threads)
+    report = evaluate(model, data, tail=args.tail, baseline=baseline, reference=reference)
     json.dump(report, sys.stdout, indent=2, allow_nan=False)
     sys.stdout.write("\n")
     return 0
