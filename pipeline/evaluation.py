@@ -276,20 +276,37 @@ def anomaly_evaluation(
         ]
     )
     body |= {"labelled": True, "anomalous_rows": int(labels.sum())}
-    body |= _anomaly_figures(s, labels)
+    where = _row_locator(data, starts)
+    body |= _anomaly_figures(s, labels, where)
     body["at_threshold"] = scoring.f1_report(flags, labels)
-    body["baseline"] = {"name": "z-score of first differences"} | _anomaly_figures(base, labels)
+    body["baseline"] = {"name": "z-score of first differences"} | _anomaly_figures(
+        base, labels, where
+    )
     return body
 
 
-def _anomaly_figures(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def _row_locator(data: Dataset, starts: Sequence[int]) -> Any:
+    """Maps an index into the concatenated tails to ``(case name, row in that case)``."""
+    offsets = np.cumsum([0] + [len(c) - a for c, a in zip(data.cases, starts, strict=True)])
+
+    def locate(i: int) -> tuple[str, int]:
+        case = int(np.searchsorted(offsets, i, side="right")) - 1
+        return data.case_name(case), starts[case] + i - int(offsets[case])
+
+    return locate
+
+
+def _anomaly_figures(scores: np.ndarray, labels: np.ndarray, where: Any) -> dict[str, Any]:
+    top = scoring.highest_score(scores, labels)
+    case, row = where(top["row"])
+    top = {"case": case, "row": row} | {k: v for k, v in top.items() if k != "row"}
     if not labels.any() or labels.all():
-        return {"roc_auc": None, "highest_score": scoring.highest_score(scores, labels)}
+        return {"roc_auc": None, "highest_score": top}
     return {
         "roc_auc": scoring.roc_auc(scores, labels),
         "best_f1": scoring.best_f1(scores, labels),
         "point_adjusted_f1": scoring.point_adjusted_f1(scores, labels),
-        "highest_score": scoring.highest_score(scores, labels),
+        "highest_score": top,
     }
 
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from models.export import export_random
+from pipeline import scoring
 from pipeline.datasets import load, split_tail
-from pipeline.errors import DataError
-from pipeline.evaluation import evaluate, resolve_tail, run_stepwise
+from pipeline.errors import DataError, ModelError
+from pipeline.evaluation import evaluate, iterated_forecasts, resolve_tail, run_stepwise
 from pipeline.model import StepModel
 
 CELLS = ["lstm", "gru", "rnn"]
@@ -30,6 +31,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for cell in CELLS:
         export_random(d / f"{cell}-classify.onnx", cell=cell, n_features=6, n_classes=4, seed=1)
     export_random(d / "forecast.onnx", task="forecast", n_features=1, horizon=3, seed=2)
+    export_random(d / "forecast-b.onnx", task="forecast", n_features=1, horizon=1, seed=7)
+    export_random(d / "seq2seq.onnx", task="seq2seq", n_features=1, horizon=4, window=8, seed=3)
+    export_random(d / "anomaly.onnx", task="anomaly", n_features=1, window=16, pool=2, seed=4)
     return d
 
 
@@ -300,5 +304,161 @@ def test_eval_error_at_default_log_level_has_no_traceback(
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == (
-        "seqstream: error: --tail applies to forecasting models only"
+        "seqstream: error: --tail applies to forecasting and anomaly models only"
     )
+
+
+# ---------------------------------------------------------------- every family
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("task", ["classify", "forecast", "anomaly", "seq2seq"])
+def test_run_stepwise_is_an_oracle_for_every_family(tmp_path: Path, cell: str, task: str) -> None:
+    """Any chunking of the stream (1 step per call, 7, all) gives the same outputs."""
+    path = tmp_path / "m.onnx"
+    export_random(path, cell=cell, task=task, n_features=3, hidden=8, horizon=3, window=6)
+    model = StepModel.load(path)
+    rng = np.random.default_rng(1)
+    cases = [rng.normal(size=(n, 3)).astype(np.float32) * 2 for n in (25, 25, 9)]
+    one, seven = run_stepwise(model, cases), run_stepwise(model, cases, chunk=7)
+    for case, a, b in zip(cases, one, seven, strict=True):
+        full = _full(model, case)
+        for name, row in model.spec.output_shapes.items():
+            assert a[name].shape == (len(case), *row)
+            assert float(np.max(np.abs(a[name] - full[name]))) < 1e-5
+            assert float(np.max(np.abs(b[name] - full[name]))) < 1e-5
+
+
+# ---------------------------------------------------------------- anomaly
+
+
+def test_anomaly_report_matches_definitions(models_dir: Path, mitdb: Path) -> None:
+    model = StepModel.load(models_dir / "anomaly.onnx")
+    model.spec = dataclasses.replace(model.spec, threshold=1.2)
+    data = load(mitdb, label_column="label", feature_columns=["data"])
+    rep = evaluate(model, data, tail=0.2)
+    start = split_tail(len(data.cases[0]), 0.2)
+    score = _full(model, data.cases[0])["score"][start:].astype(np.float64)
+    labels = data.row_labels[0][start:] == "1"  # type: ignore[index]
+    assert rep["task"] == "anomaly" and rep["labelled"] is True
+    assert rep["n_points"] == len(score) == 1500 and rep["anomalous_rows"] == 352
+    assert rep["roc_auc"] == pytest.approx(scoring.roc_auc(score, labels), rel=1e-4)
+    assert rep["flagged"] == int(np.sum(score > 1.2)) == rep["at_threshold"]["flagged"]
+    assert rep["best_f1"]["f1"] == pytest.approx(scoring.best_f1(score, labels)["f1"], rel=1e-4)
+    assert rep["point_adjusted_f1"]["segments"] == 1
+    top = int(np.argmax(score))
+    assert rep["highest_score"]["row"] == start + top and rep["highest_score"]["case"] == "0"
+    assert rep["highest_score"]["in_anomaly"] == bool(labels[top])
+    series = data.cases[0][:, 0].astype(np.float64)
+    base = scoring.diff_zscore(series, slice(0, start))[start:]
+    assert rep["baseline"]["roc_auc"] == pytest.approx(scoring.roc_auc(base, labels))
+    json.dumps(rep, allow_nan=False)
+
+
+def test_anomaly_without_labels_reports_the_score_distribution(
+    models_dir: Path, mitdb: Path
+) -> None:
+    model = StepModel.load(models_dir / "anomaly.onnx")
+    rep = evaluate(model, load(mitdb, feature_columns=["data"]))
+    assert rep["labelled"] is False and "roc_auc" not in rep
+    assert rep["tail_fraction"] == 1.0 and rep["n_points"] == 7500
+    assert rep["score_quantiles"]["1"] >= rep["score_quantiles"]["0.5"]
+
+
+def test_anomaly_labels_must_be_numbers(models_dir: Path, tmp_path: Path) -> None:
+    p = tmp_path / "words.csv"
+    p.write_text("v,state\n" + "".join(f"{i % 5},{'bad' if i == 9 else 0}\n" for i in range(30)))
+    model = StepModel.load(models_dir / "anomaly.onnx")
+    with pytest.raises(DataError, match=r"words.csv: anomaly label 'bad' is not a number"):
+        evaluate(model, load(p, label_column="state"))
+
+
+# ---------------------------------------------------------------- seq2seq and baselines
+
+
+def test_seq2seq_is_scored_like_any_forecaster(models_dir: Path, waterflow: Path) -> None:
+    model = StepModel.load(models_dir / "seq2seq.onnx")
+    model.spec = dataclasses.replace(model.spec, season=24)
+    data = load(waterflow, feature_columns=[WATER])
+    rep = evaluate(model, data, tail=0.2)
+    fc = _full(model, data.cases[0])["forecast"]
+    series = data.cases[0][:, 0].astype(np.float64)
+    mae, naive_mae, n = _brute_force(series, fc, 24, split_tail(len(series), 0.2))
+    assert rep["task"] == "seq2seq" and rep["horizon"] == 4 and rep["n_points"] == n
+    assert rep["mae"] == pytest.approx(mae, rel=1e-5)
+    assert rep["naive_mae"] == pytest.approx(naive_mae)
+    per = [h["mase"] for h in rep["per_horizon"]]
+    assert rep["mase_mean_over_horizon"] == pytest.approx(np.mean(per))
+
+
+def _iterate_by_hand(model: StepModel, series: np.ndarray, horizon: int) -> np.ndarray:
+    """For each origin: replay the series to it, then feed each forecast back, one call each."""
+    out = np.full((len(series), horizon, 1), np.nan)
+    for t in range(len(series)):
+        state = model.initial_state(1)
+        for i in range(t + 1):
+            fc, state = model.run(series[None, i : i + 1], state)
+        for k in range(horizon):
+            nxt = fc["forecast"][0, 0, 0]
+            out[t, k] = nxt
+            fc, state = model.run(nxt[None, None, :].astype(np.float32), state)
+    return out
+
+
+def test_iterated_forecasts_feed_the_model_its_own_forecasts(
+    models_dir: Path, waterflow: Path
+) -> None:
+    model = StepModel.load(models_dir / "forecast.onnx")
+    series = load(waterflow, feature_columns=[WATER]).cases[0][:30]
+    got = iterated_forecasts(model, series, 5)
+    assert got.shape == (30, 5, 1)
+    np.testing.assert_allclose(got, _iterate_by_hand(model, series, 5), rtol=1e-5, atol=1e-4)
+
+
+def test_iterated_baseline_is_scored_on_the_models_points(
+    models_dir: Path, waterflow: Path
+) -> None:
+    model = StepModel.load(models_dir / "seq2seq.onnx")
+    baseline = StepModel.load(models_dir / "forecast.onnx")
+    data = load(waterflow, feature_columns=[WATER])
+    rep = evaluate(model, data, tail=0.2, baseline=baseline)
+    it = rep["iterated_one_step"]
+    assert it["iterations"] == 4 and it["n_points"] == rep["n_points"]
+    series = data.cases[0].astype(np.float64)
+    truth = scoring.horizon_targets(series, 4, start=split_tail(len(series), 0.2))
+    err = iterated_forecasts(baseline, data.cases[0], 4) - truth
+    assert it["mae"] == pytest.approx(float(np.nanmean(np.abs(err))), rel=1e-5)
+    assert it["naive_mae"] == pytest.approx(rep["naive_mae"])
+    with pytest.raises(DataError, match="forecasting models only"):
+        evaluate(StepModel.load(models_dir / "anomaly.onnx"), data, baseline=baseline)
+    with pytest.raises(ModelError, match="targets are all its features"):
+        iterated_forecasts(StepModel.load(models_dir / "lstm-classify.onnx"), data.cases[0], 2)
+
+
+def test_reference_model_change_is_the_difference(models_dir: Path, waterflow: Path) -> None:
+    model = StepModel.load(models_dir / "forecast.onnx")
+    other = StepModel.load(models_dir / "forecast-b.onnx")
+    data = load(waterflow, feature_columns=[WATER])
+    rep = evaluate(model, data, tail=0.2, reference=other)
+    theirs = evaluate(other, data, tail=0.2)
+    assert rep["reference"]["mae"] == theirs["mae"]
+    assert rep["change"]["mae"] == pytest.approx(rep["mae"] - theirs["mae"])
+    assert rep["change"]["mase"] == pytest.approx(rep["mase"] - theirs["mase"])
+    assert "accuracy" not in rep["change"]  # only the figures both reports have
+
+
+def test_eval_command_scores_an_anomaly_model_with_labels(models_dir: Path, mitdb: Path) -> None:
+    run = _cli(
+        "eval",
+        str(models_dir / "anomaly.onnx"),
+        "--data",
+        str(mitdb),
+        "--label-column",
+        "label",
+        "--tail",
+        "0.2",
+    )
+    assert run.returncode == 0, run.stderr
+    printed = json.loads(run.stdout)
+    assert printed["labelled"] and 0.0 <= printed["roc_auc"] <= 1.0
+    assert printed["baseline"]["name"] == "z-score of first differences"

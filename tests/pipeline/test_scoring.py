@@ -126,3 +126,97 @@ def test_naive_against_itself_on_airline(airline: Path, season: int) -> None:
     naive_mae = np.abs(tail - series[start - season : len(series) - season, 0]).mean()
     assert rep["mae"] == pytest.approx(lag1_mae)
     assert rep["mase"] == pytest.approx(lag1_mae / naive_mae)
+
+
+# ---------------------------------------------------------------- anomaly scores
+
+
+def _brute_roc_auc(s: np.ndarray, y: np.ndarray) -> float:
+    pos, neg = s[y], s[~y]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
+def _brute_f1(s: np.ndarray, y: np.ndarray, adjust: bool) -> float:
+    best = 0.0
+    for thr in np.unique(s):
+        p = s >= thr
+        if adjust:
+            for a, b in scoring.segments(y):
+                if p[a:b].any():
+                    p[a:b] = True
+        tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
+        best = max(best, 2 * tp / (2 * tp + fp + fn))
+    return float(best)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(2, 60),
+    seed=st.integers(0, 10_000),
+    levels=st.integers(2, 8),
+)
+def test_anomaly_metrics_match_brute_force(n: int, seed: int, levels: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.3
+    if y.all() or not y.any():
+        y[0] = not y[0]
+    s = rng.integers(0, levels, n).astype(np.float64) + y * rng.random()  # many ties
+    assert scoring.roc_auc(s, y) == pytest.approx(_brute_roc_auc(s, y))
+    best = scoring.best_f1(s, y)
+    assert best["f1"] == pytest.approx(_brute_f1(s, y, adjust=False))
+    assert scoring.f1_report(s >= best["threshold"], y)["f1"] == pytest.approx(best["f1"])
+    adjusted = scoring.point_adjusted_f1(s, y)
+    assert adjusted["f1"] == pytest.approx(_brute_f1(s, y, adjust=True))
+    assert adjusted["f1"] >= best["f1"] - 1e-12
+    assert adjusted["segments"] == len(scoring.segments(y))
+
+
+def test_segments_and_highest_score() -> None:
+    y = np.array([0, 1, 1, 0, 0, 0, 1, 0, 1], dtype=bool)
+    assert scoring.segments(y).tolist() == [[1, 3], [6, 7], [8, 9]]
+    s = np.zeros(9)
+    s[4] = 5.0
+    assert scoring.highest_score(s, y) == {
+        "row": 4,
+        "score": 5.0,
+        "in_anomaly": False,
+        "rows_from_anomaly": 2,
+    }
+    s[7] = 9.0
+    assert scoring.highest_score(s, y)["rows_from_anomaly"] == 1
+    s[2] = 10.0
+    assert scoring.highest_score(s, y)["in_anomaly"] is True
+    assert scoring.highest_score(s, np.zeros(9, dtype=bool))["rows_from_anomaly"] is None
+    assert scoring.roc_auc(s, np.zeros(9, dtype=bool)) is None
+
+
+def test_binary_labels() -> None:
+    assert scoring.binary_labels(np.array(["0", "1", "0.0", "2"])).tolist() == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert scoring.binary_labels(np.array([0, 3])).tolist() == [False, True]
+    with pytest.raises(ValueError, match="'normal' is not a number"):
+        scoring.binary_labels(np.array(["0", "normal"]))
+
+
+def test_diff_zscore_baseline(mitdb: Path) -> None:
+    series = load(mitdb, label_column="label").cases[0].astype(np.float64)
+    z = scoring.diff_zscore(series, slice(0, 6000))
+    d = np.diff(series[:, 0], prepend=series[0, 0])
+    expected = np.abs(d - d[:6000].mean()) / d[:6000].std()
+    np.testing.assert_allclose(z, expected)
+    assert z.shape == (len(series),) and z[0] == pytest.approx(
+        abs(d[:6000].mean()) / d[:6000].std()
+    )
+
+
+def test_mase_mean_over_horizon() -> None:
+    rng = np.random.default_rng(5)
+    y = rng.normal(size=(40, 3, 1))
+    rep = scoring.forecast_report(y + rng.normal(size=y.shape), y, y + 2 * rng.normal(size=y.shape))
+    per = [h["mase"] for h in rep["per_horizon"]]
+    assert rep["mase_mean_over_horizon"] == pytest.approx(np.mean(per))
