@@ -116,27 +116,35 @@ def payloads(
 def publish_main(
     port: int, qos: int, readings: int, total: int, streams: int, seq0: int, rate: float, fmt: str
 ) -> None:
-    """The sensors, in their own process: print when the first message left, then exit."""
+    """The sensors, in their own process: print when the first and the last message left
+    and how many paho refused (with more than 65,535 unacknowledged its packet ids run
+    out: the broker is not keeping up), then exit."""
     client = make_client(port)
+    refused = 0
+    info = None
     if rate > 0:  # paced, one reading per message, ts = send time (CLOCK_MONOTONIC)
         values = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
         started = time.monotonic()
-        info = None
         for k in range(total):
             delay = started + k / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             i = k % streams
             data = codecs.encode_json(values[k % 64], seq0 + k // streams, time.monotonic())
-            info = client.publish(f"{IN}/s{i}", data, qos)
+            sent = client.publish(f"{IN}/s{i}", data, qos)
+            if sent.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                refused += 1
+            else:
+                info = sent
     else:
         batch = payloads(streams, readings, total, seq0, fmt)
         started = time.monotonic()
         for topic, data in batch:
             info = client.publish(topic, data, qos)
+    ended = time.monotonic()
     if info is not None:
         info.wait_for_publish(120)
-    print(json.dumps({"started": started}), flush=True)
+    print(json.dumps({"started": started, "ended": ended, "refused": refused}), flush=True)
     client.disconnect()
     client.loop_stop()
 
@@ -148,6 +156,7 @@ class Sensors:
         self.port = port
         self.streams = streams
         self.seq = 0  # every stream has sent rows [0, seq)
+        self.last: dict[str, float] = {}  # what the last publisher process reported
 
     def run(
         self, qos: int, readings: int, total: int, rate: float = 0.0, fmt: str = "json"
@@ -156,8 +165,9 @@ class Sensors:
         cmd = [sys.executable, __file__, "--publish", str(self.port), str(qos), str(readings)]
         cmd += [str(total), str(self.streams), str(self.seq), str(rate), fmt]
         self.seq += rows
-        out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
-        return float(json.loads(out.stdout.decode().strip().splitlines()[-1])["started"])
+        out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=3600)
+        self.last = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        return float(self.last["started"])
 
 
 def throughput(

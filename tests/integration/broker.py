@@ -92,6 +92,24 @@ class Broker:
         self.start()
 
 
+SHIPPED_CONF = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto.conf"
+
+
+def shipped_broker(workdir: Path, conf: Path = SHIPPED_CONF) -> Broker:
+    """A private mosquitto with the options of ``deploy/mosquitto.conf`` (what users run).
+
+    Only what makes it private is replaced: its listener, persistence directory and log;
+    every other option is the shipped one.
+    """
+    own = ("listener", "persistence", "persistence_location", "max_queued_messages", "log_dest")
+    keep = [
+        line
+        for line in conf.read_text().splitlines()
+        if line.strip() and not line.startswith("#") and line.split()[0] not in own
+    ]
+    return Broker(workdir, extra="\n".join(["allow_anonymous true", *keep]))
+
+
 def make_tls(directory: Path) -> dict[str, Path]:
     """A self-signed CA and a server certificate for 127.0.0.1/localhost, via openssl."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -455,6 +455,8 @@ def test_eval_command_scores_an_anomaly_model_with_labels(models_dir: Path, mitd
         str(mitdb),
         "--label-column",
         "label",
+        "--feature-columns",
+        "data",
         "--tail",
         "0.2",
     )
