@@ -101,6 +101,11 @@ def register(sub: Any) -> None:
         metavar="FLOAT.onnx",
         help="for an int8 model: the float model it came from, to report the difference",
     )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="largest difference that passes (default 1e-4; int8 models 0.05 relative)",
+    )
     add_data_arguments(p)
     p.set_defaults(func=_verify)
 
@@ -180,6 +185,13 @@ def _verify(args: argparse.Namespace) -> int:
         cases = data.cases[:8]
         steps = min(min(len(c) for c in cases), 500)
         x = np.stack([c[:steps] for c in cases]).astype(np.float32)
-    report = verify(args.model, args.checkpoint, x=x, seed=args.seed, reference=args.reference)
+    report = verify(
+        args.model,
+        args.checkpoint,
+        x=x,
+        seed=args.seed,
+        reference=args.reference,
+        tolerance=args.tolerance,
+    )
     print(json.dumps(report.to_dict()))
     return 0 if report.ok else VERIFY_FAILED

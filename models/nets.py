@@ -266,10 +266,12 @@ class Seq2SeqNet(SeqNet):
     ``mem[B, W, hidden + F]`` holds the last W encoder outputs beside the inputs they
     saw. At every step the decoder starts from the encoder output; decoder step k
     scores each memory row with Bahdanau's ``v . tanh(U m_j + q_k)`` (the query from
-    the decoder state, plus learned embeddings of the row's age and of k), and the
-    forecast is the current value plus the attention-weighted change of the targets
-    from the attended rows to now: a learned mix of "now", "a season ago" and what
-    lies between, which cannot extrapolate the training data's level or shape.
+    the decoder state, both sides plus learned embeddings of the row's age and of k)
+    plus a learned bias per (k, age) (a relative-position bias: with it the attention
+    finds "a season ago" in a third of the steps), and the forecast is the current
+    value plus the attention-weighted change of the targets from the attended rows to
+    now: a learned mix of "now", "a season ago" and what lies between, which cannot
+    extrapolate the training data's level or shape.
     """
 
     target_idx: Tensor
@@ -286,6 +288,7 @@ class Seq2SeqNet(SeqNet):
         self.energy = nn.Linear(h, 1, bias=False)
         self.age = nn.Parameter(torch.zeros(w, h))
         self.step = nn.Parameter(torch.zeros(config.horizon, h))
+        self.position = nn.Parameter(torch.zeros(config.horizon, w))
         self.decoder = _CELLS[config.cell](k + self.width, h)
         self.register_buffer("target_idx", torch.tensor(config.targets, dtype=torch.long))
         self.register_buffer("target_cols", torch.tensor([h + i for i in config.targets]))
@@ -325,6 +328,7 @@ class Seq2SeqNet(SeqNet):
         for k in range(cfg.horizon):
             query = self.query(h) + self.step[k]
             energy = self.energy(torch.tanh(keys + query.unsqueeze(1))).squeeze(2)
+            energy = energy + self.position[k]
             weights = torch.softmax(energy, dim=1)
             context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)
             if cfg.cell == "lstm":

@@ -136,8 +136,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "seq2seq": {
         "hidden": 16,
         "layers": 1,
-        "epochs": 50,
-        "patience": 10,
+        "epochs": 40,
+        "patience": 20,
         "lr": 1e-2,
         "context": 48,
         "window": 144,

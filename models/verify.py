@@ -10,9 +10,12 @@ relatively above it.
 
 A quantised model cannot meet 1e-4: onnxruntime's dynamic quantisation rounds the
 weights to int8 and each call's activations to 8 bits over that call's own range, so
-even (a) differs with the call's shape. Its differences are measured relative to the
-size of the outputs (``max |a - b| / max(1, max |reference|)``) and held to
-:data:`QUANTIZED_TOLERANCE`; the float model keeps :data:`TOLERANCE`.
+its outputs depend on what else is in the call: (a) is reported but not held to any
+tolerance (one call over a series with an outage spans a far wider range than one
+step). What is held, to :data:`QUANTIZED_TOLERANCE` relative to the size of the
+outputs (``max |a - b| / max(1, max |reference|)``), is (c) the int8 model against the
+float one, fed the same way (step by step, as served, and in one call), and (b); the
+float model keeps :data:`TOLERANCE` everywhere.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from pipeline.model import StepModel
 TOLERANCE = 1e-4
 # int8 weights and 8-bit activations: about 1/256 of a tensor's range per rounding; a
 # few roundings through a recurrence stay within a few percent of the output's size.
+# Measured on the trained models: forecasts and seq2seq 0.02; an anomaly score (a
+# squared error, which doubles relative errors) 0.24 at its worst step with its ROC AUC
+# unchanged, so it fails here: judge an int8 model by `eval --reference` too.
 QUANTIZED_TOLERANCE = 0.05
 
 
@@ -46,7 +52,10 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        worst = max(self.stepwise_vs_full, self.onnx_vs_torch or 0.0, self.vs_float or 0.0)
+        held = [self.onnx_vs_torch or 0.0, self.vs_float or 0.0]
+        if not self.quantized:
+            held.append(self.stepwise_vs_full)
+        worst = max(held)
         return bool(np.isfinite(worst) and worst <= self.tolerance)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +71,7 @@ class VerifyReport:
             doc["quantized"] = True
             doc["vs_float"] = self.vs_float
             doc["measure"] = "max |a - b| / max(1, max |reference|) per output"
+            doc["held"] = ["onnx_vs_torch", "vs_float"]  # stepwise_vs_full: reported only
         return doc
 
 
@@ -105,9 +115,13 @@ def verify(
     x: np.ndarray | None = None,
     seed: int = 0,
     reference: Path | None = None,
+    tolerance: float | None = None,
 ) -> VerifyReport:
     """Compare stepwise ONNX, full-sequence ONNX, (with a checkpoint) PyTorch and (with
-    ``reference``, the float model of a quantised one) the float ONNX model on ``x``."""
+    ``reference``, the float model of a quantised one) the float ONNX model on ``x``.
+
+    ``tolerance`` overrides the default (:data:`TOLERANCE`, or :data:`QUANTIZED_TOLERANCE`
+    for an int8 model)."""
     model = StepModel.load(model_path)
     quantized = "quantization" in model.spec.extra
     if x is None:
@@ -133,13 +147,14 @@ def verify(
         if ref.spec.state_signature != model.spec.state_signature:
             raise ModelError(f"{reference}: not the float model of {model_path} (state differs)")
         ref_out, _ = ref.run(x, ref.initial_state(batch))
-        vs_float = _max_diff(full_out, ref_out, True)
+        ref_stepped, _ = _stepped(ref, x)
+        vs_float = max(_max_diff(full_out, ref_out, True), _max_diff(stepped, ref_stepped, True))
     return VerifyReport(
         stepwise,
         vs_torch,
         cases=batch,
         steps=steps,
-        tolerance=QUANTIZED_TOLERANCE if quantized else TOLERANCE,
+        tolerance=tolerance or (QUANTIZED_TOLERANCE if quantized else TOLERANCE),
         quantized=quantized,
         vs_float=vs_float,
     )

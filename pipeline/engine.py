@@ -259,7 +259,7 @@ class _Runner:
         self.max_batch = max_batch
         self.specs = spec.state
         self.output_names = spec.outputs
-        self.output_rows = tuple(_output_row_shape(spec.task, spec) for _ in spec.outputs)
+        self.output_rows = tuple(spec.output_shapes[name] for name in spec.outputs)
         self._plans: dict[tuple[int, int], _Plan] = {}
         self._x = np.empty(0, dtype=np.float32)
         self._in = np.empty(0, dtype=np.float32)
@@ -410,13 +410,6 @@ class _Runner:
             io.bind_output(s.output, "cpu", 0, np.float32, shape, base + row_out * width + at)
             off += math.prod(s.row_shape)
         return _Banked(io, rows[row_out])
-
-
-def _output_row_shape(task: str, spec: Any) -> tuple[int, ...]:
-    """Per-step shape of a task output (after ``[batch, time]``), from the contract."""
-    if task == "classify":
-        return (len(spec.labels),)
-    return (int(spec.horizon), len(spec.targets))
 
 
 class Engine:
