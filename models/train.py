@@ -152,9 +152,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    # One intra-op thread: these models are tiny, and on a busy 2-core box extra OpenMP
-    # threads spin against each other (training was measured 15-30x slower with 2).
-    torch.set_num_threads(1)
 
 
 @dataclass
