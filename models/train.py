@@ -137,7 +137,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "hidden": 16,
         "layers": 1,
         "epochs": 40,
-        "patience": 20,
+        "patience": 30,
         "lr": 1e-2,
         "context": 48,
         "window": 144,
@@ -351,10 +351,13 @@ def _train_forecaster(
     per_epoch = max(1, min(len(starts) // cfg.window * 4, 64)) * cfg.batch_size
     n_batches = math.ceil(per_epoch / cfg.batch_size)
 
-    def masked_mse(pred: Tensor, y: Tensor) -> Tensor:
+    def masked_mae(pred: Tensor, y: Tensor) -> Tensor:
+        # Absolute, not squared, error: squared error let the training part's outages pull
+        # forecasts down, and whether a run ended biased (water flow, seed 0: MASE 1.98 on
+        # one torch thread, 0.49 on two) hung on last-bit float differences.
         yn = (y - t_mean) / t_std
         ok = ~torch.isnan(yn)
-        return ((pred - torch.nan_to_num(yn)) ** 2)[ok].mean()
+        return (pred - torch.nan_to_num(yn)).abs()[ok].mean()
 
     def train_step(b: int, epoch: int) -> Tensor:
         pick = torch.randint(len(starts), (cfg.batch_size,), generator=gen).tolist()
@@ -373,7 +376,7 @@ def _train_forecaster(
         x = torch.stack([v[:t] for v in xs])
         y = torch.stack([v[:t] for v in ys_])
         pred, _ = net.train_outputs(x, net.initial_state(x.shape[0]))
-        return masked_mse(pred[:, cfg.warmup :], y[:, cfg.warmup :])
+        return masked_mae(pred[:, cfg.warmup :], y[:, cfg.warmup :])
 
     def val_loss() -> Tensor:
         losses = []
@@ -382,7 +385,7 @@ def _train_forecaster(
             y = ys[ci][:ts].clone()
             lo = torch.arange(ts)[:, None] + 1 + torch.arange(cfg.horizon)[None, :]
             y[(lo < vs) | (lo >= ts)] = float("nan")
-            losses.append(masked_mse(pred[0], y))
+            losses.append(masked_mae(pred[0], y))
         return torch.stack(losses).mean()
 
     hist = _fit(net, cfg, train_step, val_loss, n_batches)

@@ -37,12 +37,18 @@ last row, written from a template built once per model (no per-message ``json.du
      "probs": {"Standing": 0.01, "Running": 0.02, "Walking": 0.95, "Badminton": 0.02},
      "model": "har", "version": "3"}
     {"seq": 21, "ts": ..., "forecast": {"flow": [12.5, 12.9]}, "model": ..., "version": ...}
+    {"seq": 21, "ts": ..., "score": 0.84, "threshold": 0.31, "anomaly": true,
+     "model": ..., "version": ...}
 
 ``seq`` is the sequence number of that last row (``null`` if the input had none),
 ``ts`` the input's ``ts``; ``probs``/``forecast`` are keyed by the model's labels and
-target names, a forecast lists ``horizon`` values. When the engine reset the stream's
-state just before this message, ``"resets": [reasons]`` is added. Floats are written
-with 9 significant digits, which round-trips float32 exactly.
+target names, a forecast lists ``horizon`` values (``forecast`` and ``seq2seq`` models
+alike). An anomaly model's ``score`` is the highest of the message's rows (so an
+anomalous step inside a chunk is never hidden by the chunk's last row), ``anomaly`` is
+:meth:`~pipeline.contract.ModelSpec.flags` of it, ``threshold`` the model's own. When
+the engine reset the stream's state just before this message, ``"resets": [reasons]``
+is added. Floats are written with 9 significant digits, which round-trips float32
+exactly.
 """
 
 from __future__ import annotations
@@ -229,11 +235,17 @@ class PredictionEncoder:
             self._labels = [json.dumps(label) for label in spec.labels]
             probs = ",".join(f"{_lit(label)}:%.9g" for label in spec.labels)
             self._template = '{"seq":%s,"ts":%s,"label":%s,"probs":{' + probs + "}," + tail
-        elif spec.task == "forecast":
+        elif spec.task in ("forecast", "seq2seq"):
             self._output = "forecast"
             row = ",".join(["%.9g"] * spec.horizon)
             lists = ",".join(f"{_lit(name)}:[{row}]" for name in spec.targets)
             self._template = '{"seq":%s,"ts":%s,"forecast":{' + lists + "}," + tail
+        elif spec.task == "anomaly":
+            self._output = "score"
+            self._flags = spec.flags
+            self.threshold = float(spec.threshold or 0.0)  # contract: finite for anomaly
+            limit = f'"threshold":{self.threshold!r},'
+            self._template = '{"seq":%s,"ts":%s,"score":%.9g,' + limit + '"anomaly":%s,' + tail
         else:  # pragma: no cover - the contract admits only the tasks above
             raise ModelError(f"task {spec.task!r} has no prediction format")
 
@@ -241,7 +253,8 @@ class PredictionEncoder:
         """The message for ``result``'s last row, or None when its outputs are not finite."""
         step = result.step
         row = result.outputs[self._output][-1]
-        if not math.isfinite(float(row.sum(dtype=np.float64))):
+        check = row if self._output != "score" else result.outputs["score"]
+        if not math.isfinite(float(check.sum(dtype=np.float64))):
             return None
         seq = "null" if step.seq is None else str(step.seq + len(step.values) - 1)
         ts = "null" if step.ts is None else repr(step.ts)
@@ -249,14 +262,21 @@ class PredictionEncoder:
         if self._output == "probs":
             label = self._labels[int(row.argmax())]
             return (self._template % (seq, ts, label, *row.tolist(), extra)).encode()
+        if self._output == "score":
+            score = float(result.outputs["score"].max())
+            flag = "true" if self._flags(score) else "false"
+            return (self._template % (seq, ts, score, flag, extra)).encode()
         # forecast row is [horizon, targets]; the template lists each target's horizon
         return (self._template % (seq, ts, *row.T.ravel().tolist(), extra)).encode()
 
     def label(self, result: Result) -> int:
-        """The class index after the last row (for publish-on-change); 0 for forecasts."""
-        if self._output != "probs":
-            return 0
-        return int(result.outputs["probs"][-1].argmax())
+        """What publish-on-change watches: the class index after the last row, an anomaly
+        model's flag (1 when any row is anomalous), 0 for forecasts."""
+        if self._output == "probs":
+            return int(result.outputs["probs"][-1].argmax())
+        if self._output == "score":
+            return int(self._flags(float(result.outputs["score"].max())))
+        return 0
 
 
 def _resets(reasons: Sequence[str]) -> str:

@@ -14,6 +14,7 @@ scrape time through :meth:`Metrics.track`, which costs the hot path nothing.
 from __future__ import annotations
 
 import errno
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -194,6 +195,8 @@ class Metrics:
 
     def on_anomaly(self, score: float, threshold: float) -> None:
         """One scored step of an anomaly model (observed by whoever publishes it)."""
+        if not math.isfinite(score):
+            return  # counted as non_finite_output where it is published
         ratio = score / threshold if threshold > 0 else score
         self.anomaly_ratio.observe(ratio)
         if ratio > 1.0:

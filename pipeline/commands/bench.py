@@ -426,6 +426,8 @@ def _torch_eager(
         horizon=max(spec.horizon, 1),
         mean=spec.normalisation.mean,
         std=spec.normalisation.std,
+        window=spec.window,
+        pool=int(spec.extra.get("pool", 1)) if spec.task == "anomaly" else 1,
     )
     net = build(config, seed=0).eval()
     inputs = [torch.from_numpy(x) for x in xs]

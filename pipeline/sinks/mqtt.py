@@ -144,12 +144,16 @@ class PredictionSink:
         observe = self._metrics.end_to_end.observe
         encoder = self._encoder
         classify = encoder.task == "classify"
+        anomaly = encoder.task == "anomaly"
         for r in results:
             if isinstance(r, Rejected):
                 if r.reason not in QUIET:
                     self._errors.report(r.reason, r.detail, stream=r.step.stream)
                 continue
             stream = r.step.stream
+            if anomaly:  # every scored step, published or not
+                for score in r.outputs["score"].tolist():
+                    self._metrics.on_anomaly(score, encoder.threshold)
             if self._policy is not None and not self._policy.admit(
                 stream, encoder.label(r), bool(r.resets)
             ):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.nets import AnomalyNet, NetConfig, Seq2SeqNet, build, sliding
+from models.nets import AnomalyNet, NetConfig, Seq2SeqNet, StepNet, build, sliding
 from pipeline.contract import BATCH
 
 CELLS = ["lstm", "gru", "rnn"]
@@ -123,6 +123,7 @@ def test_seq2seq_is_level_invariant() -> None:
 def test_untrained_forecaster_predicts_no_change_in_raw_units() -> None:
     """The residual head starts near 'no change': zero head weights give exactly x_t."""
     net = build(_config("lstm", "forecast", 1)).eval()
+    assert isinstance(net, StepNet)
     torch.nn.init.zeros_(net.head.weight)
     torch.nn.init.zeros_(net.head.bias)
     x = torch.randn(1, 6, 3) * 3 + 1

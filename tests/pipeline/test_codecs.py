@@ -239,3 +239,34 @@ def test_non_finite_outputs_are_not_written() -> None:
     probs = np.array([[np.nan, 0.5, 0.5]], dtype=np.float32)
     step = Step("s", np.zeros((1, 3), np.float32))
     assert enc.encode(Result(step, {"probs": probs})) is None
+
+
+def test_seq2seq_prediction_uses_the_forecast_format() -> None:
+    enc = PredictionEncoder(
+        spec("seq2seq", targets=("b",), horizon=4, window=8, outputs=("forecast",))
+    )
+    fc = np.linspace(0, 1, 4, dtype=np.float32).reshape(1, 4, 1)
+    result = Result(Step("s", np.zeros((1, 3), np.float32)), {"forecast": fc})
+    doc = json.loads(enc.encode(result) or b"")
+    assert np.array(doc["forecast"]["b"], dtype=np.float32).tolist() == fc[0, :, 0].tolist()
+
+
+@pytest.mark.parametrize(
+    ("scores", "flag"),
+    [([0.1, 0.9, 0.2], True), ([0.1, 0.2, 0.3], False), ([0.5], False), ([0.5000001], True)],
+)
+def test_anomaly_prediction_flags_the_worst_row_of_the_message(
+    scores: list[float], flag: bool
+) -> None:
+    model = spec("anomaly", window=16, threshold=0.5, outputs=("score",))
+    enc = PredictionEncoder(model)
+    score = np.array(scores, dtype=np.float32)
+    result = Result(Step("s", np.zeros((len(scores), 3), np.float32), seq=3), {"score": score})
+    doc = json.loads(enc.encode(result) or b"")
+    assert doc["seq"] == 3 + len(scores) - 1
+    assert np.float32(doc["score"]) == score.max()
+    assert doc["threshold"] == 0.5
+    assert doc["anomaly"] is flag is bool(model.flags(score.max()))
+    assert enc.label(result) == int(flag)
+    nan = Result(result.step, {"score": np.array([np.nan, *scores[1:]], np.float32)})
+    assert enc.encode(nan) is None
