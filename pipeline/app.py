@@ -21,7 +21,7 @@ from pipeline.codecs import Decoder, PredictionEncoder
 from pipeline.config import Settings
 from pipeline.daemon import Daemon, Service
 from pipeline.datasets import file_sha256
-from pipeline.engine import Engine, Worker
+from pipeline.engine import Engine
 from pipeline.errors import ConfigError, ModelError
 from pipeline.metrics import Exporter, Metrics
 from pipeline.model import StepModel
@@ -41,6 +41,7 @@ from pipeline.sinks.mqtt import ErrorReporter, PredictionSink, PublishPolicy
 from pipeline.sources import mqtt as source_mqtt
 from pipeline.sources.mqtt import MqttSource
 from pipeline.state import RESET_REASONS
+from pipeline.worker import Worker
 
 log = logging.getLogger(__name__)
 

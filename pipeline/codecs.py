@@ -252,8 +252,8 @@ class PredictionEncoder:
     def encode(self, result: Result) -> bytes | None:
         """The message for ``result``'s last row, or None when its outputs are not finite."""
         step = result.step
-        row = result.outputs[self._output][-1]
-        check = row if self._output != "score" else result.outputs["score"]
+        row = result.output(self._output)[-1]
+        check = row if self._output != "score" else result.output("score")
         if not math.isfinite(float(check.sum(dtype=np.float64))):
             return None
         seq = "null" if step.seq is None else str(step.seq + len(step.values) - 1)
@@ -263,7 +263,7 @@ class PredictionEncoder:
             label = self._labels[int(row.argmax())]
             return (self._template % (seq, ts, label, *row.tolist(), extra)).encode()
         if self._output == "score":
-            score = float(result.outputs["score"].max())
+            score = float(result.output("score").max())
             flag = "true" if self._flags(score) else "false"
             return (self._template % (seq, ts, score, flag, extra)).encode()
         # forecast row is [horizon, targets]; the template lists each target's horizon
@@ -273,9 +273,9 @@ class PredictionEncoder:
         """What publish-on-change watches: the class index after the last row, an anomaly
         model's flag (1 when any row is anomalous), 0 for forecasts."""
         if self._output == "probs":
-            return int(result.outputs["probs"][-1].argmax())
+            return int(result.output("probs")[-1].argmax())
         if self._output == "score":
-            return int(self._flags(float(result.outputs["score"].max())))
+            return int(self._flags(float(result.output("score").max())))
         return 0
 
 

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from pipeline.engine import EngineSettings, Overflow
+from pipeline.engine import EngineSettings
 from pipeline.errors import ConfigError
 from pipeline.keywords import DetectorSettings
 from pipeline.keywords_service import AudioSettings, WavFileSettings
 from pipeline.model import PROVIDERS
 from pipeline.sources.microphone import MicrophoneSettings
+from pipeline.worker import Overflow
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -31,12 +31,13 @@ from typing import Any, Protocol
 
 from pipeline.acks import AckLedger
 from pipeline.config import CheckpointConfig
-from pipeline.engine import Engine, Worker
+from pipeline.engine import Engine
 from pipeline.errors import CheckpointError, SeqstreamError
 from pipeline.metrics import Exporter, Metrics
 from pipeline.mqtt import Link
 from pipeline.service import Notifier
 from pipeline.sources.mqtt import MqttSource
+from pipeline.worker import Worker
 
 log = logging.getLogger(__name__)
 

@@ -7,35 +7,32 @@ holds the k-th step of each stream in the call, so a stream's steps run in order
 never in the same batch. Inside a wave, steps with the same number of rows T share
 one ``session.run`` (a batch of mixed T would need padding, and padded rows would run
 through the recurrence and corrupt the state). State rows are gathered into
-preallocated, IO-bound buffers and scattered back (:class:`_Runner`); a stream that
+preallocated, IO-bound buffers and scattered back (:class:`~pipeline.runner.Runner`); a stream that
 steps alone call after call runs in place on two store rows instead (no copies), so
 one stream costs less than a plain ``session.run``. Nothing on this path logs.
 
-:class:`Worker` is the engine's thread: a bounded queue in front of ``process``.
+:class:`~pipeline.worker.Worker` is the engine's thread: a bounded queue in front of
+``process``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from pipeline.errors import ConfigError, ModelError
+from pipeline.errors import ConfigError
 from pipeline.model import StepModel
+from pipeline.runner import SMALL, Plan, Runner
 from pipeline.state import (
     ADMIT_REJECT_REASONS,
     REPEAT,
-    RESET_DROPPED,
     RESET_ENGINE_ERROR,
     RESET_EXPLICIT,
     RESET_MODEL_CHANGE,
@@ -52,7 +49,7 @@ T = TypeVar("T")
 
 _F32 = np.dtype(np.float32)
 _INF = math.inf
-_SMALL = 64  # arrays up to this size are probed for NaN/Inf in pure Python
+
 
 # Why a step is rejected before it reaches a stream (state.py adds duplicate,
 # out_of_order and capacity).
@@ -106,13 +103,43 @@ _ONLY_FLOAT: frozenset[type] = frozenset({float})
 _ONLY_NONE: frozenset[type] = frozenset({type(None)})
 
 
-@dataclass(slots=True)
 class Result:
-    """The model's outputs for one step (each ``[T, ...]``) and the resets applied just before."""
+    """The model's outputs for one step (each ``[T, ...]``) and the resets applied just before.
 
-    step: Step
-    outputs: dict[str, Array]
-    resets: tuple[str, ...] = ()
+    The results of one batch share the batch's output block (``row`` is the step's row
+    in it): a per-step dict of views would cost more than the model's own arithmetic at
+    a thousand streams. :attr:`outputs` builds the dict when read; :meth:`output` reads
+    one output without it.
+    """
+
+    __slots__ = ("_block", "_row", "resets", "step")
+
+    def __init__(
+        self,
+        step: Step,
+        outputs: dict[str, Array],
+        resets: tuple[str, ...] = (),
+        row: int = -1,
+    ) -> None:
+        self.step = step
+        self.resets = resets
+        self._block = outputs  # row < 0: this step's outputs; else each [B, T, ...]
+        self._row = row
+
+    @property
+    def outputs(self) -> dict[str, Array]:
+        row = self._row
+        if row < 0:
+            return self._block
+        return {name: block[row] for name, block in self._block.items()}
+
+    def output(self, name: str) -> Array:
+        """One output, ``[T, ...]`` (a view; copy it to keep it past the next result)."""
+        row = self._row
+        return self._block[name] if row < 0 else self._block[name][row]
+
+    def __repr__(self) -> str:
+        return f"Result(step={self.step!r}, outputs={self.outputs!r}, resets={self.resets!r})"
 
 
 @dataclass(slots=True)
@@ -191,227 +218,6 @@ class _Group:
         return g
 
 
-class _Plan:
-    """IO-bound buffers for one batch shape ``(B, T)``; views into the runner's flat buffers."""
-
-    __slots__ = (
-        "cols",
-        "first",
-        "io",
-        "outputs",
-        "state_in",
-        "state_in_flat",
-        "state_out",
-        "state_out_flat",
-        "x",
-        "x2d",
-        "x_flat",
-        "x_small",
-    )
-
-    io: Any
-    x: Array
-    x2d: Array
-    x_flat: Array
-    x_small: bool  # few enough values for the pure-Python NaN/Inf probe
-    first: list[Array]  # each output of batch row 0 (the single-stream path)
-    state_in: list[Array]
-    state_in_flat: Array
-    state_out: list[Array]
-    state_out_flat: Array
-    cols: list[Array]  # the gather buffer's columns of each state, laid out like the model's
-    outputs: list[Array]
-
-
-class _Banked:
-    """A binding of a single-stream run to store rows: reads one row, writes ``out``."""
-
-    __slots__ = ("io", "out")
-
-    def __init__(self, io: Any, out: Array) -> None:
-        self.io = io
-        self.out = out
-
-
-class _Runner:
-    """Runs ``session`` on preallocated buffers with IO binding; no allocation per call.
-
-    Buffers are flat arrays grown on demand; a :class:`_Plan` per ``(B, T)`` binds
-    contiguous views of them, so plans for every batch size share the same memory. A
-    batch is gathered from the store rows into the plan's state inputs (one ``take``
-    plus a transposing copy per state tensor) and scattered back the same way.
-
-    With B == 1 the state inputs laid end to end are exactly one store row, so a stream
-    stepping alone can skip both copies: a :class:`_Banked` binding points the state
-    inputs at its current store row and the state outputs at the row's twin.
-    """
-
-    MAX_PLANS = 256
-    MAX_BANKED = 64
-
-    def __init__(self, model: StepModel, row_size: int, max_batch: int) -> None:
-        spec = model.spec
-        self.model = model
-        self.session = model.session
-        self._sess = getattr(model.session, "_sess", None)  # skips Python-side checks
-        self.n_features = spec.n_features
-        self.row_size = row_size
-        self.max_batch = max_batch
-        self.specs = spec.state
-        self.output_names = spec.outputs
-        self.output_rows = tuple(spec.output_shapes[name] for name in spec.outputs)
-        self._plans: dict[tuple[int, int], _Plan] = {}
-        self._x = np.empty(0, dtype=np.float32)
-        self._in = np.empty(0, dtype=np.float32)
-        self._out = np.empty(0, dtype=np.float32)
-        self._gather = np.empty((0, row_size), dtype=np.float32)
-        self._task: list[Array] = [np.empty(0, dtype=np.float32) for _ in spec.outputs]
-        self._bank: dict[tuple[int, int, int], _Banked] = {}
-        self._bank_rows: Array | None = None
-        self._check_shapes()
-
-    def _check_shapes(self) -> None:
-        """One real step at start: outputs must have the shapes the buffers will assume
-        (the contract's), or every batch would fail later, one by one."""
-        model = self.model
-        try:
-            x = np.zeros((1, 1, self.n_features), dtype=np.float32)
-            outputs, state = model.run(x, model.initial_state(1))
-        except Exception as exc:  # onnxruntime raises several unrelated types
-            raise ModelError(f"{model.path}: a first step fails: {exc}") from None
-        for name, row in zip(self.output_names, self.output_rows, strict=True):
-            got = tuple(outputs[name].shape)
-            if got != (1, 1, *row):
-                raise ModelError(
-                    f"{model.path}: output {name!r} has shape {list(got)} for one step; "
-                    f"the metadata implies {[1, 1, *row]}"
-                )
-        for spec in self.specs:
-            want = tuple(1 if d == "batch" else int(d) for d in spec.shape)
-            if tuple(state[spec.name].shape) != want:
-                raise ModelError(
-                    f"{model.path}: state output {spec.output!r} has shape "
-                    f"{list(state[spec.name].shape)}; the metadata says {list(want)}"
-                )
-
-    def plan(self, batch: int, steps: int) -> _Plan:
-        plan = self._plans.get((batch, steps))
-        if plan is None:
-            plan = self._make_plan(batch, steps)
-        return plan
-
-    def _ensure(self, batch: int, steps: int) -> None:
-        grown = False
-        need_x = batch * steps * self.n_features
-        if self._x.size < need_x:
-            self._x = np.empty(max(need_x, 2 * self._x.size), dtype=np.float32)
-            grown = True
-        need_s = batch * self.row_size
-        if self._in.size < need_s:
-            size = max(need_s, 2 * self._in.size)
-            self._in = np.empty(size, dtype=np.float32)
-            self._out = np.empty(size, dtype=np.float32)
-            self._gather = np.empty((size // self.row_size, self.row_size), dtype=np.float32)
-            grown = True
-        for k, row in enumerate(self.output_rows):
-            need = batch * steps * math.prod(row)
-            if self._task[k].size < need:
-                self._task[k] = np.empty(max(need, 2 * self._task[k].size), dtype=np.float32)
-                grown = True
-        if grown:
-            self._plans.clear()  # their views point at the old buffers
-            self._bank.clear()
-
-    def _make_plan(self, batch: int, steps: int) -> _Plan:
-        self._ensure(batch, steps)
-        if len(self._plans) >= self.MAX_PLANS:
-            self._plans.clear()
-            self._bank.clear()  # bound to views of the plans just dropped
-        p = _Plan()
-        f = self.n_features
-        p.x = self._x[: batch * steps * f].reshape(batch, steps, f)
-        p.x2d = p.x.reshape(batch * steps, f)
-        p.x_flat = p.x.reshape(-1)
-        p.x_small = p.x_flat.size <= _SMALL
-        p.state_in_flat = self._in[: batch * self.row_size]
-        p.state_out_flat = self._out[: batch * self.row_size]
-        p.state_in, p.state_out, p.cols = [], [], []
-        gather = self._gather[:batch]
-        off = 0
-        for s in self.specs:
-            shape = tuple(batch if d == "batch" else int(d) for d in s.shape)
-            n = math.prod(s.row_shape)
-            p.state_in.append(p.state_in_flat[batch * off : batch * (off + n)].reshape(shape))
-            p.state_out.append(p.state_out_flat[batch * off : batch * (off + n)].reshape(shape))
-            cols = np.moveaxis(
-                gather[:, off : off + n].reshape(batch, *s.row_shape), 0, s.batch_axis
-            )
-            p.cols.append(cols)
-            off += n
-        p.outputs = [
-            self._task[k][: batch * steps * math.prod(row)].reshape(batch, steps, *row)
-            for k, row in enumerate(self.output_rows)
-        ]
-        p.first = [o[0] for o in p.outputs]
-        io = self.session.io_binding()
-        io.bind_cpu_input(self.model.spec.input, p.x)
-        for s, arr in zip(self.specs, p.state_in, strict=True):
-            io.bind_cpu_input(s.name, arr)
-        for name, arr in zip(self.output_names, p.outputs, strict=True):
-            io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
-        for s, arr in zip(self.specs, p.state_out, strict=True):
-            io.bind_output(s.output, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
-        p.io = io
-        self._plans[(batch, steps)] = p
-        return p
-
-    def gather_buffer(self, batch: int) -> Array:
-        return self._gather[:batch]
-
-    def run(self, plan: _Plan) -> None:
-        self.run_io(plan.io)
-
-    def run_io(self, io: Any) -> None:
-        if self._sess is not None:
-            self._sess.run_with_iobinding(io._iobinding, None)
-        else:  # pragma: no cover - onnxruntime without the private handle
-            self.session.run_with_iobinding(io)
-
-    # A stream stepping alone: bind its state rows in place (read one, write the other).
-
-    def banked(self, plan: _Plan, rows: Array, steps: int, row: int, other: int) -> _Banked:
-        """The binding that reads store row ``row`` and writes ``other`` (made on first use,
-        with its reverse), sharing ``plan``'s x and task outputs."""
-        if rows is not self._bank_rows:
-            self._bank.clear()  # the store reallocated: the pointers are stale
-            self._bank_rows = rows
-        key = (steps, row, other)
-        banked = self._bank.get(key)
-        if banked is None:
-            if len(self._bank) >= self.MAX_BANKED:
-                self._bank.clear()
-            self._bank[(steps, other, row)] = self._make_banked(plan, rows, other, row)
-            self._bank[key] = banked = self._make_banked(plan, rows, row, other)
-        return banked
-
-    def _make_banked(self, plan: _Plan, rows: Array, row_in: int, row_out: int) -> _Banked:
-        assert rows.flags.c_contiguous
-        io = self.session.io_binding()
-        io.bind_cpu_input(self.model.spec.input, plan.x)
-        for name, arr in zip(self.output_names, plan.outputs, strict=True):
-            io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
-        base = rows.ctypes.data
-        width = rows.shape[1] * rows.itemsize
-        off = 0
-        for s in self.specs:
-            shape = [1 if d == "batch" else int(d) for d in s.shape]
-            at = off * rows.itemsize
-            io.bind_input(s.name, "cpu", 0, np.float32, shape, base + row_in * width + at)
-            io.bind_output(s.output, "cpu", 0, np.float32, shape, base + row_out * width + at)
-            off += math.prod(s.row_shape)
-        return _Banked(io, rows[row_out])
-
-
 class Engine:
     """Runs steps of many streams through one :class:`StepModel`, carrying their state."""
 
@@ -432,7 +238,7 @@ class Engine:
 
     def _bind(self, model: StepModel) -> None:
         self._model = model
-        self._runner = _Runner(model, self._store.layout.row_size, self.settings.max_batch)
+        self._runner = Runner(model, self._store.layout.row_size, self.settings.max_batch)
         self._n_features = model.spec.n_features
         self._output_names = model.spec.outputs
         self._check_state = self.settings.check_state
@@ -496,13 +302,7 @@ class Engine:
         todo: Sequence[int] = range(len(valid))  # positions among the valid steps
         while todo:
             if keys is not None:  # the first wave of a clean call
-                if lens is None:
-                    sts = [admit(k, q, t, 1, now) for k, q, t in zip(keys, seqs, tss, strict=True)]
-                else:
-                    sts = [
-                        admit(k, q, t, m, now)
-                        for k, q, t, m in zip(keys, seqs, tss, lens, strict=True)
-                    ]
+                sts = store.admit_many(keys, seqs, tss, lens, now)
                 keys = None
             else:
                 sts = []
@@ -809,34 +609,32 @@ class Engine:
         state_rows[index] = gather
         names = self._output_names
         idx = group.idx
-        if len(names) == 1 and not group.resets and not store.pending_streams:
-            name = names[0]
-            out0 = plan.outputs[0].copy()
-            if type(idx) is range and idx.step == 1 and len(idx) == len(steps):
-                made = [Result(s, {name: row}, ()) for s, row in zip(steps, out0, strict=True)]
-            else:
-                made = [Result(steps[i], {name: row}, ()) for i, row in zip(idx, out0, strict=True)]
+        block = {nm: o.copy() for nm, o in zip(names, plan.outputs, strict=True)}
+        if not group.resets and not store.pending_streams:
             if type(idx) is range and idx.step == 1:
-                results[idx.start : idx.stop] = made
+                if len(idx) == len(steps):
+                    results[:] = [Result(s, block, (), k) for k, s in enumerate(steps)]
+                else:
+                    lo = idx.start
+                    made = [Result(steps[lo + k], block, (), k) for k in range(len(idx))]
+                    results[lo : idx.stop] = made
             else:
-                for i, r in zip(idx, made, strict=True):
-                    results[i] = r
+                for k, i in enumerate(idx):
+                    results[i] = Result(steps[i], block, (), k)
         else:
-            outputs = [o.copy() for o in plan.outputs]
             resets = group.resets
             take_pending = store.take_pending
             for k, i in enumerate(idx):
-                values = {nm: o[k] for nm, o in zip(names, outputs, strict=True)}
                 done = take_pending(self._stream(steps[i]))
                 if k in resets:
                     done = (*done, resets[k])
-                results[i] = Result(steps[i], values, done)
+                results[i] = Result(steps[i], block, done, k)
         for k in bad:
             st = self._stream(steps[idx[k]])
             store.mark_reset(st, RESET_NON_FINITE, forget_sequence=False)
         observer.on_batch(b, time.perf_counter() - started)
 
-    def _non_finite_rows(self, plan: _Plan, b: int) -> list[int]:
+    def _non_finite_rows(self, plan: Plan, b: int) -> list[int]:
         mask = np.zeros(b, dtype=bool)
         for s, arr in zip(self._model.spec.state, plan.state_out, strict=True):
             rows = np.moveaxis(arr, s.batch_axis, 0).reshape(b, -1)
@@ -957,7 +755,7 @@ def _all_finite(x: Array) -> bool:
     float32 values summed as Python floats cannot overflow, so a non-finite sum means a
     non-finite value; a dot product may overflow, so its alarm is double-checked.
     """
-    if x.size <= _SMALL:
+    if x.size <= SMALL:
         return math.isfinite(sum(x.tolist()))
     return math.isfinite(x.dot(x)) or bool(np.isfinite(x).all())
 
@@ -976,229 +774,3 @@ def _reject_detail(reason: str, step: Step, st: Stream | None) -> str:
 
 
 # -- the worker thread ------------------------------------------------------------------
-
-Overflow = Literal["block", "drop"]
-Sink = Callable[[Sequence[Result | Rejected]], None]
-
-
-class _Call:
-    __slots__ = ("fn", "future")
-
-    def __init__(self, fn: Callable[[Engine], Any], future: Future[Any]) -> None:
-        self.fn = fn
-        self.future = future
-
-
-# A queue item: a step, ("reset", stream, reason), or a call to run on the worker.
-_Item = Step | tuple[str, str, str] | _Call
-
-
-class Worker:
-    """One thread: bounded queue -> :meth:`Engine.process` in batches -> ``sink``.
-
-    Only this thread touches the engine once started; use :meth:`call` to checkpoint,
-    swap models or read anything from the engine. ``overflow="drop"`` refuses steps
-    when the queue is full: :meth:`submit` returns False, and the stream is reset
-    (reason ``dropped``) where the lost step would have run, since its carried state
-    skipped a step. ``overflow="block"`` makes the producer wait (up to its timeout;
-    a step that times out is dropped the same way).
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        sink: Sink,
-        *,
-        max_queue: int = 10_000,
-        max_batch: int = 1024,
-        max_wait_ms: float = 1.0,
-        overflow: Overflow = "block",
-        tick_interval_s: float = 1.0,
-    ) -> None:
-        if max_queue < 1:
-            raise ConfigError("max_queue: must be >= 1")
-        if max_batch < 1:
-            raise ConfigError("max_batch: must be >= 1")
-        if max_wait_ms < 0:
-            raise ConfigError("max_wait_ms: must be >= 0")
-        if overflow not in ("block", "drop"):
-            raise ConfigError(f"overflow: must be 'block' or 'drop', got {overflow!r}")
-        self._engine = engine
-        self._sink = sink
-        self._max_queue = max_queue
-        self._max_batch = max_batch
-        self._max_wait = max_wait_ms / 1000.0
-        self._overflow = overflow
-        self._tick_interval = tick_interval_s
-        self._queue: deque[_Item] = deque()
-        self._steps_queued = 0
-        self._cv = threading.Condition()
-        self._drop_resets: set[str] = set()  # streams with a queued "dropped" reset
-        self._dropped = 0
-        self._stopping = False
-        self._drain = True
-        self._thread: threading.Thread | None = None
-
-    # -- producers (any thread) ---------------------------------------------------------
-
-    def submit(self, step: Step, timeout: float | None = None) -> bool:
-        """Queue a step; False when it was dropped (queue full, or the worker stopped)."""
-        with self._cv:
-            if self._stopping:
-                return False
-            if self._steps_queued >= self._max_queue:
-                if self._overflow == "block":
-                    self._cv.wait_for(
-                        lambda: self._steps_queued < self._max_queue or self._stopping, timeout
-                    )
-                if self._steps_queued >= self._max_queue or self._stopping:
-                    self._dropped += 1
-                    self._reset_after_drop(step.stream)
-                    return False
-            self._queue.append(step)
-            self._steps_queued += 1
-            self._cv.notify_all()
-        return True
-
-    def _reset_after_drop(self, stream: str) -> None:
-        """Queue a ``dropped`` reset where the lost step would have run (lock held).
-
-        It goes past the bound (it is tiny), once per stream until it has run, so the
-        queue grows by at most one marker per stream however long the overload lasts.
-        """
-        if stream not in self._drop_resets:
-            self._drop_resets.add(stream)
-            self._queue.append(("reset", stream, RESET_DROPPED))
-
-    def submit_reset(self, stream: str) -> None:
-        """Reset ``stream`` after the steps already queued for it (never dropped)."""
-        self._enqueue(("reset", stream, RESET_EXPLICIT))
-
-    def call(self, fn: Callable[[Engine], T]) -> Future[T]:
-        """Run ``fn(engine)`` on the worker thread, after what is queued; returns its future."""
-        future: Future[T] = Future()
-        self._enqueue(_Call(fn, future))
-        return future
-
-    def _enqueue(self, item: Any) -> None:
-        with self._cv:
-            if self._stopping and not self._drain:
-                if isinstance(item, _Call):
-                    item.future.cancel()
-                return
-            self._queue.append(item)
-            self._cv.notify_all()
-
-    @property
-    def depth(self) -> int:
-        """Steps waiting in the queue."""
-        return self._steps_queued
-
-    @property
-    def dropped(self) -> int:
-        """Steps refused since start (queue full or stopped)."""
-        return self._dropped
-
-    # -- lifecycle ----------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("worker already started")
-        self._thread = threading.Thread(target=self._loop, name="seqstream-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, drain: bool = True, timeout: float | None = 10.0) -> bool:
-        """Stop the thread, first running what is queued when ``drain``; True if it ended."""
-        with self._cv:
-            self._stopping = True
-            self._drain = drain
-            if not drain:
-                self._discard_locked()
-            self._cv.notify_all()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _discard_locked(self) -> None:
-        for item in self._queue:
-            if isinstance(item, _Call):
-                item.future.cancel()
-        self._queue.clear()
-        self._drop_resets.clear()
-        self._steps_queued = 0
-
-    # -- the thread ---------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        next_tick = time.monotonic() + self._tick_interval
-        while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait(max(0.0, next_tick - time.monotonic()))
-                    if time.monotonic() >= next_tick:
-                        break
-                if self._stopping and not self._queue:
-                    return
-                if self._queue and self._max_wait > 0 and self._steps_queued < self._max_batch:
-                    deadline = time.monotonic() + self._max_wait
-                    self._cv.wait_for(
-                        lambda: self._steps_queued >= self._max_batch or self._stopping,
-                        max(0.0, deadline - time.monotonic()),
-                    )
-                batch = self._take_locked()
-                self._cv.notify_all()  # room for blocked producers
-            self._handle(batch)
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + self._tick_interval
-                self._guard(self._engine.tick)
-
-    def _take_locked(self) -> list[_Item]:
-        batch: list[_Item] = []
-        taken = 0
-        q = self._queue
-        while q and taken < self._max_batch:
-            item = q.popleft()
-            if isinstance(item, Step):
-                taken += 1
-            batch.append(item)
-        self._steps_queued -= taken
-        return batch
-
-    def _handle(self, batch: list[_Item]) -> None:
-        steps: list[Step] = []
-        for item in batch:
-            if isinstance(item, Step):
-                steps.append(item)
-                continue
-            self._flush(steps)  # what came before runs before the reset or call
-            steps = []
-            if isinstance(item, _Call):
-                if item.future.set_running_or_notify_cancel():
-                    try:
-                        item.future.set_result(item.fn(self._engine))
-                    except BaseException as exc:
-                        item.future.set_exception(exc)
-            else:
-                _tag, stream, reason = item
-                if reason == RESET_DROPPED:
-                    with self._cv:
-                        self._drop_resets.discard(stream)
-                self._guard(functools.partial(self._engine.reset, stream, reason))
-        self._flush(steps)
-
-    def _flush(self, steps: list[Step]) -> None:
-        if not steps:
-            return
-        results = self._guard(lambda: self._engine.process(steps))
-        if results is not None:
-            self._guard(lambda: self._sink(results))
-
-    def _guard(self, fn: Callable[[], T]) -> T | None:
-        """Keep the thread alive whatever a callee raises (logged: it is a bug somewhere)."""
-        try:
-            return fn()
-        except Exception:
-            log.exception("engine worker: unexpected error")
-            return None

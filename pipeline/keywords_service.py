@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from pipeline.engine import Engine, EngineSettings, Rejected, Result, Step, Worker
+from pipeline.engine import Engine, EngineSettings, Rejected, Result, Step
 from pipeline.errors import ConfigError, ContractError, ModelError
 from pipeline.features.logmel import LogMelConfig, StreamingLogMel
 from pipeline.keywords import Detector, DetectorSettings
@@ -48,6 +48,7 @@ from pipeline.sources.microphone import (
 )
 from pipeline.sources.wavfile import WavFileSource
 from pipeline.state import RESET_REASONS
+from pipeline.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class KeywordSink:
             elif r.resets:
                 det.reset()
             seq = step.seq or 0
-            probs = r.outputs["probs"]
+            probs = r.output("probs")
             for d in det.update(probs, seq):
                 k = d.frame - seq
                 ts = (step.ts or 0.0) + k * self._hop_s

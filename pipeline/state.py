@@ -296,6 +296,67 @@ class StateStore:
         self.last = st
         return st.row
 
+    def admit_many(
+        self,
+        keys: Sequence[str],
+        seqs: Sequence[int | None],
+        tss: Sequence[float | None],
+        lens: Sequence[int] | None,
+        now: float,
+    ) -> list[int | str]:
+        """:meth:`admit` for each step in order (``lens`` None: one row each).
+
+        The plain case (a known stream continuing without a reset) is decided inline,
+        which halves admission's cost at a thousand streams; anything else goes through
+        :meth:`admit`, so both decide alike.
+        """
+        get = self._get
+        move = self._move_to_end
+        admit = self.admit
+        mark = self.mark
+        idle = self._idle
+        seq_tol = self._seq_tol
+        ts_tol = self._ts_tol
+        out: list[int | str] = []
+        append = out.append
+        st: Stream | None = None
+        fast = False
+        for i, key in enumerate(keys):
+            seq = seqs[i]
+            ts = tss[i]
+            n = 1 if lens is None else lens[i]
+            st = get(key)
+            fast = (
+                st is not None
+                and st.mark != mark
+                and not now - st.last_seen > idle
+                and (
+                    seq is None
+                    or (nxt := st.next_seq) is None
+                    or (nxt <= seq and not seq - nxt > seq_tol)
+                )
+                and (
+                    ts is None
+                    or (lt := st.last_ts) is None
+                    or ((seq is not None or ts > lt) and not ts - lt > ts_tol)
+                )
+            )
+            if not fast:
+                append(admit(key, seq, ts, n, now))
+                continue
+            assert st is not None
+            move(key)
+            st.reset = ""
+            st.mark = mark
+            st.last_seen = now
+            st.last_seq = seq
+            st.next_seq = None if seq is None else seq + n
+            st.last_ts = ts
+            append(st.row)
+        if fast:
+            self.last = st
+        return out
+
     def _create(self, key: str, now: float) -> Stream | None:
         if not self._free:
             if self.capacity < self.policy.max_streams:

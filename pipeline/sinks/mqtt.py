@@ -152,7 +152,7 @@ class PredictionSink:
                 continue
             stream = r.step.stream
             if anomaly:  # every scored step, published or not
-                for score in r.outputs["score"].tolist():
+                for score in r.output("score").tolist():
                     self._metrics.on_anomaly(score, encoder.threshold)
             if self._policy is not None and not self._policy.admit(
                 stream, encoder.label(r), bool(r.resets)

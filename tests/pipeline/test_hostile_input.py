@@ -30,7 +30,7 @@ from pipeline import app, codecs, config
 from pipeline.codecs import Decoder
 from pipeline.config import InputConfig, MqttConfig
 from pipeline.contract import ModelSpec, Normalisation, recurrent_state
-from pipeline.engine import Engine, EngineSettings, Rejected, Result, Worker
+from pipeline.engine import Engine, EngineSettings, Rejected, Result
 from pipeline.errors import ConfigError, ContractError, PayloadError
 from pipeline.metrics import Metrics
 from pipeline.model import StepModel
@@ -39,6 +39,7 @@ from pipeline.sinks.mqtt import ErrorReporter
 from pipeline.sources import mqtt as source_mqtt
 from pipeline.sources.mqtt import MqttSource, topic_filter
 from pipeline.state import RESET_REASONS
+from pipeline.worker import Worker
 
 F = 6
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
