@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from pipeline.cli import main
 from pipeline.engine import (
+    REJECT_BAD_DTYPE,
     REJECT_REASONS,
     Engine,
     EngineSettings,
@@ -329,6 +330,30 @@ def test_bad_input_is_rejected_before_any_state_is_touched(
     got_other = np.concatenate([only_output(first[1]), only_output(rest[1])])
     np.testing.assert_allclose(got_victim, offline(lstm_model, victim)["probs"], atol=ATOL)
     np.testing.assert_allclose(got_other, offline(lstm_model, other)["probs"], atol=ATOL)
+
+
+def test_one_row_steps_in_any_memory_layout_give_the_same_outputs(
+    lstm_model: StepModel,
+) -> None:
+    """The fast staging of one-row steps (their bytes end to end) must not be fooled by
+    strided, Fortran-ordered or byte-swapped arrays."""
+    rng = np.random.default_rng(21)
+    x = data(rng, 4)
+    wide = np.zeros((1, 2 * F), np.float32)
+    wide[0, ::2] = x[1]
+    layouts = [
+        x[0:1].copy(),
+        wide[:, ::2],  # a strided view
+        np.asfortranarray(x[2:3]),
+        x[3:4].astype(">f4"),  # the right values in the wrong byte order
+    ]
+    plain = [Step(f"s{k}", x[k : k + 1].copy(), seq=0) for k in range(4)]
+    mixed = [Step(f"s{k}", v, seq=0) for k, v in enumerate(layouts)]
+    want = Engine(lstm_model, EngineSettings()).process(plain)
+    got = Engine(lstm_model, EngineSettings()).process(mixed)
+    for k in range(3):
+        np.testing.assert_array_equal(only_output(got[k]), only_output(want[k]))
+    assert isinstance(got[3], Rejected) and got[3].reason == REJECT_BAD_DTYPE
 
 
 def test_float_timestamps_given_as_ints_are_accepted(lstm_model: StepModel) -> None:
@@ -696,6 +721,22 @@ def test_bench_prints_one_json_document_with_every_figure(
         many["raw_batched_us_per_step"]["median"] / many["engine_us_per_step"]["median"]
     )
     assert "single_stream_engine_over_raw <= 1.0" in doc["targets"]
+
+
+@pytest.mark.parametrize("task", ["forecast", "anomaly", "seq2seq"])
+def test_bench_measures_every_task_against_pytorch_eager(
+    random_model_path: ModelFactory, task: str
+) -> None:
+    from pipeline.commands.bench import benchmark
+
+    doc = benchmark(
+        random_model_path("gru", task), streams=(12,), rounds=2, single_steps=30,
+        max_batch=8, repeats=1, rss=False,
+    )  # fmt: skip
+    eager = doc["single_stream"]["torch_eager_us"]
+    assert eager is not None and eager["median"] > 0
+    assert doc["ratios"]["single_stream_torch_eager_over_engine"] > 0
+    assert doc["streams"][0]["streams_held"] == 12
 
 
 def test_bench_rejects_bad_arguments(
