@@ -229,6 +229,7 @@ class PredictionEncoder:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.task = spec.task
+        self.last_label = 0  # label() of the result encode() wrote last
         tail = f'"model":{_lit(spec.name)},"version":{_lit(spec.version)}%s}}'
         if spec.task == "classify":
             self._output = "probs"
@@ -250,24 +251,33 @@ class PredictionEncoder:
             raise ModelError(f"task {spec.task!r} has no prediction format")
 
     def encode(self, result: Result) -> bytes | None:
-        """The message for ``result``'s last row, or None when its outputs are not finite."""
+        """The message for ``result``'s last row, or None when its outputs are not finite.
+
+        Sets :attr:`last_label` (see :meth:`label`) for the caller's metrics.
+        """
         step = result.step
-        row = result.output(self._output)[-1]
-        check = row if self._output != "score" else result.output("score")
-        if not math.isfinite(float(check.sum(dtype=np.float64))):
+        out = result.output(self._output)
+        if self._output == "probs":
+            values = out[-1].tolist()
+        elif self._output == "score":
+            values = out.tolist()
+        else:  # forecast row is [horizon, targets]; the template lists each target's horizon
+            values = out[-1].T.ravel().tolist()
+        if not math.isfinite(sum(values)):  # NaN or Inf anywhere
             return None
         seq = "null" if step.seq is None else str(step.seq + len(step.values) - 1)
         ts = "null" if step.ts is None else repr(step.ts)
         extra = _resets(result.resets) if result.resets else ""
         if self._output == "probs":
-            label = self._labels[int(row.argmax())]
-            return (self._template % (seq, ts, label, *row.tolist(), extra)).encode()
+            self.last_label = k = values.index(max(values))
+            return (self._template % (seq, ts, self._labels[k], *values, extra)).encode()
         if self._output == "score":
-            score = float(result.output("score").max())
-            flag = "true" if self._flags(score) else "false"
+            score = max(values)
+            flagged = bool(self._flags(score))
+            self.last_label = int(flagged)
+            flag = "true" if flagged else "false"
             return (self._template % (seq, ts, score, flag, extra)).encode()
-        # forecast row is [horizon, targets]; the template lists each target's horizon
-        return (self._template % (seq, ts, *row.T.ravel().tolist(), extra)).encode()
+        return (self._template % (seq, ts, *values, extra)).encode()
 
     def label(self, result: Result) -> int:
         """What publish-on-change watches: the class index after the last row, an anomaly

@@ -175,6 +175,6 @@ class PredictionSink:
             published += 1
             observe(self._clock() - r.step.received)
             if classify:
-                self._metrics.on_label(encoder.label(r))
+                self._metrics.on_label(encoder.last_label)
         if published:
             self._metrics.published.inc(published)
