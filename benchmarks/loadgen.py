@@ -18,7 +18,8 @@ and RSS growth < 5 % after warm-up. The sensors are one publisher process (the p
 mode of ``mqtt_throughput.py``); the daemon is its own process; this process subscribes.
 
     python benchmarks/loadgen.py [--streams 1000] [--rate 10] [--seconds 600]
-        [--search-seconds 10] [--broker throughput|shipped] [--ack-after-checkpoint]
+        [--search-seconds 10] [--search-rates 1000 2000 ...] [--broker throughput|shipped]
+        [--ack-after-checkpoint]
 """
 
 from __future__ import annotations
@@ -281,6 +282,14 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10.0, help="Hz per stream in the soak")
     ap.add_argument("--seconds", type=float, default=600.0, help="soak duration")
     ap.add_argument("--search-seconds", type=float, default=10.0, help="each search run; 0: none")
+    ap.add_argument(
+        "--search-rates",
+        type=int,
+        nargs="+",
+        default=list(SEARCH),
+        metavar="MSGS_PER_S",
+        help="total rates tried in the search, rising (default: %(default)s)",
+    )
     ap.add_argument("--qos", type=int, default=1, choices=(0, 1))
     ap.add_argument(
         "--broker",
@@ -341,7 +350,7 @@ def main() -> None:
             report["load_average_after_soak"] = load_average()
             if args.search_seconds > 0:
                 runs = []
-                for rate in SEARCH:
+                for rate in args.search_rates:
                     run = trial(sensors, sink, daemon, args.qos, rate, args.search_seconds)
                     run.pop("rss_mb")
                     runs.append(run)
