@@ -6,6 +6,7 @@ under the contract, real onnxruntime sessions); the runtime under test never see
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.contract import CELLS, TASKS
+from pipeline.engine import Rejected, Result
 from pipeline.model import StepModel
 
 KINDS = [(cell, task) for cell in CELLS for task in TASKS]
@@ -75,3 +77,38 @@ def offline() -> Offline:
         return {k: v[0] for k, v in outputs.items()}
 
     return run
+
+
+# -- helpers shared by the engine and worker tests ----------------------------------------
+
+F = N_FEATURES
+ATOL = 1e-5
+
+
+class Recorder:
+    """An engine observer that keeps everything it is told."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.resets: Counter[str] = Counter()
+        self.rejects: Counter[str] = Counter()
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        assert seconds >= 0
+        self.batches.append(size)
+
+    def on_reset(self, reason: str, count: int = 1) -> None:
+        self.resets[reason] += count
+
+    def on_reject(self, reason: str) -> None:
+        self.rejects[reason] += 1
+
+
+def data(rng: np.random.Generator, t: int) -> np.ndarray:
+    return rng.standard_normal((t, F)).astype(np.float32)
+
+
+def only_output(result: Result | Rejected) -> np.ndarray:
+    assert isinstance(result, Result), result
+    (value,) = result.outputs.values()
+    return value

@@ -41,31 +41,10 @@ from pipeline.state import (
     RESET_TS_GAP,
     TWINS,
 )
+from tests.pipeline.conftest import ATOL, F, Recorder, data, only_output
 
 if TYPE_CHECKING:
     from tests.pipeline.conftest import ModelFactory, Offline
-
-F = 6  # features of the conftest models
-ATOL = 1e-5
-
-
-class Recorder:
-    """An engine observer that keeps everything it is told."""
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-        self.resets: Counter[str] = Counter()
-        self.rejects: Counter[str] = Counter()
-
-    def on_batch(self, size: int, seconds: float) -> None:
-        assert seconds >= 0
-        self.batches.append(size)
-
-    def on_reset(self, reason: str, count: int = 1) -> None:
-        self.resets[reason] += count
-
-    def on_reject(self, reason: str) -> None:
-        self.rejects[reason] += 1
 
 
 class Clock:
@@ -74,16 +53,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def data(rng: np.random.Generator, t: int) -> np.ndarray:
-    return rng.standard_normal((t, F)).astype(np.float32)
-
-
-def only_output(result: Result | Rejected) -> np.ndarray:
-    assert isinstance(result, Result), result
-    (value,) = result.outputs.values()
-    return value
 
 
 def run_alone(engine: Engine, step: Step) -> Result | Rejected:

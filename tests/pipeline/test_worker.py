@@ -16,8 +16,7 @@ from pipeline.errors import ConfigError
 from pipeline.model import StepModel
 from pipeline.state import RESET_DROPPED, RESET_EXPLICIT
 from pipeline.worker import Worker
-from tests.pipeline.conftest import Offline
-from tests.pipeline.test_engine import ATOL, F, Recorder, data, only_output
+from tests.pipeline.conftest import ATOL, F, Offline, Recorder, data, only_output
 
 
 class Sink:
