@@ -229,7 +229,6 @@ class PredictionEncoder:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.task = spec.task
-        self.last_label = 0  # label() of the result encode() wrote last
         tail = f'"model":{_lit(spec.name)},"version":{_lit(spec.version)}%s}}'
         if spec.task == "classify":
             self._output = "probs"
@@ -251,10 +250,7 @@ class PredictionEncoder:
             raise ModelError(f"task {spec.task!r} has no prediction format")
 
     def encode(self, result: Result) -> bytes | None:
-        """The message for ``result``'s last row, or None when its outputs are not finite.
-
-        Sets :attr:`last_label` (see :meth:`label`) for the caller's metrics.
-        """
+        """The message for ``result``'s last row, or None when its outputs are not finite."""
         step = result.step
         out = result.output(self._output)
         if self._output == "probs":
@@ -269,13 +265,11 @@ class PredictionEncoder:
         ts = "null" if step.ts is None else repr(step.ts)
         extra = _resets(result.resets) if result.resets else ""
         if self._output == "probs":
-            self.last_label = k = values.index(max(values))
+            k = values.index(max(values))
             return (self._template % (seq, ts, self._labels[k], *values, extra)).encode()
         if self._output == "score":
             score = max(values)
-            flagged = bool(self._flags(score))
-            self.last_label = int(flagged)
-            flag = "true" if flagged else "false"
+            flag = "true" if self._flags(score) else "false"
             return (self._template % (seq, ts, score, flag, extra)).encode()
         return (self._template % (seq, ts, *values, extra)).encode()
 

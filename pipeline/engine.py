@@ -7,9 +7,9 @@ holds the k-th step of each stream in the call, so a stream's steps run in order
 never in the same batch. Inside a wave, steps with the same number of rows T share
 one ``session.run`` (a batch of mixed T would need padding, and padded rows would run
 through the recurrence and corrupt the state). State rows are gathered into
-preallocated, IO-bound buffers and scattered back (:class:`~pipeline.runner.Runner`); a stream that
-steps alone call after call runs in place on two store rows instead (no copies), so
-one stream costs less than a plain ``session.run``. Nothing on this path logs.
+preallocated, IO-bound buffers and scattered back (:class:`~pipeline.runner.Runner`);
+a stream that steps alone call after call runs in place on two store rows instead (no
+copies), so one stream costs less than a plain ``session.run``. Nothing on this path logs.
 
 :class:`~pipeline.worker.Worker` is the engine's thread: a bounded queue in front of
 ``process``.

@@ -319,8 +319,6 @@ class StateStore:
         ts_tol = self._ts_tol
         out: list[int | str] = []
         append = out.append
-        st: Stream | None = None
-        fast = False
         for i, key in enumerate(keys):
             seq = seqs[i]
             ts = tss[i]
@@ -352,9 +350,8 @@ class StateStore:
             st.last_seq = seq
             st.next_seq = None if seq is None else seq + n
             st.last_ts = ts
-            append(st.row)
-        if fast:
             self.last = st
+            append(st.row)
         return out
 
     def _create(self, key: str, now: float) -> Stream | None:

@@ -154,9 +154,8 @@ class PredictionSink:
             if anomaly:  # every scored step, published or not
                 for score in r.output("score").tolist():
                     self._metrics.on_anomaly(score, encoder.threshold)
-            if self._policy is not None and not self._policy.admit(
-                stream, encoder.label(r), bool(r.resets)
-            ):
+            label = encoder.label(r) if classify or self._policy is not None else 0
+            if self._policy is not None and not self._policy.admit(stream, label, bool(r.resets)):
                 continue
             payload = encoder.encode(r)
             if payload is None:
@@ -175,6 +174,6 @@ class PredictionSink:
             published += 1
             observe(self._clock() - r.step.received)
             if classify:
-                self._metrics.on_label(encoder.last_label)
+                self._metrics.on_label(label)
         if published:
             self._metrics.published.inc(published)

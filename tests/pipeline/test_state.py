@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.contract import StateSpec, recurrent_state
 from pipeline.errors import CheckpointError, ConfigError
@@ -235,6 +237,45 @@ def test_a_stream_admits_one_step_per_wave() -> None:
 
 
 # -- resets -------------------------------------------------------------------------------
+
+
+_STEP = st.tuples(
+    st.sampled_from(["a", "b", "c", "d", "e"]),  # more keys than max_streams: evictions
+    st.one_of(st.none(), st.integers(0, 12)),  # seq
+    st.one_of(st.none(), st.floats(0.0, 12.0)),  # ts
+    st.integers(1, 3),  # rows
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(calls=st.lists(st.tuples(st.lists(_STEP, min_size=1, max_size=6), st.floats(0, 30))))
+def test_admit_many_decides_exactly_like_admit_one_by_one(
+    calls: list[tuple[list[tuple[str, int | None, float | None, int]], float]],
+) -> None:
+    """The inlined plain case of admit_many must never drift from admit: same answers,
+    same per-stream bookkeeping, same LRU order, same resets reported."""
+    policy = {"max_streams": 4, "initial_capacity": 2, "idle_timeout_s": 5.0,
+              "seq_gap_tolerance": 2, "ts_gap_tolerance_s": 3.0}  # fmt: skip
+    one, one_resets = store_with(**policy)
+    many, many_resets = store_with(**policy)
+    now = 0.0
+    for steps, dt in calls:
+        now += dt
+        keys, seqs, tss, lens = (list(c) for c in zip(*steps, strict=True))
+        one.begin()
+        want = [one.admit(k, q, t, n, now) for k, q, t, n in steps]
+        many.begin()
+        got = many.admit_many(keys, seqs, tss, lens, now)
+        assert got == want
+        assert [s.key for s in many] == [s.key for s in one]  # LRU order
+        fields = ("row", "reset", "mark", "last_seen", "last_seq", "next_seq", "last_ts")
+        for a, b in zip(many, one, strict=True):
+            assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
+        assert (many.call_rejects, many.call_repeats, many.call_resets) == (
+            one.call_rejects, one.call_repeats, one.call_resets)  # fmt: skip
+        assert (many.last is None) == (one.last is None)
+        assert many.last is None or one.last is None or many.last.key == one.last.key
+    assert many_resets.counts == one_resets.counts
 
 
 def test_explicit_reset_restores_the_initial_row_and_is_pending_once() -> None:
