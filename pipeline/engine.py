@@ -17,13 +17,12 @@ copies), so one stream costs less than a plain ``session.run``. Nothing on this 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -34,6 +33,7 @@ from pipeline.model import StepModel
 from pipeline.runner import SMALL, Plan, Runner
 from pipeline.state import (
     ADMIT_REJECT_REASONS,
+    MAX_SEQ,
     REPEAT,
     RESET_ENGINE_ERROR,
     RESET_EXPLICIT,
@@ -63,7 +63,7 @@ REJECT_BAD_RANK = "bad_rank"  # values is not [T, F]
 REJECT_BAD_FEATURES = "bad_features"  # F differs from the model's feature count
 REJECT_EMPTY = "empty"  # T == 0
 REJECT_TOO_LONG = "too_long"  # T > max_chunk
-REJECT_BAD_SEQ = "bad_seq"  # seq is not a non-negative int
+REJECT_BAD_SEQ = "bad_seq"  # seq is not an int in 0 .. MAX_SEQ - 1
 REJECT_BAD_TS = "bad_ts"  # ts is not a finite number
 REJECT_NON_FINITE = "non_finite"  # values hold NaN or Inf
 REJECT_ENGINE_ERROR = "engine_error"  # onnxruntime failed on the batch (stream reset)
@@ -103,50 +103,68 @@ _ONLY_STR: frozenset[type] = frozenset({str})
 _ONLY_INT: frozenset[type] = frozenset({int})
 _ONLY_FLOAT: frozenset[type] = frozenset({float})
 _ONLY_NONE: frozenset[type] = frozenset({type(None)})
-_ONLY_F32: frozenset[np.dtype[Any]] = frozenset({np.dtype(np.float32)})
-_ONLY_2D: frozenset[int] = frozenset({2})
-_SIZE = operator.attrgetter("size")
-_NDIM = operator.attrgetter("ndim")
-_DTYPE = operator.attrgetter("dtype")
 
 
-class Result:
+class Result(tuple[Any, ...]):
     """The model's outputs for one step (each ``[T, ...]``) and the resets applied just before.
 
     The results of one batch share the batch's output block (``row`` is the step's row
     in it): a per-step dict of views would cost more than the model's own arithmetic at
     a thousand streams. :attr:`outputs` builds the dict when read; :meth:`output` reads
-    one output without it.
+    one output without it. A tuple underneath, so that a batch's results are made by
+    one C-level ``map`` (:func:`_results`) instead of a Python ``__init__`` per step;
+    it compares by identity, like any object.
     """
 
-    __slots__ = ("_block", "_row", "resets", "step")
+    __slots__ = ()
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         step: Step,
         outputs: dict[str, Array],
         resets: tuple[str, ...] = (),
         row: int = -1,
-    ) -> None:
-        self.step = step
-        self.resets = resets
-        self._block = outputs  # row < 0: this step's outputs; else each [B, T, ...]
-        self._row = row
+    ) -> Result:
+        # row < 0: outputs are this step's; else each output is the batch's [B, T, ...]
+        return tuple.__new__(cls, (step, outputs, resets, row))
+
+    @property
+    def step(self) -> Step:
+        step: Step = self[0]
+        return step
+
+    @property
+    def resets(self) -> tuple[str, ...]:
+        resets: tuple[str, ...] = self[2]
+        return resets
 
     @property
     def outputs(self) -> dict[str, Array]:
-        row = self._row
+        _, block, _, row = self
         if row < 0:
-            return self._block
-        return {name: block[row] for name, block in self._block.items()}
+            return block  # type: ignore[no-any-return]
+        return {name: b[row] for name, b in block.items()}
 
     def output(self, name: str) -> Array:
         """One output, ``[T, ...]`` (a view; copy it to keep it past the next result)."""
-        row = self._row
-        return self._block[name] if row < 0 else self._block[name][row]
+        _, block, _, row = self
+        return block[name] if row < 0 else block[name][row]  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"Result(step={self.step!r}, outputs={self.outputs!r}, resets={self.resets!r})"
+
+
+_new_tuple = tuple.__new__
+
+
+def _results(steps: Sequence[Step], block: dict[str, Array], rows: range) -> list[Result]:
+    """Results of ``steps`` without resets, at ``rows`` of a batch's output block."""
+    n = len(steps)
+    made = zip(steps, repeat(block, n), repeat((), n), rows, strict=True)
+    return list(map(_new_tuple, repeat(Result, n), made))
 
 
 @dataclass(slots=True)
@@ -212,11 +230,11 @@ class _Group:
 
     __slots__ = ("idx", "pos", "resets", "rows", "t")
 
-    def __init__(self, t: int, idx: Sequence[int], pos: Sequence[int], rows: list[int]) -> None:
+    def __init__(self, t: int, idx: Sequence[int], pos: Sequence[int], rows: Any) -> None:
         self.t = t
         self.idx = idx  # positions in the call's steps (and results)
         self.pos = pos  # positions among the call's valid steps (rows staged in that order)
-        self.rows = rows  # the streams' rows in the state store
+        self.rows = rows  # the streams' slots in the state store (a list or an intp array)
         self.resets: dict[int, str] = {}  # position in this group -> reset to apply first
 
     def part(self, lo: int, hi: int) -> _Group:
@@ -245,7 +263,7 @@ class Engine:
 
     def _bind(self, model: StepModel) -> None:
         self._model = model
-        self._runner = Runner(model, self._store.layout.row_size, self.settings.max_batch)
+        self._runner = Runner(model, self._store.layout.row_size)
         self._n_features = model.spec.n_features
         self._output_names = model.spec.outputs
         self._check_state = self.settings.check_state
@@ -302,6 +320,7 @@ class Engine:
                 return results  # type: ignore[return-value]
         # 2. admission in waves: each stream's first remaining step per wave, in order
         store = self._store
+        store.return_twins()  # a batch reads states at home
         store.begin()
         now = self._clock()
         admit = store.admit
@@ -325,8 +344,8 @@ class Engine:
                 wave, todo = self._sort_wave(steps, valid, todo, lens, sts, results)
             else:
                 idx = valid if type(todo) is range else [valid[j] for j in todo]
-                group = _Group(t0, idx, todo, sts)  # type: ignore[arg-type]  # no str left
-                if store.call_resets:
+                group = _Group(t0, idx, todo, sts)
+                if store.wave_resets:
                     group.resets = self._planned_resets(steps, idx)
                 wave, todo = {t0: group}, ()
             waves.append(wave)
@@ -365,22 +384,10 @@ class Engine:
         assert lens is not None
         if min(lens) < 1 or max(lens) > self.settings.max_chunk:
             return None
-        f = self._n_features
-        stage = None
-        if (
-            max(lens) == 1
-            and set(map(_SIZE, vals)) == {f}
-            and set(map(_NDIM, vals)) == _ONLY_2D
-            and set(map(_DTYPE, vals)) == _ONLY_F32
-        ):  # every step is one [1, F] row: their bytes end to end (half concatenate's cost)
-            with contextlib.suppress(TypeError):  # a non-contiguous array
-                rows = b"".join(vals)  # type: ignore[arg-type]  # ndarrays are buffers
-                stage = np.frombuffer(rows, dtype=np.float32).reshape(len(vals), f)
-        if stage is None:
-            try:  # the dtype, rank and feature count of every step, checked by numpy
-                stage = np.concatenate(vals, axis=0, dtype=np.float32, casting="no")
-            except (TypeError, ValueError):
-                return None
+        try:  # the dtype, rank and feature count of every step, checked by numpy at once
+            stage = np.concatenate(vals, axis=0, dtype=np.float32, casting="no")
+        except (TypeError, ValueError):
+            return None
         if stage.ndim != 2 or stage.shape[1] != self._n_features:
             return None
         if not np.isfinite(stage).all():
@@ -391,7 +398,7 @@ class Engine:
         seqs: list[Any] = [s.seq for s in steps]
         kinds = set(map(type, seqs))
         if kinds == _ONLY_INT:
-            if min(seqs) < 0:
+            if min(seqs) < 0 or max(seqs) >= MAX_SEQ:
                 return None
         elif kinds != _ONLY_NONE:
             return None
@@ -466,8 +473,8 @@ class Engine:
             group = wave.get(t)
             if group is None:
                 wave[t] = group = _Group(t, [], [], [])
-            if store.call_resets:
-                reset = self._stream(steps[i]).reset
+            if store.wave_resets:
+                reset = store.wave_resets.get(steps[i].stream)
                 if reset:
                     group.resets[len(group.idx)] = reset
             group.idx.append(i)  # type: ignore[attr-defined]
@@ -481,9 +488,10 @@ class Engine:
         return st
 
     def _planned_resets(self, steps: Sequence[Step], idx: Sequence[int]) -> dict[int, str]:
+        resets = self._store.wave_resets
         out: dict[int, str] = {}
         for k, i in enumerate(idx):
-            reset = self._stream(steps[i]).reset
+            reset = resets.get(steps[i].stream)
             if reset:
                 out[k] = reset
         return out
@@ -502,7 +510,7 @@ class Engine:
                 and 0 < v.shape[0] <= self.settings.max_chunk
                 and type(step.stream) is str
                 and step.stream
-                and (seq is None or (type(seq) is int and seq >= 0))
+                and (seq is None or (type(seq) is int and 0 <= seq < MAX_SEQ))
                 and (ts is None or (type(ts) is float and -_INF < ts < _INF))
             ):
                 reason, detail = self._why_invalid(step)
@@ -531,30 +539,29 @@ class Engine:
             return Rejected(step, admitted, _reject_detail(admitted, step, store.get(step.stream)))
         assert isinstance(admitted, int) and store.last is not None
         st = store.last
-        rows = store.rows
-        row = st.row
-        reset = st.reset
+        reset = store.wave_resets.get(st.key, "") if store.wave_resets else ""
         if reset:
-            store.clear_row(row)
+            store.clear_state(st)
             self._observer.on_reset(reset, 1)
-        # The same stream alone twice in a row: run it in place, from one of its two
-        # store rows into the other.
+        # The same stream alone twice in a row: run it in place on a pair of twin rows,
+        # from one into the other.
         banked = None
         if st is self._alone:
-            twin = st.twin if st.twin >= 0 else store.twin_for(st)
-            other = twin if row == st.home else st.home
-            banked = runner.banked(plan, rows, t, row, other)
+            if st.twin < 0:
+                store.lend_twins(st)
+            at = st.at
+            banked = runner.banked(plan, store.twins, t, at, at ^ 1)
         self._alone = st
         try:
             if banked is not None:
                 runner.run_io(banked.io)
                 out = banked.out
-                st.row = other
+                st.at ^= 1
             else:
-                np.copyto(plan.state_in_flat, rows[row])
+                store.read_state(st, plan.state_in_flat)
                 runner.run(plan)
                 out = plan.state_out_flat
-                rows[row] = out
+                store.write_state(st, out)
         except Exception as exc:  # onnxruntime failures: the step is lost, not the engine
             return self._fail_one(step, st, exc)
         names = self._output_names
@@ -573,7 +580,7 @@ class Engine:
         return result
 
     def _fail_one(self, step: Step, st: Stream, exc: Exception) -> Rejected:
-        group = _Group(step.values.shape[0], [0], [0], [st.row])
+        group = _Group(step.values.shape[0], [0], [0], [st.slot])
         results: list[Result | Rejected | None] = [None]
         self._fail((step,), group, exc, results)
         out = results[0]
@@ -595,17 +602,15 @@ class Engine:
         b = len(group.rows)
         t = group.t
         plan = runner.plan(b, t)
-        state_rows = store.rows
         observer = self._observer
+        slots = group.rows
+        if type(slots) is not np.ndarray:
+            slots = np.fromiter(slots, dtype=np.intp, count=b)
         if group.resets:
             for k, reason in group.resets.items():
-                store.clear_row(group.rows[k])
+                store.clear_slot(int(slots[k]))
                 observer.on_reset(reason, 1)
-        index = np.fromiter(group.rows, dtype=np.intp, count=b)
-        gather = runner.gather_buffer(b)
-        np.take(state_rows, index, axis=0, out=gather, mode="clip")
-        for dst, src in zip(plan.state_in, plan.cols, strict=True):
-            np.copyto(dst, src)
+        index = store.gather(slots, plan.state_in_flat)
         pos = group.pos
         if t == 1 and type(pos) is range and type(starts) is range:
             np.copyto(plan.x2d, stage[pos.start : pos.stop])  # consecutive rows
@@ -623,20 +628,17 @@ class Engine:
         bad: list[int] = []
         if self._check_state and not _all_finite(out):
             bad = self._non_finite_rows(plan, b)
-        for dst, src in zip(plan.cols, plan.state_out, strict=True):
-            np.copyto(dst, src)
-        state_rows[index] = gather
+        store.scatter(index, out, b)
         names = self._output_names
         idx = group.idx
         block = {nm: o.copy() for nm, o in zip(names, plan.outputs, strict=True)}
         if not group.resets and not store.pending_streams:
             if type(idx) is range and idx.step == 1:
                 if len(idx) == len(steps):
-                    results[:] = [Result(s, block, (), k) for k, s in enumerate(steps)]
+                    results[:] = _results(steps, block, range(len(steps)))
                 else:
-                    lo = idx.start
-                    made = [Result(steps[lo + k], block, (), k) for k in range(len(idx))]
-                    results[lo : idx.stop] = made
+                    lo, hi = idx.start, idx.stop
+                    results[lo:hi] = _results(steps[lo:hi], block, range(hi - lo))
             else:
                 for k, i in enumerate(idx):
                     results[i] = Result(steps[i], block, (), k)
@@ -725,8 +727,10 @@ class Engine:
         if v.shape[0] > self.settings.max_chunk:
             return REJECT_TOO_LONG, f"{v.shape[0]} rows exceed max_chunk {self.settings.max_chunk}"
         seq = step.seq
-        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
-            return REJECT_BAD_SEQ, f"seq must be a non-negative int, got {seq!r}"
+        if seq is not None and (
+            isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < MAX_SEQ
+        ):
+            return REJECT_BAD_SEQ, f"seq must be an int in 0..2**62-1, got {seq!r}"
         ts = step.ts
         if ts is not None and (
             isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)

@@ -1,9 +1,10 @@
 """Runs one model on preallocated, IO-bound buffers: the engine's arithmetic, no policy.
 
 The engine (:mod:`pipeline.engine`) decides which stream rows form a batch; a
-:class:`Runner` gathers them into a :class:`Plan`'s buffers, runs ``session.run`` through
-onnxruntime's IO binding and hands the buffers back to be scattered. A stream stepping
-alone runs on a :class:`Banked` binding that reads and writes its store rows in place.
+:class:`Runner` owns a :class:`Plan`'s buffers per batch shape, which the state store
+fills (gather) and empties (scatter), and runs ``session.run`` on them through
+onnxruntime's IO binding. A stream stepping alone runs on a :class:`Banked` binding
+that reads and writes its twin rows in place.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ class Plan:
     """IO-bound buffers for one batch shape ``(B, T)``; views into the runner's flat buffers."""
 
     __slots__ = (
-        "cols",
         "first",
         "io",
         "outputs",
@@ -49,12 +49,11 @@ class Plan:
     state_in_flat: Array
     state_out: list[Array]
     state_out_flat: Array
-    cols: list[Array]  # the gather buffer's columns of each state, laid out like the model's
     outputs: list[Array]
 
 
 class Banked:
-    """A binding of a single-stream run to store rows: reads one row, writes ``out``."""
+    """A binding of a single-stream run to twin rows: reads one row, writes ``out``."""
 
     __slots__ = ("io", "out")
 
@@ -67,26 +66,25 @@ class Runner:
     """Runs ``session`` on preallocated buffers with IO binding; no allocation per call.
 
     Buffers are flat arrays grown on demand; a :class:`Plan` per ``(B, T)`` binds
-    contiguous views of them, so plans for every batch size share the same memory. A
-    batch is gathered from the store rows into the plan's state inputs (one ``take``
-    plus a transposing copy per state tensor) and scattered back the same way.
+    contiguous views of them, so plans for every batch size share the same memory.
+    ``state_in_flat`` / ``state_out_flat`` hold the state tensors end to end in the
+    model's layout, which is what :meth:`StateStore.gather` and ``scatter`` fill and read.
 
-    With B == 1 the state inputs laid end to end are exactly one store row, so a stream
+    With B == 1 the state inputs laid end to end are exactly one twin row, so a stream
     stepping alone can skip both copies: a :class:`Banked` binding points the state
-    inputs at its current store row and the state outputs at the row's twin.
+    inputs at its current twin row and the state outputs at the other row of the pair.
     """
 
     MAX_PLANS = 256
     MAX_BANKED = 64
 
-    def __init__(self, model: StepModel, row_size: int, max_batch: int) -> None:
+    def __init__(self, model: StepModel, row_size: int) -> None:
         spec = model.spec
         self.model = model
         self.session = model.session
         self._sess = getattr(model.session, "_sess", None)  # skips Python-side checks
         self.n_features = spec.n_features
         self.row_size = row_size
-        self.max_batch = max_batch
         self.specs = spec.state
         self.output_names = spec.outputs
         self.output_rows = tuple(spec.output_shapes[name] for name in spec.outputs)
@@ -94,7 +92,6 @@ class Runner:
         self._x = np.empty(0, dtype=np.float32)
         self._in = np.empty(0, dtype=np.float32)
         self._out = np.empty(0, dtype=np.float32)
-        self._gather = np.empty((0, row_size), dtype=np.float32)
         self._task: list[Array] = [np.empty(0, dtype=np.float32) for _ in spec.outputs]
         self._bank: dict[tuple[int, int, int], Banked] = {}
         self._bank_rows: Array | None = None
@@ -141,7 +138,6 @@ class Runner:
             size = max(need_s, 2 * self._in.size)
             self._in = np.empty(size, dtype=np.float32)
             self._out = np.empty(size, dtype=np.float32)
-            self._gather = np.empty((size // self.row_size, self.row_size), dtype=np.float32)
             grown = True
         for k, row in enumerate(self.output_rows):
             need = batch * steps * math.prod(row)
@@ -165,18 +161,13 @@ class Runner:
         p.x_small = p.x_flat.size <= SMALL
         p.state_in_flat = self._in[: batch * self.row_size]
         p.state_out_flat = self._out[: batch * self.row_size]
-        p.state_in, p.state_out, p.cols = [], [], []
-        gather = self._gather[:batch]
+        p.state_in, p.state_out = [], []
         off = 0
         for s in self.specs:
             shape = tuple(batch if d == "batch" else int(d) for d in s.shape)
             n = math.prod(s.row_shape)
             p.state_in.append(p.state_in_flat[batch * off : batch * (off + n)].reshape(shape))
             p.state_out.append(p.state_out_flat[batch * off : batch * (off + n)].reshape(shape))
-            cols = np.moveaxis(
-                gather[:, off : off + n].reshape(batch, *s.row_shape), 0, s.batch_axis
-            )
-            p.cols.append(cols)
             off += n
         p.outputs = [
             self._task[k][: batch * steps * math.prod(row)].reshape(batch, steps, *row)
@@ -194,9 +185,6 @@ class Runner:
         p.io = io
         self._plans[(batch, steps)] = p
         return p
-
-    def gather_buffer(self, batch: int) -> Array:
-        return self._gather[:batch]
 
     def run(self, plan: Plan) -> None:
         self.run_io(plan.io)

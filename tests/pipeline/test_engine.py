@@ -468,8 +468,9 @@ def test_non_finite_state_is_reset(
     engine = Engine(lstm_model, EngineSettings(check_state=check), observer=rec)
     extra = [] if alone else [Step("other", x[:1])]
     engine.process([Step("a", x[:1]), *extra])
-    row = engine.store.get("a").row  # type: ignore[union-attr]
-    engine.store.rows[row] = np.nan  # the carried state turned NaN
+    st = engine.store.get("a")
+    assert st is not None
+    engine.store.write_state(st, np.full(engine.store.layout.row_size, np.nan, np.float32))
     r = engine.process([Step("a", x[1:2]), *extra])[0]
     assert isinstance(r, Result) and not np.isfinite(only_output(r)).all()
     r = engine.process([Step("a", x[2:]), *extra])[0]

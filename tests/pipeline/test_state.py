@@ -28,6 +28,7 @@ from pipeline.state import (
     Layout,
     StateStore,
     StorePolicy,
+    Stream,
 )
 
 LSTM = recurrent_state("lstm", 2, 4)  # h, c: [2, batch, 4]
@@ -76,12 +77,51 @@ def test_layout_puts_every_state_tensor_of_a_stream_in_one_row() -> None:
 
 def test_new_streams_start_from_the_initial_state() -> None:
     specs = (StateSpec("h", "h_out", (2, "batch", 3), init=0.25),)
-    store = StateStore(specs, StorePolicy(initial_capacity=2))
-    store.rows[:] = 7.0  # garbage left by earlier streams
-    slot = admit(store, "a")
-    assert isinstance(slot, int)
+    store = StateStore(specs, StorePolicy(initial_capacity=1, idle_timeout_s=1.0))
+    first = admit(store, "old")
+    store.write_state(stream(store, "old"), np.full(6, 7.0, np.float32))  # garbage left behind
+    assert store.expire(now=10.0) == 1
+    assert admit(store, "a", now=10.0) == first  # the same slot again
     assert store.state_of("a")["h"].tolist() == [[0.25] * 3] * 2
-    assert store.rows.shape == (TWINS + 2, 6)
+
+
+def stream(store: StateStore, key: str) -> Stream:
+    st = store.get(key)
+    assert st is not None
+    return st
+
+
+def test_state_blocks_hold_each_slot_in_the_models_batch_layout() -> None:
+    """gather fills exactly the buffer the model's state inputs read at batch B, and
+    scatter writes each row back to its own stream (and only there)."""
+    specs = (
+        StateSpec("h", "h_out", (2, "batch", 3)),
+        StateSpec("c", "c_out", (2, "batch", 3)),
+        StateSpec("w", "w_out", ("batch", 4, 2)),
+    )
+    store = StateStore(specs, StorePolicy(initial_capacity=2))
+    rng = np.random.default_rng(0)
+    rows = {}
+    for k in range(5):  # grows twice
+        admit(store, f"s{k}")
+        rows[f"s{k}"] = rng.standard_normal(store.layout.row_size).astype(np.float32)
+        store.write_state(stream(store, f"s{k}"), rows[f"s{k}"])
+    order = ["s3", "s0", "s4"]
+    slots = np.array([stream(store, k).slot for k in order], dtype=np.intp)
+    buf = np.empty(3 * store.layout.row_size, dtype=np.float32)
+    index = store.gather(slots, buf)
+    h = buf[:18].reshape(2, 3, 3)
+    c = buf[18:36].reshape(2, 3, 3)
+    w = buf[36:].reshape(3, 4, 2)
+    for b, key in enumerate(order):
+        want = rows[key]
+        assert h[:, b].tolist() == want[:6].reshape(2, 3).tolist()
+        assert c[:, b].tolist() == want[6:12].reshape(2, 3).tolist()
+        assert w[b].tolist() == want[12:].reshape(4, 2).tolist()
+    store.scatter(index, -buf, 3)
+    for key in rows:
+        sign = -1 if key in order else 1
+        assert store.read_state(stream(store, key)).tolist() == (sign * rows[key]).tolist()
 
 
 def test_capacity_grows_by_doubling_up_to_max_streams() -> None:
@@ -96,33 +136,38 @@ def test_capacity_grows_by_doubling_up_to_max_streams() -> None:
 def test_growth_keeps_existing_rows() -> None:
     store, _ = store_with(initial_capacity=1)
     admit(store, "a")
-    store.rows[store.get("a").row] = 3.0  # type: ignore[union-attr]
+    store.write_state(stream(store, "a"), np.full(16, 3.0, np.float32))
     admit(store, "b")
     assert store.capacity >= 2
-    assert np.all(store.rows[store.get("a").row] == 3.0)  # type: ignore[union-attr]
+    assert np.all(store.read_state(stream(store, "a")) == 3.0)
+    assert np.all(store.read_state(stream(store, "b")) == 0.0)
 
 
 def test_twin_rows_are_lent_recalled_and_returned() -> None:
     store, _ = store_with(initial_capacity=4)
     for k in range(TWINS + 1):
         admit(store, f"s{k}")
-    first = store.get("s0")
-    assert first is not None
-    k0 = store.twin_for(first)
-    assert 0 <= k0 < TWINS and store.twin_for(first) == k0
-    store.rows[k0] = 4.0  # the state moved to the twin row
-    first.row = k0
-    for k in range(1, TWINS + 1):  # one loan more than there are twins
-        st = store.get(f"s{k}")
-        assert st is not None
-        store.twin_for(st)
-    assert first.twin == -1 and first.row == first.home  # recalled, state brought home
-    assert np.all(store.rows[first.home] == 4.0)
-    last = store.get(f"s{TWINS}")
-    assert last is not None and last.twin == k0
-    last.row = last.twin
-    store.rows[last.row] = 2.0
+    first = stream(store, "s0")
+    store.write_state(first, np.full(16, 4.0, np.float32))
+    store.lend_twins(first)
+    k0 = first.twin
+    assert 0 <= k0 < TWINS and first.at == 2 * k0
+    assert np.all(store.twins[first.at] == 4.0)  # the state moved into the pair
+    store.lend_twins(first)  # already lent: nothing moves
+    assert first.twin == k0
+    store.twins[first.at ^ 1] = 5.0  # a run in place writes the other row of the pair
+    first.at ^= 1
+    for k in range(1, TWINS + 1):  # one loan more than there are pairs
+        store.lend_twins(stream(store, f"s{k}"))
+    assert first.twin == -1 and first.at == -1  # recalled, state brought home
+    assert np.all(store.read_state(first) == 5.0)
+    last = stream(store, f"s{TWINS}")
+    assert last.twin == k0
+    store.write_state(last, np.full(16, 2.0, np.float32))  # lands in its twin row
     assert store.state_of(f"s{TWINS}")["h"].tolist() == [[2.0] * 4] * 2
+    store.return_twins()
+    assert last.twin == -1 and np.all(store.read_state(last) == 2.0)
+    store.lend_twins(last)
     store.expire(now=1e9)  # removal returns the loan
     assert len(store) == 0 and last.twin == -1
 
@@ -153,9 +198,9 @@ def test_idle_stream_is_reset_on_its_next_step_but_not_at_the_limit() -> None:
     store, _ = store_with(idle_timeout_s=10.0)
     admit(store, "a", now=0.0)
     admit(store, "a", now=10.0)
-    assert store.get("a").reset == ""  # type: ignore[union-attr]
+    assert store.wave_resets.get("a", "") == ""
     admit(store, "a", now=20.5)
-    assert store.get("a").reset == RESET_IDLE  # type: ignore[union-attr]
+    assert store.wave_resets.get("a", "") == RESET_IDLE
 
 
 def test_expire_forgets_only_streams_idle_past_the_timeout() -> None:
@@ -173,7 +218,7 @@ def test_without_idle_timeout_nothing_expires() -> None:
     admit(store, "a", now=0.0)
     assert store.expire(now=1e9) == 0
     admit(store, "a", now=1e9)
-    assert store.get("a").reset == ""  # type: ignore[union-attr]
+    assert store.wave_resets.get("a", "") == ""
 
 
 # -- sequence numbers and timestamps ----------------------------------------------------
@@ -188,7 +233,7 @@ def test_duplicate_and_older_steps_are_refused_without_changing_anything() -> No
     assert admit(store, "a", seq=11) == REJECT_OUT_OF_ORDER
     assert admit(store, "a", seq=4) == REJECT_OUT_OF_ORDER
     assert st.next_seq == 13 and st.last_seq == 10
-    assert isinstance(admit(store, "a", seq=13), int) and st.reset == ""
+    assert isinstance(admit(store, "a", seq=13), int) and not store.wave_resets
 
 
 @pytest.mark.parametrize(
@@ -199,7 +244,7 @@ def test_sequence_gap_beyond_tolerance_resets(tolerance: int, gap: int, reset: s
     store, _ = store_with(seq_gap_tolerance=tolerance)
     admit(store, "a", seq=0)
     admit(store, "a", seq=1 + gap)
-    assert store.get("a").reset == reset  # type: ignore[union-attr]
+    assert store.wave_resets.get("a", "") == reset
 
 
 def test_timestamps_order_steps_without_sequence_numbers() -> None:
@@ -215,14 +260,14 @@ def test_timestamp_gap_beyond_tolerance_resets(gap: float, reset: str) -> None:
     store, _ = store_with(ts_gap_tolerance_s=1.0)
     admit(store, "a", ts=100.0)
     admit(store, "a", ts=100.0 + gap)
-    assert store.get("a").reset == reset  # type: ignore[union-attr]
+    assert store.wave_resets.get("a", "") == reset
 
 
 def test_without_ts_tolerance_timestamp_gaps_never_reset() -> None:
     store, _ = store_with(ts_gap_tolerance_s=None)
     admit(store, "a", ts=0.0)
     admit(store, "a", ts=1e6)
-    assert store.get("a").reset == ""  # type: ignore[union-attr]
+    assert store.wave_resets.get("a", "") == ""
 
 
 def test_a_stream_admits_one_step_per_wave() -> None:
@@ -266,27 +311,48 @@ def test_admit_many_decides_exactly_like_admit_one_by_one(
         want = [one.admit(k, q, t, n, now) for k, q, t, n in steps]
         many.begin()
         got = many.admit_many(keys, seqs, tss, lens, now)
-        assert got == want
+        assert [a if isinstance(a, str) else int(a) for a in got] == want
         assert [s.key for s in many] == [s.key for s in one]  # LRU order
-        fields = ("row", "reset", "mark", "last_seen", "last_seq", "next_seq", "last_ts")
+        fields = ("slot", "at", "mark", "last_seen", "last_seq", "next_seq", "last_ts")
         for a, b in zip(many, one, strict=True):
             assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
-        assert (many.call_rejects, many.call_repeats, many.call_resets) == (
-            one.call_rejects, one.call_repeats, one.call_resets)  # fmt: skip
-        assert (many.last is None) == (one.last is None)
-        assert many.last is None or one.last is None or many.last.key == one.last.key
+        assert (many.call_rejects, many.call_repeats, many.wave_resets) == (
+            one.call_rejects, one.call_repeats, one.wave_resets)  # fmt: skip
     assert many_resets.counts == one_resets.counts
+
+
+def test_a_plain_call_is_admitted_as_one_array() -> None:
+    """Known, distinct streams continuing without a reset: the array path, whose
+    bookkeeping equals admit's; anything else falls back to admit, step by step."""
+    one, _ = store_with(seq_gap_tolerance=1)
+    many, _ = store_with(seq_gap_tolerance=1)
+    keys = ["a", "b", "c"]
+    for store in (one, many):
+        store.begin()
+        assert store.admit_many(keys, [0, 5, 9], [None] * 3, None, 0.0) == [0, 1, 2]  # new
+    one.begin()
+    steps = zip(keys, [1, 7, 10], [2, 1, 3], strict=True)
+    want = [one.admit(k, q, None, n, 1.0) for k, q, n in steps]
+    many.begin()
+    got = many.admit_many(keys, [1, 7, 10], [None] * 3, [2, 1, 3], 1.0)
+    assert isinstance(got, np.ndarray) and got.tolist() == want
+    for k in keys:
+        a, b = stream(many, k), stream(one, k)
+        assert (a.next_seq, a.last_seq, a.last_seen, a.mark) == (
+            b.next_seq, b.last_seq, b.last_seen, b.mark)  # fmt: skip
+    many.begin()  # a gap beyond the tolerance: admit decides, and plans the reset
+    got = many.admit_many(keys, [3, 8, 15], [None] * 3, None, 2.0)
+    assert isinstance(got, list) and many.wave_resets == {"c": RESET_SEQ_GAP}
 
 
 def test_explicit_reset_restores_the_initial_row_and_is_pending_once() -> None:
     store, resets = store_with()
     admit(store, "a", seq=0)
-    st = store.get("a")
-    assert st is not None
-    store.rows[st.row] = 9.0
+    st = stream(store, "a")
+    store.write_state(st, np.full(16, 9.0, np.float32))
     assert store.reset("a", RESET_EXPLICIT, forget_sequence=True)
     assert not store.reset("nobody", RESET_EXPLICIT, forget_sequence=True)
-    assert np.all(store.rows[st.row] == 0.0)
+    assert np.all(store.read_state(st) == 0.0)
     assert st.next_seq is None  # a new sequence may start anywhere
     assert store.pending_streams == 1
     assert store.take_pending(st) == (RESET_EXPLICIT,)
@@ -300,7 +366,7 @@ def test_reset_all_relays_rows_for_new_specs() -> None:
     admit(store, "b")
     gru = recurrent_state("gru", 1, 8)
     assert store.reset_all(gru, RESET_MODEL_CHANGE) == 2
-    assert store.rows.shape[1] == 8
+    assert store.layout.row_size == 8
     assert store.state_of("a")["h"].shape == (1, 8)
     assert store.get("b").pending == (RESET_MODEL_CHANGE,)  # type: ignore[union-attr]
     assert resets.counts == {RESET_MODEL_CHANGE: 2}
@@ -329,12 +395,12 @@ def filled_store(n: int = 5) -> StateStore:
     rng = np.random.default_rng(1)
     for k in range(n):
         admit(store, f"s{k}", seq=k * 10, ts=float(k), n=2)
-        st = store.get(f"s{k}")
-        assert st is not None
-        store.rows[st.row] = rng.standard_normal(store.layout.row_size).astype(np.float32)
+        row = rng.standard_normal(store.layout.row_size).astype(np.float32)
+        store.write_state(stream(store, f"s{k}"), row)
     if n > 1:
         store.reset("s1", RESET_EXPLICIT, forget_sequence=False)
-        store.rows[store.get("s1").row] = 1.5  # type: ignore[union-attr]
+        store.write_state(stream(store, "s1"), np.full(16, 1.5, np.float32))
+    store.lend_twins(stream(store, f"s{n - 1}"))  # saved from its twin row
     return store
 
 
@@ -349,7 +415,7 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
     for k in range(5):
         a, b = src.get(f"s{k}"), dst.get(f"s{k}")
         assert a is not None and b is not None
-        assert src.rows[a.row].tobytes() == dst.rows[b.row].tobytes()
+        assert src.read_state(a).tobytes() == dst.read_state(b).tobytes()
         assert (a.next_seq, a.last_seq, a.last_ts, a.pending) == (
             b.next_seq,
             b.last_seq,
