@@ -71,6 +71,7 @@ from pipeline.engine import (
     Step,
 )
 from pipeline.errors import ModelError, PayloadError
+from pipeline.state import MAX_SEQ
 
 Array = np.ndarray[Any, np.dtype[np.float32]]
 
@@ -79,7 +80,6 @@ VERSION = 1
 FLAG_SEQ = 1
 FLAG_TS = 2
 HEADER = struct.Struct("<2sBBQdHH")  # 24 bytes: the float32 data starts 4-byte aligned
-MAX_SEQ = (1 << 63) - 1
 
 # Rejection reasons (metric label values), the engine's words where they overlap;
 # the source adds "unknown_topic" and "queue_full".
@@ -136,9 +136,9 @@ class Decoder:
             raise PayloadError(MALFORMED_JSON, "not a JSON object")
         seq = doc.get("seq")
         if seq is not None and (
-            not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ
+            not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < MAX_SEQ
         ):
-            raise PayloadError(BAD_SEQ, "'seq' must be an integer in 0..2**63-1")
+            raise PayloadError(BAD_SEQ, "'seq' must be an integer in 0..2**62-1")
         ts = doc.get("ts")
         if ts is not None:
             if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
@@ -177,8 +177,8 @@ class Decoder:
             )
         if not flags & FLAG_SEQ:
             seq = None
-        elif seq > MAX_SEQ:
-            raise PayloadError(BAD_SEQ, "seq must be < 2**63")
+        elif seq >= MAX_SEQ:
+            raise PayloadError(BAD_SEQ, "seq must be < 2**62")
         if not flags & FLAG_TS:
             ts = None
         elif not math.isfinite(ts):

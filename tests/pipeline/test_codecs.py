@@ -127,7 +127,7 @@ def _binary(
         (_binary(2, F)[:-1], "bad_binary_length"),
         (_binary(1, F + 1), "bad_features"),
         (_binary(9, F), "too_long"),
-        (_binary(1, F, flags=1, seq=2**63), "bad_seq"),
+        (_binary(1, F, flags=1, seq=2**62), "bad_seq"),
         (struct.pack("<2sBBQdHH", b"SQ", 1, 2, 0, math.inf, 1, F) + b"\0" * 12, "bad_ts"),
     ],
 )
