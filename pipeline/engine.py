@@ -267,6 +267,7 @@ class Engine:
         self._n_features = model.spec.n_features
         self._output_names = model.spec.outputs
         self._check_state = self.settings.check_state
+        self._max_chunk = self.settings.max_chunk
 
     # -- properties ---------------------------------------------------------------------
 
@@ -505,9 +506,9 @@ class Engine:
             if not (
                 type(v) is np.ndarray
                 and v.dtype is _F32
-                and v.ndim == 2
-                and v.shape[1] == self._n_features
-                and 0 < v.shape[0] <= self.settings.max_chunk
+                and len(shape := v.shape) == 2
+                and shape[1] == self._n_features
+                and 0 < shape[0] <= self._max_chunk
                 and type(step.stream) is str
                 and step.stream
                 and (seq is None or (type(seq) is int and 0 <= seq < MAX_SEQ))
@@ -522,7 +523,7 @@ class Engine:
             self._observer.on_reject(reason)
             return Rejected(step, reason, detail)
         started = time.perf_counter()
-        t = v.shape[0]
+        t = v.shape[0]  # (the check above may not have read the shape)
         runner = self._runner
         plan = runner.plan(1, t)
         np.copyto(plan.x2d, v)
@@ -573,7 +574,7 @@ class Engine:
             done = store.take_pending(st)
             result = Result(step, values, (*done, reset) if reset else done)
         else:
-            result = Result(step, values, ())
+            result = _new_tuple(Result, (step, values, (), -1))
         if self._check_state and not math.isfinite(out.dot(out)) and not _all_finite(out):
             store.mark_reset(st, RESET_NON_FINITE, forget_sequence=False)
         self._observer.on_batch(1, time.perf_counter() - started)

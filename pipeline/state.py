@@ -16,6 +16,7 @@ kept on the stream (``pending``) until the stream's next result carries it.
 
 from __future__ import annotations
 
+import array
 import json
 import math
 import os
@@ -101,47 +102,57 @@ class Stream:
     """What the store knows about one stream besides its numbers and its state.
 
     A stream's sequence bookkeeping lives in the store's per-slot columns (so a whole
-    batch is admitted with a few array operations); the properties read it back.
+    batch is admitted with a few array operations), except while the stream is lent
+    twin rows: then it lives in :attr:`nums`, where a stream stepping alone reads and
+    writes it at the speed of a Python list. The properties read it from either.
     """
 
-    __slots__ = ("_store", "at", "key", "pending", "slot", "twin")
+    __slots__ = ("_store", "at", "key", "nums", "pending", "slot", "twin")
 
     def __init__(self, key: str, slot: int, store: StateStore) -> None:
         self.key = key
         self.slot = slot  # its home in the store's state blocks and columns
         self.at = -1  # -1: its state is at home; else the twin row holding it
         self.twin = -1  # a lent pair of twin rows, or -1
+        # While lent: [next seq, last seq, mark, stamp, last ts, last seen], else None.
+        self.nums: list[Any] | None = None
         self.pending: tuple[str, ...] = ()  # resets not yet reported in a result
         self._store = store
+
+    def _numbers(self) -> tuple[Any, ...]:
+        if self.nums is not None:
+            return tuple(self.nums)
+        iv, fv, i, f = self._store._iv, self._store._fv, 4 * self.slot, 2 * self.slot
+        return (iv[i], iv[i + 1], iv[i + 2], iv[i + 3], fv[f], fv[f + 1])
 
     @property
     def next_seq(self) -> int | None:
         """The sequence number expected next."""
-        v: int = self._store._next_mv[self.slot]
+        v: int = self._numbers()[0]
         return None if v < 0 else v
 
     @property
     def last_seq(self) -> int | None:
         """First sequence number of the last step run."""
-        v: int = self._store._lseq_mv[self.slot]
+        v: int = self._numbers()[1]
         return None if v < 0 else v
-
-    @property
-    def last_ts(self) -> float | None:
-        """Timestamp of the last step run."""
-        v: float = self._store._lts_mv[self.slot]
-        return None if v != v else v
-
-    @property
-    def last_seen(self) -> float:
-        seen: float = self._store._seen_mv[self.slot]
-        return seen
 
     @property
     def mark(self) -> int:
         """The wave that last admitted a step (one step per stream per wave)."""
-        mark: int = self._store._mark_mv[self.slot]
+        mark: int = self._numbers()[2]
         return mark
+
+    @property
+    def last_ts(self) -> float | None:
+        """Timestamp of the last step run."""
+        v: float = self._numbers()[4]
+        return None if v != v else v
+
+    @property
+    def last_seen(self) -> float:
+        seen: float = self._numbers()[5]
+        return seen
 
     def __repr__(self) -> str:
         return f"Stream({self.key!r}, slot={self.slot}, next_seq={self.next_seq})"
@@ -259,19 +270,17 @@ class StateStore:
     runs the stream in place, reading one row and writing the other, with no copy.
     """
 
-    # Per-slot columns (see _columns) and their memoryviews for scalar access.
+    # Per-slot numbers (see _columns): column views, and flat memoryviews for scalars.
+    _ints: np.ndarray[Any, np.dtype[np.int64]]
+    _flts: np.ndarray[Any, np.dtype[np.float64]]
     _next: np.ndarray[Any, np.dtype[np.int64]]  # next sequence number expected, or -1
     _lseq: np.ndarray[Any, np.dtype[np.int64]]  # first sequence number of the last step, or -1
-    _lts: np.ndarray[Any, np.dtype[np.float64]]  # timestamp of the last step, or NaN
-    _seen: np.ndarray[Any, np.dtype[np.float64]]  # clock at the last step (inf: free slot)
     _mark: np.ndarray[Any, np.dtype[np.int64]]  # the wave that last admitted a step
     _used: np.ndarray[Any, np.dtype[np.int64]]  # LRU stamp (max: free slot)
-    _next_mv: Any
-    _lseq_mv: Any
-    _lts_mv: Any
-    _seen_mv: Any
-    _mark_mv: Any
-    _used_mv: Any
+    _lts: np.ndarray[Any, np.dtype[np.float64]]  # timestamp of the last step, or NaN
+    _seen: np.ndarray[Any, np.dtype[np.float64]]  # clock at the last step (inf: free slot)
+    _iv: array.array[int]
+    _fv: array.array[float]
 
     def __init__(
         self,
@@ -308,19 +317,23 @@ class StateStore:
     def _columns(self, cap: int) -> None:
         """(Re)allocate the per-slot columns for ``cap`` slots, keeping what they hold."""
         old = self._cap
-        fresh = {
-            "_next": np.full(cap, _NO_SEQ, dtype=np.int64),
-            "_lseq": np.full(cap, _NO_SEQ, dtype=np.int64),
-            "_lts": np.full(cap, np.nan, dtype=np.float64),
-            "_seen": np.full(cap, np.inf, dtype=np.float64),  # never idle while free
-            "_mark": np.full(cap, -1, dtype=np.int64),
-            "_used": np.full(cap, _FREE_USE, dtype=np.int64),
-        }
-        for name, arr in fresh.items():
-            if old:
-                arr[:old] = getattr(self, name)[:old]
-            setattr(self, name, arr)
-            setattr(self, name + "_mv", arr.data)  # a memoryview: Python-speed scalar access
+        # A slot's numbers sit side by side (two cache lines at most): a stream stepping
+        # alone touches little memory; column views serve the array path.
+        # Python's array.array holds them: its items read and write at Python speed
+        # (twice a memoryview's), numpy views of the same memory serve the array path.
+        iv = array.array("q", bytes(8 * 4 * cap))  # slot s at 4s: next seq, last seq, mark, stamp
+        fv = array.array("d", bytes(8 * 2 * cap))  # slot s at 2s: last ts, last seen
+        ints = np.frombuffer(iv, dtype=np.int64).reshape(cap, 4)
+        flts = np.frombuffer(fv, dtype=np.float64).reshape(cap, 2)
+        ints[:] = (_NO_SEQ, _NO_SEQ, -1, _FREE_USE)
+        flts[:] = (np.nan, np.inf)  # a free slot is never idle
+        if old:
+            ints[:old] = self._ints
+            flts[:old] = self._flts
+        self._iv, self._fv = iv, fv
+        self._ints, self._flts = ints, flts
+        self._next, self._lseq, self._mark, self._used = ints.T
+        self._lts, self._seen = flts.T
         self._pos = np.empty(cap, dtype=np.intp)
         self._by_slot.extend([None] * (cap - old))
         self._free.extend(range(cap - 1, old - 1, -1))
@@ -347,8 +360,9 @@ class StateStore:
 
     def __iter__(self) -> Iterator[Stream]:
         """Streams from the least to the most recently used."""
-        used = self._used_mv
-        return iter(sorted(self._streams.values(), key=lambda s: used[s.slot]))
+        self.return_twins()
+        iv = self._iv
+        return iter(sorted(self._streams.values(), key=lambda s: iv[4 * s.slot + 3]))
 
     @property
     def capacity(self) -> int:
@@ -446,48 +460,82 @@ class StateStore:
         """
         st = self._get(key)
         if st is None:
-            new = self._create(key, now)
-            if new is None:
-                self.call_rejects += 1
-                return REJECT_CAPACITY
-            st = new
-            slot = st.slot
+            return self._admit_new(key, seq, ts, n_rows, now)
+        slot = st.slot
+        lent = st.nums
+        if lent is None:
+            iv = self._iv
+            fv = self._fv
+            i = 4 * slot  # next seq, last seq, mark, stamp
+            f = 2 * slot  # last ts, last seen
+            nxt, last_seq, mark, _, last_ts, seen = (
+                iv[i], iv[i + 1], iv[i + 2], iv[i + 3], fv[f], fv[f + 1])  # fmt: skip
         else:
-            slot = st.slot
-            if self._mark_mv[slot] == self.mark:
-                self.call_repeats += 1
-                return REPEAT
-            reset = ""
-            if now - self._seen_mv[slot] > self._idle:
-                reset = RESET_IDLE
+            nxt, last_seq, mark, _, last_ts, seen = lent
+        if mark == self.mark:
+            self.call_repeats += 1
+            return REPEAT
+        reset = ""
+        if now - seen > self._idle:
+            reset = RESET_IDLE
+        else:
+            if seq is not None and nxt >= 0:
+                if seq < nxt:
+                    self.call_rejects += 1
+                    return REJECT_DUPLICATE if seq == last_seq else REJECT_OUT_OF_ORDER
+                if seq - nxt > self._seq_tol:
+                    reset = RESET_SEQ_GAP
+            if ts is not None and last_ts == last_ts:  # NaN: no timestamp yet
+                if seq is None and ts <= last_ts:
+                    self.call_rejects += 1
+                    return REJECT_DUPLICATE if ts == last_ts else REJECT_OUT_OF_ORDER
+                if not reset and ts - last_ts > self._ts_tol:
+                    reset = RESET_TS_GAP
+        if reset:
+            self.wave_resets[key] = reset
+        stamp = self._stamp
+        self._stamp = stamp + 1
+        if lent is not None:
+            if seq is None:
+                lent[0] = lent[1] = _NO_SEQ
             else:
-                nxt = self._next_mv[slot]
-                if seq is not None and nxt >= 0:
-                    if seq < nxt:
-                        self.call_rejects += 1
-                        dup = seq == self._lseq_mv[slot]
-                        return REJECT_DUPLICATE if dup else REJECT_OUT_OF_ORDER
-                    if seq - nxt > self._seq_tol:
-                        reset = RESET_SEQ_GAP
-                last_ts = self._lts_mv[slot]
-                if ts is not None and last_ts == last_ts:  # NaN: no timestamp yet
-                    if seq is None and ts <= last_ts:
-                        self.call_rejects += 1
-                        return REJECT_DUPLICATE if ts == last_ts else REJECT_OUT_OF_ORDER
-                    if not reset and ts - last_ts > self._ts_tol:
-                        reset = RESET_TS_GAP
-            if reset:
-                self.wave_resets[key] = reset
-        self._used_mv[slot] = self._stamp
-        self._stamp += 1
-        self._mark_mv[slot] = self.mark
-        self._seen_mv[slot] = now
-        if seq is None:
-            self._lseq_mv[slot] = self._next_mv[slot] = _NO_SEQ
+                lent[0] = seq + n_rows
+                lent[1] = seq
+            lent[2] = self.mark
+            lent[3] = stamp
+            lent[4] = math.nan if ts is None else ts
+            lent[5] = now
         else:
-            self._lseq_mv[slot] = seq
-            self._next_mv[slot] = seq + n_rows
-        self._lts_mv[slot] = math.nan if ts is None else ts
+            if seq is None:
+                iv[i] = iv[i + 1] = _NO_SEQ
+            else:
+                iv[i] = seq + n_rows
+                iv[i + 1] = seq
+            iv[i + 2] = self.mark
+            iv[i + 3] = stamp
+            fv[f] = math.nan if ts is None else ts
+            fv[f + 1] = now
+        self.last = st
+        return slot
+
+    def _admit_new(
+        self, key: str, seq: int | None, ts: float | None, n_rows: int, now: float
+    ) -> int | str:
+        st = self._create(key, now)
+        if st is None:
+            self.call_rejects += 1
+            return REJECT_CAPACITY
+        slot = st.slot
+        iv = self._iv
+        i = 4 * slot
+        if seq is not None:  # _create left no sequence
+            iv[i] = seq + n_rows
+            iv[i + 1] = seq
+        iv[i + 2] = self.mark
+        iv[i + 3] = self._stamp
+        self._stamp += 1
+        if ts is not None:
+            self._fv[2 * slot] = ts
         self.last = st
         return slot
 
@@ -508,6 +556,8 @@ class StateStore:
         :meth:`admit` step by step, so both decide alike. Does not set :attr:`last`.
         """
         n = len(keys)
+        if self._pairs_lent:
+            self.return_twins()
         found = list(map(self._slot_get, keys))
         if n < 2 or None in found:
             return self._admit_each(keys, seqs, tss, lens, now)
@@ -580,16 +630,18 @@ class StateStore:
         slot = self._free.pop()
         st = Stream(key, slot, self)
         self.clear_slot(slot)
-        self._next_mv[slot] = self._lseq_mv[slot] = _NO_SEQ
-        self._lts_mv[slot] = math.nan
+        self._iv[4 * slot] = self._iv[4 * slot + 1] = _NO_SEQ
+        self._fv[2 * slot] = math.nan
+        self._fv[2 * slot + 1] = now
         self._streams[key] = st
         self._slot_of[key] = slot
         self._by_slot[slot] = st
         return st
 
     def _evict_one(self) -> bool:
+        self.return_twins()
         slot = int(self._used.argmin())
-        if self._mark_mv[slot] >= self._call_mark:
+        if self._iv[4 * slot + 2] >= self._call_mark:
             return False  # every stream has a step in the current call
         st = self._by_slot[slot]
         assert st is not None
@@ -612,9 +664,9 @@ class StateStore:
         del self._slot_of[st.key]
         slot = st.slot
         self._by_slot[slot] = None
-        self._seen_mv[slot] = math.inf
-        self._used_mv[slot] = _FREE_USE
-        self._mark_mv[slot] = -1
+        self._fv[2 * slot + 1] = math.inf
+        self._iv[4 * slot + 3] = _FREE_USE
+        self._iv[4 * slot + 2] = -1
         self._free.append(slot)
 
     # -- twins ---------------------------------------------------------------------------
@@ -631,23 +683,32 @@ class StateStore:
         self._pairs_lent[k] = st
         self.read_state(st, self.twins[2 * k])
         st.at = 2 * k
+        st.nums = list(st._numbers())
 
     def _return_twin(self, st: Stream) -> None:
-        """Take the twin rows back; the state moves home first."""
+        """Take the twin rows back; the state and the numbers move home first."""
         at = st.at
         st.at = -1
         self.write_state(st, self.twins[at])
+        nums = st.nums
+        assert nums is not None
+        st.nums = None
+        i, f = 4 * st.slot, 2 * st.slot
+        self._iv[i : i + 4] = array.array("q", nums[:4])
+        self._fv[f : f + 2] = array.array("d", nums[4:])
         self._free_pair(st)
 
     def _free_pair(self, st: Stream) -> None:
         k = st.twin
         st.twin = -1
         st.at = -1
+        st.nums = None
         del self._pairs_lent[k]
         self._pairs_free.append(k)
 
     def return_twins(self) -> None:
-        """Bring every lent state home (a batch reads homes only)."""
+        """Bring every lent state and its numbers home: a batch, eviction, expiry and
+        checkpoints read the columns and the blocks only."""
         while self._pairs_lent:
             self._return_twin(next(iter(self._pairs_lent.values())))
 
@@ -666,9 +727,13 @@ class StateStore:
         self.clear_state(st)
         self._add_pending(st, reason)
         if forget_sequence:
-            slot = st.slot
-            self._next_mv[slot] = self._lseq_mv[slot] = _NO_SEQ
-            self._lts_mv[slot] = math.nan
+            if st.nums is not None:
+                st.nums[0] = st.nums[1] = _NO_SEQ
+                st.nums[4] = math.nan
+            else:
+                slot = st.slot
+                self._iv[4 * slot] = self._iv[4 * slot + 1] = _NO_SEQ
+                self._fv[2 * slot] = math.nan
         self._on_reset(reason, 1)
 
     def expire(self, now: float) -> int:
@@ -676,6 +741,7 @@ class StateStore:
         idle = self.policy.idle_timeout_s
         if idle is None or not self._streams:
             return 0
+        self.return_twins()
         stale = np.flatnonzero(now - self._seen > idle).tolist()
         for slot in stale:
             st = self._by_slot[slot]
@@ -687,8 +753,7 @@ class StateStore:
 
     def reset_all(self, specs: Sequence[StateSpec], reason: str) -> int:
         """Re-lay out the state for new specs; every stream starts again with ``reason``."""
-        for st in list(self._pairs_lent.values()):
-            self._free_pair(st)
+        self.return_twins()  # the numbers go home; the state is dropped below
         self._lay_out(Layout(specs))
         for st in self._streams.values():
             self._add_pending(st, reason)
@@ -803,11 +868,11 @@ class StateStore:
             assert st is not None  # the store is empty and large enough
             slot = st.slot
             slots.append(slot)
-            self._next_mv[slot] = _NO_SEQ if next_seq is None else next_seq
-            self._lseq_mv[slot] = _NO_SEQ if last_seq is None else last_seq
-            self._lts_mv[slot] = math.nan if last_ts is None else last_ts
-            self._seen_mv[slot] = now
-            self._used_mv[slot] = self._stamp
+            self._iv[4 * slot] = _NO_SEQ if next_seq is None else next_seq
+            self._iv[4 * slot + 1] = _NO_SEQ if last_seq is None else last_seq
+            self._fv[2 * slot] = math.nan if last_ts is None else last_ts
+            self._fv[2 * slot + 1] = now
+            self._iv[4 * slot + 3] = self._stamp
             self._stamp += 1
             for reason in pending:
                 self._add_pending(st, reason)
