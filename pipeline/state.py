@@ -565,47 +565,49 @@ class StateStore:
         order = _ARANGE[:n] if n <= _ARANGE.size else np.arange(n, dtype=np.intp)
         pos = self._pos
         pos[slots] = order
+        ints = self._ints[slots]  # [n, 4]: next seq, last seq, mark, stamp (one take)
+        flts = self._flts[slots]  # [n, 2]: last ts, last seen
         ok = bool((pos[slots] == order).all())  # every stream once
-        ok = ok and not (self._mark[slots] == self.mark).any()
+        ok = ok and not (ints[:, 2] == self.mark).any()
         if ok and self._idle < math.inf:
-            ok = not (now - self._seen[slots] > self._idle).any()
+            ok = not (now - flts[:, 1] > self._idle).any()
         seq_none = seqs.count(None) if isinstance(seqs, list) else sum(q is None for q in seqs)
         ts_none = tss.count(None) if isinstance(tss, list) else sum(t is None for t in tss)
         if not ok or 0 < seq_none < n or 0 < ts_none < n:
             return self._admit_each(keys, seqs, tss, lens, now)
-        sq = None
-        if not seq_none:
+        if seq_none:
+            ints[:, :2] = _NO_SEQ
+        else:
             try:
                 sq = np.array(seqs, dtype=np.int64)
             except (OverflowError, TypeError, ValueError):
                 return self._admit_each(keys, seqs, tss, lens, now)
-            nxt = self._next[slots]
+            nxt = ints[:, 0]
             if ((nxt >= 0) & ((sq < nxt) | (sq - nxt > self._seq_tol))).any():
                 return self._admit_each(keys, seqs, tss, lens, now)
-        t = None
-        if not ts_none:
+            ints[:, 0] = sq + (1 if lens is None else np.array(lens, dtype=np.int64))
+            ints[:, 1] = sq
+        if ts_none:
+            flts[:, 0] = np.nan
+        else:
             try:
                 t = np.array(tss, dtype=np.float64)
             except (OverflowError, TypeError, ValueError):
                 return self._admit_each(keys, seqs, tss, lens, now)
-            lt = self._lts[slots]
+            lt = flts[:, 0]
             has = lt == lt
             bad = has & (t - lt > self._ts_tol)
-            if sq is None:
+            if seq_none:
                 bad |= has & (t <= lt)
             if bad.any():
                 return self._admit_each(keys, seqs, tss, lens, now)
-        self._used[slots] = order + self._stamp
+            flts[:, 0] = t
+        ints[:, 2] = self.mark
+        ints[:, 3] = order + self._stamp
         self._stamp += n
-        self._mark[slots] = self.mark
-        self._seen[slots] = now
-        if sq is None:
-            self._lseq[slots] = _NO_SEQ
-            self._next[slots] = _NO_SEQ
-        else:
-            self._lseq[slots] = sq
-            self._next[slots] = sq + (1 if lens is None else np.array(lens, dtype=np.int64))
-        self._lts[slots] = np.nan if t is None else t
+        flts[:, 1] = now
+        self._ints[slots] = ints  # one put each
+        self._flts[slots] = flts
         return slots
 
     def _admit_each(
