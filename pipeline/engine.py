@@ -2,14 +2,17 @@
 
 :class:`Engine` is the synchronous core, owned by one thread. One :meth:`Engine.process`
 call validates every step (before anything touches state), admits it against its
-stream (:meth:`StateStore.admit`), then runs the admitted steps in *waves*: wave k
+stream (:meth:`StateStore.admit_many`: a call of known streams continuing without a
+reset is admitted with array operations), then runs the admitted steps in *waves*: wave k
 holds the k-th step of each stream in the call, so a stream's steps run in order and
 never in the same batch. Inside a wave, steps with the same number of rows T share
 one ``session.run`` (a batch of mixed T would need padding, and padded rows would run
-through the recurrence and corrupt the state). State rows are gathered into
-preallocated, IO-bound buffers and scattered back (:class:`~pipeline.runner.Runner`);
-a stream that steps alone call after call runs in place on two store rows instead (no
-copies), so one stream costs less than a plain ``session.run``. Nothing on this path logs.
+through the recurrence and corrupt the state). The store keeps state in the model's
+own layout, so a batch's state is gathered straight into the preallocated, IO-bound
+input buffers (:class:`~pipeline.runner.Runner`) with one ``take`` and put back with
+one ``put``; a stream that steps alone call after call runs in place on a pair of twin
+rows instead (no copies), so one stream costs no more than a plain ``session.run``.
+Nothing on this path logs.
 
 :class:`~pipeline.worker.Worker` is the engine's thread: a bounded queue in front of
 ``process``.

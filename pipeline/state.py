@@ -360,9 +360,14 @@ class StateStore:
 
     def __iter__(self) -> Iterator[Stream]:
         """Streams from the least to the most recently used."""
+        return iter(self._by_use())
+
+    def _by_use(self) -> list[Stream]:
         self.return_twins()
-        iv = self._iv
-        return iter(sorted(self._streams.values(), key=lambda s: iv[4 * s.slot + 3]))
+        used = self._used
+        live = np.flatnonzero(used != _FREE_USE)
+        by_slot = self._by_slot
+        return [by_slot[s] for s in live[np.argsort(used[live])].tolist()]
 
     @property
     def capacity(self) -> int:
@@ -792,8 +797,7 @@ class StateStore:
         ``header``, a JSON document with the state signature and each stream's sequence
         bookkeeping. ``meta`` (model name, version) is stored for people, not checked.
         """
-        self.return_twins()
-        streams = list(self)
+        streams = self._by_use()
         slots = np.fromiter((s.slot for s in streams), dtype=np.intp, count=len(streams))
         rows = np.empty((len(streams), self.layout.row_size), dtype=np.float32)
         for b in self._blocks:  # [outer, n, inner] -> [n, outer * inner]
