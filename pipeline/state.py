@@ -563,10 +563,12 @@ class StateStore:
         n = len(keys)
         if self._pairs_lent:
             self.return_twins()
-        found = list(map(self._slot_get, keys))
-        if n < 2 or None in found:
+        if n < 2:
             return self._admit_each(keys, seqs, tss, lens, now)
-        slots = np.array(found, dtype=np.intp)
+        try:
+            slots = np.fromiter(map(self._slot_get, keys), dtype=np.intp, count=n)
+        except TypeError:  # an unknown stream (None)
+            return self._admit_each(keys, seqs, tss, lens, now)
         order = _ARANGE[:n] if n <= _ARANGE.size else np.arange(n, dtype=np.intp)
         pos = self._pos
         pos[slots] = order
@@ -584,7 +586,7 @@ class StateStore:
             ints[:, :2] = _NO_SEQ
         else:
             try:
-                sq = np.array(seqs, dtype=np.int64)
+                sq = np.fromiter(seqs, dtype=np.int64, count=n)
             except (OverflowError, TypeError, ValueError):
                 return self._admit_each(keys, seqs, tss, lens, now)
             nxt = ints[:, 0]
