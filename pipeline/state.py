@@ -270,7 +270,7 @@ class StateStore:
     runs the stream in place, reading one row and writing the other, with no copy.
     """
 
-    # Per-slot numbers (see _columns): column views, and flat memoryviews for scalars.
+    # Per-slot numbers (see _columns): numpy column views, and the flat arrays behind them.
     _ints: np.ndarray[Any, np.dtype[np.int64]]
     _flts: np.ndarray[Any, np.dtype[np.float64]]
     _next: np.ndarray[Any, np.dtype[np.int64]]  # next sequence number expected, or -1
@@ -317,10 +317,9 @@ class StateStore:
     def _columns(self, cap: int) -> None:
         """(Re)allocate the per-slot columns for ``cap`` slots, keeping what they hold."""
         old = self._cap
-        # A slot's numbers sit side by side (two cache lines at most): a stream stepping
-        # alone touches little memory; column views serve the array path.
-        # Python's array.array holds them: its items read and write at Python speed
-        # (twice a memoryview's), numpy views of the same memory serve the array path.
+        # A slot's numbers sit side by side (two cache lines at most), in array.array:
+        # its items read and write at Python speed (twice a memoryview's); numpy views of
+        # the same memory serve the array path.
         iv = array.array("q", bytes(8 * 4 * cap))  # slot s at 4s: next seq, last seq, mark, stamp
         fv = array.array("d", bytes(8 * 2 * cap))  # slot s at 2s: last ts, last seen
         ints = np.frombuffer(iv, dtype=np.int64).reshape(cap, 4)

@@ -321,6 +321,42 @@ def test_admit_many_decides_exactly_like_admit_one_by_one(
     assert many_resets.counts == one_resets.counts
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(st.tuples(_STEP, st.floats(0, 4), st.sampled_from(["lend", "home", ""]))),
+)
+def test_a_stream_lent_twin_rows_is_admitted_exactly_like_one_at_home(
+    steps: list[tuple[tuple[str, int | None, float | None, int], float, str]],
+) -> None:
+    """While lent twin rows a stream's numbers live in a list (the lone stream's fast
+    path); decisions, numbers, LRU order and evictions must not notice."""
+    policy = {"max_streams": 4, "initial_capacity": 2, "idle_timeout_s": 5.0,
+              "seq_gap_tolerance": 1, "ts_gap_tolerance_s": 3.0}  # fmt: skip
+    home, home_resets = store_with(**policy)
+    lent, lent_resets = store_with(**policy)
+    now = 0.0
+    for (key, seq, ts, n), dt, move in steps:
+        now += dt
+        home.begin()
+        lent.begin()
+        assert lent.admit(key, seq, ts, n, now) == home.admit(key, seq, ts, n, now)
+        assert lent.wave_resets == home.wave_resets
+        st = lent.get(key)
+        if move == "lend" and st is not None:
+            lent.lend_twins(st)
+        elif move == "home":
+            lent.return_twins()
+        fields = ("next_seq", "last_seq", "last_ts", "last_seen", "mark")
+        for s in home:
+            other = lent.get(s.key)
+            assert other is not None
+            assert [getattr(other, f) for f in fields] == [getattr(s, f) for f in fields]
+        if move == "home":  # (iterating returns the loans, so only now and then)
+            assert [s.key for s in lent] == [s.key for s in home]  # LRU order
+    assert [s.key for s in lent] == [s.key for s in home]
+    assert lent_resets.counts == home_resets.counts
+
+
 def test_a_plain_call_is_admitted_as_one_array() -> None:
     """Known, distinct streams continuing without a reset: the array path, whose
     bookkeeping equals admit's; anything else falls back to admit, step by step."""
