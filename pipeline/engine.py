@@ -542,7 +542,7 @@ class Engine:
         t = v.shape[0]  # (the check above may not have read the shape)
         runner = self._runner
         plan = runner.plan(1, t)
-        np.copyto(plan.x2d, v)
+        plan.x2d[...] = v  # (half the cost of np.copyto for one row)
         x = plan.x_flat
         if not (math.isfinite(sum(x.tolist())) if plan.x_small else _all_finite(x)):
             bad = int(np.flatnonzero(~np.isfinite(v).all(axis=1))[0])
