@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -107,15 +107,22 @@ _NDIM = operator.attrgetter("ndim")
 _DTYPE = operator.attrgetter("dtype")
 
 
-class Result(tuple[Any, ...]):
+class _Fields(NamedTuple):
+    step: Step
+    block: dict[str, Array]  # row < 0: this step's outputs; else each the batch's [B, T, ...]
+    resets: tuple[str, ...] = ()
+    row: int = -1
+
+
+class Result(_Fields):
     """The model's outputs for one step (each ``[T, ...]``) and the resets applied just before.
 
     The results of one batch share the batch's output block (``row`` is the step's row
     in it): a per-step dict of views would cost more than the model's own arithmetic at
     a thousand streams. :attr:`outputs` builds the dict when read; :meth:`output` reads
-    one output without it. A tuple underneath, so that a batch's results are made by
-    one C-level ``map`` (:func:`_results`) instead of a Python ``__init__`` per step;
-    it compares by identity, like any object.
+    one output without it. A named tuple, so that a batch's results are made by one
+    C-level ``map`` (:func:`_results`) instead of a Python ``__init__`` per step, and its
+    fields read as fast as slots; it compares by identity, like any object.
     """
 
     __slots__ = ()
@@ -123,37 +130,17 @@ class Result(tuple[Any, ...]):
     __ne__ = object.__ne__
     __hash__ = object.__hash__
 
-    def __new__(
-        cls,
-        step: Step,
-        outputs: dict[str, Array],
-        resets: tuple[str, ...] = (),
-        row: int = -1,
-    ) -> Result:
-        # row < 0: outputs are this step's; else each output is the batch's [B, T, ...]
-        return tuple.__new__(cls, (step, outputs, resets, row))
-
-    @property
-    def step(self) -> Step:
-        step: Step = self[0]
-        return step
-
-    @property
-    def resets(self) -> tuple[str, ...]:
-        resets: tuple[str, ...] = self[2]
-        return resets
-
     @property
     def outputs(self) -> dict[str, Array]:
-        _, block, _, row = self
+        row = self.row
         if row < 0:
-            return block  # type: ignore[no-any-return]
-        return {name: b[row] for name, b in block.items()}
+            return self.block
+        return {name: b[row] for name, b in self.block.items()}
 
     def output(self, name: str) -> Array:
         """One output, ``[T, ...]`` (a view; copy it to keep it past the next result)."""
-        _, block, _, row = self
-        return block[name] if row < 0 else block[name][row]  # type: ignore[no-any-return]
+        row = self.row
+        return self.block[name] if row < 0 else self.block[name][row]
 
     def __repr__(self) -> str:
         return f"Result(step={self.step!r}, outputs={self.outputs!r}, resets={self.resets!r})"
