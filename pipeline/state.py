@@ -238,6 +238,10 @@ class _Block:
         self.data[:, : old.shape[1]] = old
         self._index(cap)
 
+    def stream_major(self, slots: np.ndarray[Any, np.dtype[np.intp]]) -> Any:
+        """Item indices of ``slots``, stream by stream (a checkpoint's row order)."""
+        return (slots[:, None] + self.base.T).ravel()
+
     def part(self, buf: Array, batch: int) -> Array:
         """This span of a batch's flat state buffer, as ``[outer, inner]`` (batch 1)."""
         lo = batch * self.start
@@ -801,10 +805,9 @@ class StateStore:
         streams = self._by_use()
         slots = np.fromiter((s.slot for s in streams), dtype=np.intp, count=len(streams))
         rows = np.empty((len(streams), self.layout.row_size), dtype=np.float32)
-        for b in self._blocks:  # [outer, n, inner] -> [n, outer * inner]
-            rows[:, b.start : b.start + b.size] = (
-                b.data[:, slots].transpose(1, 0, 2).reshape(len(streams), b.size)
-            )
+        for b in self._blocks:  # items in stream-major order: each stream's row at once
+            part = b.rows.take(b.stream_major(slots)).view(np.float32)
+            rows[:, b.start : b.start + b.size] = part.reshape(len(streams), b.size)
         header = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -812,7 +815,19 @@ class StateStore:
             "row_size": self.layout.row_size,
             "meta": meta,
             "streams": [
-                [s.key, s.next_seq, s.last_seq, s.last_ts, list(s.pending)] for s in streams
+                [
+                    s.key,
+                    None if nxt < 0 else nxt,
+                    None if last < 0 else last,
+                    None if ts != ts else ts,
+                    list(s.pending),
+                ]
+                for s, (nxt, last), ts in zip(
+                    streams,
+                    self._ints[slots, :2].tolist(),
+                    self._lts[slots].tolist(),
+                    strict=True,
+                )
             ],
         }
         text = json.dumps(header, separators=(",", ":"), allow_nan=False)
@@ -885,9 +900,9 @@ class StateStore:
                 self._add_pending(st, reason)
         kept = rows[skip:]
         index = np.array(slots, dtype=np.intp)
-        for b in self._blocks:  # [n, outer * inner] -> [outer, n, inner]
-            part = kept[:, b.start : b.start + b.size].reshape(len(slots), b.outer, b.inner)
-            b.data[:, index] = part.transpose(1, 0, 2)
+        for b in self._blocks:
+            part = np.ascontiguousarray(kept[:, b.start : b.start + b.size])
+            b.rows.put(b.stream_major(index), part.reshape(-1).view(b.vtype))
         if skip:
             self._on_reset(RESET_EVICTED, skip)
         return len(parsed) - skip
