@@ -217,17 +217,17 @@ class EngineSettings:
 class _Group:
     """Admitted steps of distinct streams with the same T: one session.run (or several)."""
 
-    __slots__ = ("idx", "pos", "resets", "rows", "t")
+    __slots__ = ("idx", "pos", "resets", "slots", "t")
 
-    def __init__(self, t: int, idx: Sequence[int], pos: Sequence[int], rows: Any) -> None:
+    def __init__(self, t: int, idx: Sequence[int], pos: Sequence[int], slots: Any) -> None:
         self.t = t
         self.idx = idx  # positions in the call's steps (and results)
         self.pos = pos  # positions among the call's valid steps (rows staged in that order)
-        self.rows = rows  # the streams' slots in the state store (a list or an intp array)
+        self.slots = slots  # the streams' slots in the state store (a list or an intp array)
         self.resets: dict[int, str] = {}  # position in this group -> reset to apply first
 
     def part(self, lo: int, hi: int) -> _Group:
-        g = _Group(self.t, self.idx[lo:hi], self.pos[lo:hi], self.rows[lo:hi])
+        g = _Group(self.t, self.idx[lo:hi], self.pos[lo:hi], self.slots[lo:hi])
         g.resets = {k - lo: r for k, r in self.resets.items() if lo <= k < hi}
         return g
 
@@ -359,8 +359,9 @@ class Engine:
         """The whole call checked at once when every step is well formed (the usual case):
         the staged rows, row counts (None: all 1), streams, seqs and timestamps; else None.
 
-        C-level passes (``map``, ``set``, one ``concatenate``) instead of a Python loop
-        per step; anything unusual goes to :meth:`_check_each`, which names the culprit.
+        C-level passes (``map``, ``list.count``, one ``join`` or ``concatenate``) instead
+        of a Python loop per step; anything unusual goes to :meth:`_check_each`, which
+        names the culprit.
         """
         n = len(steps)
         if list(map(type, steps)).count(Step) != n:  # (count: by identity, no hashing)
@@ -483,7 +484,7 @@ class Engine:
                     group.resets[len(group.idx)] = reset
             group.idx.append(i)  # type: ignore[attr-defined]
             group.pos.append(j)  # type: ignore[attr-defined]
-            group.rows.append(row)
+            group.slots.append(row)
         return wave, later
 
     def _stream(self, step: Step) -> Stream:
@@ -603,11 +604,11 @@ class Engine:
         started = time.perf_counter()
         store = self._store
         runner = self._runner
-        b = len(group.rows)
+        b = len(group.slots)
         t = group.t
         plan = runner.plan(b, t)
         observer = self._observer
-        slots = group.rows
+        slots = group.slots
         if type(slots) is not np.ndarray:
             slots = np.fromiter(slots, dtype=np.intp, count=b)
         if group.resets:
