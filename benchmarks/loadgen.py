@@ -193,8 +193,15 @@ def trial(
     seconds: float,
     rss_every_s: float = 1.0,
 ) -> dict[str, Any]:
-    """``rate`` messages/s (one reading each) over every stream for ``seconds``."""
-    total = int(rate * seconds)
+    """``rate`` messages/s (one reading each) over every stream for about ``seconds``.
+
+    Whole rounds only (every stream the same number of readings): the publisher
+    continues all streams from one sequence number, so a partial round would leave a
+    one-reading gap in the streams it skipped, which the daemon rightly resets.
+    """
+    streams = sensors.streams
+    total = max(1, round(rate * seconds / streams)) * streams
+    seconds = total / rate
     sink.reset(total)
     before = daemon.counters()
     rss: list[tuple[float, float]] = []
@@ -228,7 +235,7 @@ def trial(
         "offered_msgs_per_s": rate,
         "streams": sensors.streams,
         "hz_per_stream": round(rate / sensors.streams, 3),
-        "seconds": seconds,
+        "seconds": round(seconds, 3),
         "messages": total,
         "predictions": sink.n,
         "sensor_refused": refused,
