@@ -165,6 +165,73 @@ class Rejected:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    """One step from each of N streams, as arrays: what a source that already holds
+    arrays (a gateway's frame of many sensors, a replay) submits without a
+    :class:`Step` per stream.
+
+    ``values[i]`` (``[T, F]`` float32) continues ``streams[i]``; ``seqs``/``ts`` (None:
+    the steps carry none) give each step's first sequence number / timestamp.
+    :meth:`Engine.process_batch` judges each step exactly as :meth:`Engine.process`
+    would judge ``Step(streams[i], values[i], seqs[i], ts[i])``; only the container is
+    checked here (lengths that disagree are a programming error, not bad input).
+    """
+
+    streams: Sequence[str]
+    values: Array  # [N, T, F]
+    seqs: Any = None  # int [N] (an array or a sequence of ints), or None
+    ts: Any = None  # float [N], or None
+
+    def __post_init__(self) -> None:
+        n = len(self.streams)
+        if not isinstance(self.values, np.ndarray) or self.values.ndim < 1:
+            raise TypeError("StepBatch.values must be a numpy array [N, T, F]")
+        for name in ("values", "seqs", "ts"):
+            v = getattr(self, name)
+            if v is not None and len(v) != n:
+                raise ValueError(f"StepBatch.{name} has {len(v)} entries for {n} streams")
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def step(self, i: int) -> Step:
+        """Step ``i`` as a :class:`Step` (Python numbers, a view of the values)."""
+        seq = None if self.seqs is None else self.seqs[i]
+        ts = None if self.ts is None else self.ts[i]
+        return Step(
+            self.streams[i],
+            self.values[i],
+            seq.item() if isinstance(seq, np.generic) else seq,
+            ts.item() if isinstance(ts, np.generic) else ts,
+        )
+
+
+@dataclass(slots=True)
+class BatchResults:
+    """What :meth:`Engine.process_batch` did with each of N steps, as arrays.
+
+    ``outputs[name][i]`` is step i's output (``[T, ...]``; NaN where the step did not
+    run). A step that did not run is in ``rejected`` by position; resets applied just
+    before a step are in ``resets`` (both usually empty).
+    """
+
+    outputs: dict[str, Array]
+    rejected: dict[int, Rejected]
+    resets: dict[int, tuple[str, ...]]
+
+    def results(self, batch: StepBatch) -> list[Result | Rejected]:
+        """The per-step view, as :meth:`Engine.process` returns it."""
+        out: list[Result | Rejected] = []
+        for i in range(len(batch)):
+            why = self.rejected.get(i)
+            if why is not None:
+                out.append(why)
+            else:
+                out.append(Result(batch.step(i), self.outputs, self.resets.get(i, ()), i))
+        return out
+
+
 class EngineObserver(Protocol):
     """Where the engine reports what it did (metrics); called on the engine's thread."""
 
@@ -603,40 +670,29 @@ class Engine:
         """One session.run for distinct streams with the same T; fills their results."""
         started = time.perf_counter()
         store = self._store
-        runner = self._runner
         b = len(group.slots)
         t = group.t
-        plan = runner.plan(b, t)
-        observer = self._observer
         slots = group.slots
         if type(slots) is not np.ndarray:
             slots = np.fromiter(slots, dtype=np.intp, count=b)
         if group.resets:
             for k, reason in group.resets.items():
                 store.clear_slot(int(slots[k]))
-                observer.on_reset(reason, 1)
-        index = store.gather(slots, plan.state_in_flat)
+                self._observer.on_reset(reason, 1)
         pos = group.pos
+        rows: Any = None
         if t == 1 and type(pos) is range and type(starts) is range:
-            np.copyto(plan.x2d, stage[pos.start : pos.stop])  # consecutive rows
+            stage = stage[pos.start : pos.stop]  # consecutive rows
         else:
-            first = np.array([starts[j] for j in pos], dtype=np.intp)
+            rows = np.array([starts[j] for j in pos], dtype=np.intp)
             if t > 1:
-                first = (first[:, None] + np.arange(t, dtype=np.intp)).ravel()
-            np.take(stage, first, axis=0, out=plan.x2d, mode="clip")
+                rows = (rows[:, None] + np.arange(t, dtype=np.intp)).ravel()
         try:
-            runner.run(plan)
+            block, bad = self._execute(slots, t, stage, rows)
         except Exception as exc:  # onnxruntime failures: the batch is lost, not the engine
             self._fail(steps, group, exc, results)
             return
-        out = plan.state_out_flat
-        bad: list[int] = []
-        if self._check_state and not _all_finite(out):
-            bad = self._non_finite_rows(plan, b)
-        store.scatter(index, out, b)
-        names = self._output_names
         idx = group.idx
-        block = {nm: o.copy() for nm, o in zip(names, plan.outputs, strict=True)}
         if not group.resets and not store.pending_streams:
             if type(idx) is range and idx.step == 1:
                 if len(idx) == len(steps):
@@ -658,7 +714,136 @@ class Engine:
         for k in bad:
             st = self._stream(steps[idx[k]])
             store.mark_reset(st, RESET_NON_FINITE, forget_sequence=False)
-        observer.on_batch(b, time.perf_counter() - started)
+        self._observer.on_batch(b, time.perf_counter() - started)
+
+    def _execute(
+        self, slots: Any, t: int, stage: Array, rows: Any
+    ) -> tuple[dict[str, Array], list[int]]:
+        """Gather the slots' state, stage the input, ``session.run``, scatter the state back.
+
+        ``stage`` holds the batch's rows in order, or (``rows`` given) the rows to take
+        from it. Returns the batch's outputs (a copy) and the positions whose carried
+        state turned NaN/Inf. When onnxruntime raises, no state has been written.
+        """
+        store = self._store
+        runner = self._runner
+        b = len(slots)
+        plan = runner.plan(b, t)
+        index = store.gather(slots, plan.state_in_flat)
+        if rows is None:
+            np.copyto(plan.x2d, stage)
+        else:
+            np.take(stage, rows, axis=0, out=plan.x2d, mode="clip")
+        runner.run(plan)
+        out = plan.state_out_flat
+        bad: list[int] = []
+        if self._check_state and not _all_finite(out):
+            bad = self._non_finite_rows(plan, b)
+        store.scatter(index, out, b)
+        return {nm: o.copy() for nm, o in zip(self._output_names, plan.outputs, strict=True)}, bad
+
+    # -- arrays in, arrays out ----------------------------------------------------------
+
+    def process_batch(self, batch: StepBatch) -> BatchResults:
+        """Run one step of each of N streams given as arrays (:class:`StepBatch`).
+
+        The same decisions as :meth:`process` over the equivalent steps, at a fraction of
+        the cost per step when the batch is plain (distinct known streams continuing
+        without a reset, well-formed finite values): then validation is a few array
+        checks, the values are staged by one copy, and no object is made per step.
+        Anything else takes :meth:`process`'s path. Never raises for bad step input.
+        """
+        fast = self._plain_batch(batch)
+        if fast is not None:
+            return fast
+        results = self.process([batch.step(i) for i in range(len(batch))])
+        return _pack(results, self._runner.output_rows, self._output_names)
+
+    def _plain_batch(self, batch: StepBatch) -> BatchResults | None:
+        """:meth:`process_batch` when the batch is plain, else None with nothing changed."""
+        n = len(batch)
+        v = batch.values
+        keys = batch.streams
+        if (
+            n < 2
+            or v.dtype is not _F32
+            or v.ndim != 3
+            or v.shape[2] != self._n_features
+            or not 0 < v.shape[1] <= self._max_chunk
+            or list(map(type, keys)).count(str) != n
+            or "" in keys
+        ):
+            return None
+        seqs = batch.seqs
+        if seqs is not None:
+            if not isinstance(seqs, np.ndarray):
+                return None  # (a list of Python ints: process checks each)
+            if seqs.dtype.kind not in "iu" or seqs.min() < 0 or seqs.max() >= MAX_SEQ:
+                return None
+            seqs = seqs.astype(np.int64, copy=False)
+        tss = batch.ts
+        if tss is not None:
+            if not isinstance(tss, np.ndarray) or tss.dtype.kind not in "fiu":
+                return None
+            tss = tss.astype(np.float64, copy=False)
+            if not np.isfinite(tss).all():
+                return None
+        if not _all_finite(v.reshape(-1)):
+            return None
+        store = self._store
+        store.begin()
+        t = v.shape[1]
+        slots = store.admit_plain(keys, seqs, tss, t, self._clock())
+        if slots is None:
+            return None
+        stage = v.reshape(n * t, self._n_features)
+        done = BatchResults({}, {}, {})
+        blocks = []
+        step = self.settings.max_batch
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            started = time.perf_counter()
+            try:
+                block, bad = self._execute(slots[lo:hi], t, stage[lo * t : hi * t], None)
+            except Exception as exc:  # onnxruntime failures: the batch is lost, not the engine
+                blocks.append(self._nan_block(hi - lo, t))
+                self._fail_batch(batch, range(lo, hi), exc, done)
+                continue
+            blocks.append(block)
+            if store.pending_streams:  # resets reported with each stream's next result
+                for i in range(lo, hi):
+                    st = store.get(keys[i])
+                    assert st is not None
+                    if st.pending:
+                        done.resets[i] = store.take_pending(st)
+            for k in bad:
+                st = store.get(keys[lo + k])
+                assert st is not None
+                store.mark_reset(st, RESET_NON_FINITE, forget_sequence=False)
+            self._observer.on_batch(hi - lo, time.perf_counter() - started)
+        if len(blocks) == 1:
+            done.outputs = blocks[0]
+        else:
+            done.outputs = {nm: np.concatenate([b[nm] for b in blocks]) for nm in blocks[0]}
+        return done
+
+    def _fail_batch(
+        self, batch: StepBatch, part: range, exc: Exception, done: BatchResults
+    ) -> None:
+        log.error("session.run failed for a batch of %d: %s", len(part), exc)
+        for i in part:
+            st = self._store.get(batch.streams[i])
+            assert st is not None
+            self._store.mark_reset(st, RESET_ENGINE_ERROR, forget_sequence=True)
+            why = f"session.run failed: {exc}"
+            done.rejected[i] = Rejected(batch.step(i), REJECT_ENGINE_ERROR, why)
+            self._observer.on_reject(REJECT_ENGINE_ERROR)
+
+    def _nan_block(self, b: int, t: int) -> dict[str, Array]:
+        return {
+            nm: np.full((b, t, *row), np.nan, dtype=np.float32)
+            for nm, row in zip(self._output_names, self._runner.output_rows, strict=True)
+        }
 
     def _non_finite_rows(self, plan: Plan, b: int) -> list[int]:
         mask = np.zeros(b, dtype=bool)
@@ -801,4 +986,28 @@ def _reject_detail(reason: str, step: Step, st: Stream | None) -> str:
     return f"ts {step.ts}; stream's last ts {st.last_ts}"
 
 
-# -- the worker thread ------------------------------------------------------------------
+def _pack(
+    results: Sequence[Result | Rejected],
+    shapes: Sequence[tuple[int, ...]],
+    names: Sequence[str],
+) -> BatchResults:
+    """Per-step results as :class:`BatchResults` (NaN rows where a step did not run)."""
+    n = len(results)
+    t = max((r.step.values.shape[0] for r in results if isinstance(r, Result)), default=1)
+    done = BatchResults(
+        {
+            nm: np.full((n, t, *row), np.nan, dtype=np.float32)
+            for nm, row in zip(names, shapes, strict=True)
+        },
+        {},
+        {},
+    )
+    for i, r in enumerate(results):
+        if isinstance(r, Rejected):
+            done.rejected[i] = r
+            continue
+        for nm in names:
+            done.outputs[nm][i] = r.output(nm)
+        if r.resets:
+            done.resets[i] = r.resets
+    return done

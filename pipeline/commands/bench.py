@@ -5,7 +5,9 @@ Measured in one run, on the same session and the same inputs:
 * raw: the tightest Python loop of ``session.run`` carrying state, at batch 1 and at
   every batch size the engine used (plus the IO-binding floor at batch 1);
 * the engine: one stream, then N streams arriving interleaved (a fresh random order
-  every round), fed to :meth:`Engine.process` in calls of ``--max-batch`` steps;
+  every round), fed to :meth:`Engine.process` in calls of ``--max-batch`` steps, and
+  the same calls as arrays to :meth:`Engine.process_batch` (a second engine; no
+  :class:`Step` per stream);
 * naive: one ``session.run`` per stream per step with a dict of states, what one
   writes first; PyTorch eager per step when torch (and the ``models`` package) is
   importable, imported only then;
@@ -284,7 +286,7 @@ def _many_streams(
     on the very batch sizes that call used; then the naive loop over one round."""
     import numpy as np
 
-    from pipeline.engine import Engine, EngineSettings, Step
+    from pipeline.engine import Engine, EngineSettings, Step, StepBatch
 
     f = model.spec.n_features
     data = rng.standard_normal((rounds, n, 1, f)).astype(np.float32)
@@ -295,6 +297,16 @@ def _many_streams(
         order = rng.permutation(n)
         steps = [Step(keys[k], data[r, k]) for k in order]
         calls.extend(steps[lo : lo + max_batch] for lo in range(0, n, max_batch))
+    # The same arrivals as arrays (what a source holding arrays submits), through an
+    # engine of their own: the keys, values and sequence numbers of each call.
+    batches = [
+        StepBatch(
+            [s.stream for s in call],
+            np.stack([s.values for s in call]),
+            np.zeros(len(call), dtype=np.int64),
+        )
+        for call in calls
+    ]
     counter = _Counter()
     settings = EngineSettings(
         max_streams=n, max_batch=max_batch, idle_timeout_s=None, initial_capacity=n
@@ -304,9 +316,11 @@ def _many_streams(
     gc.collect()
     gc.freeze()
     engine = Engine(model, settings, observer=counter)
+    arrays = Engine(model, settings)
     raw = _RawBatched(model, rng)
     eng_t: list[float] = []
     raw_t: list[float] = []
+    arr_t: list[float] = []
     sizes: dict[int, int] = {}
     process = engine.process
     per_round = len(calls) // rounds
@@ -315,7 +329,8 @@ def _many_streams(
             seq = rep * rounds + c // per_round
             for step in call:
                 step.seq = seq
-        for call in calls:
+            batches[c].seqs[:] = seq
+        for call, batch in zip(calls, batches, strict=True):
             counter.sizes.clear()
             t0 = clock()
             process(call)
@@ -323,9 +338,12 @@ def _many_streams(
             for b in counter.sizes:
                 raw.run(b)
             t2 = clock()
+            arrays.process_batch(batch)
+            t3 = clock()
             if rep:
                 eng_t.append((t1 - t0) / len(call))
                 raw_t.append((t2 - t1) / len(call))
+                arr_t.append((t3 - t2) / len(call))
                 for b in counter.sizes:
                     sizes[b] = sizes.get(b, 0) + 1
     latency = []
@@ -343,10 +361,12 @@ def _many_streams(
         "calls": len(eng_t),
         "engine_batch_sizes": {str(b): c for b, c in sorted(sizes.items())},
         "engine_us_per_step": _stats(eng_t),
+        "engine_arrays_us_per_step": _stats(arr_t),
         "engine_call_latency_us": _stats(latency),
         "raw_batched_us_per_step": _stats(raw_t),
         "naive_us_per_step": _stats(naive),
         "streams_held": engine.streams,
+        "arrays_streams_held": arrays.streams,
     }
 
 
@@ -537,7 +557,13 @@ def _ratios(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         over_naive = s["naive_us_per_step"]["median"] / eng
         ratios[f"engine_over_raw_batched_{n}_streams"] = over_raw
         ratios[f"engine_over_naive_{n}_streams"] = over_naive
+        arr = s["engine_arrays_us_per_step"]["median"]
+        arr_over_raw = s["raw_batched_us_per_step"]["median"] / arr
+        arr_over_naive = s["naive_us_per_step"]["median"] / arr
+        ratios[f"engine_arrays_over_raw_batched_{n}_streams"] = arr_over_raw
+        ratios[f"engine_arrays_over_naive_{n}_streams"] = arr_over_naive
         s["engine_steps_per_s"] = 1e6 / eng
+        s["engine_arrays_steps_per_s"] = 1e6 / arr
         s["raw_batched_steps_per_s"] = 1e6 / s["raw_batched_us_per_step"]["median"]
         s["naive_steps_per_s"] = 1e6 / s["naive_us_per_step"]["median"]
         if n == 1000:
@@ -546,6 +572,12 @@ def _ratios(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             )
             met["engine_over_naive_1000_streams >= 8"] = (
                 over_naive >= TARGETS["batched_engine_over_naive_min"]
+            )
+            met["engine_arrays_over_raw_batched_1000_streams >= 0.6"] = (
+                arr_over_raw >= TARGETS["batched_engine_over_raw_min"]
+            )
+            met["engine_arrays_over_naive_1000_streams >= 8"] = (
+                arr_over_naive >= TARGETS["batched_engine_over_naive_min"]
             )
     rss = report.get("rss")
     if isinstance(rss, dict) and "rss_mb" in rss and rss.get("streams") == 10_000:
