@@ -102,8 +102,7 @@ class Step:
 
 
 _NONE = type(None)
-_SIZE = operator.attrgetter("size")
-_NDIM = operator.attrgetter("ndim")
+_SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 
 
@@ -321,6 +320,7 @@ class Engine:
         self._model = model
         self._runner = Runner(model, self._store.layout.row_size)
         self._n_features = model.spec.n_features
+        self._one_row = (1, model.spec.n_features)  # the shape of a one-row step
         self._output_names = model.spec.outputs
         self._check_state = self.settings.check_state
         self._max_chunk = self.settings.max_chunk
@@ -436,26 +436,23 @@ class Engine:
         vals = [s.values for s in steps]
         if list(map(type, vals)).count(np.ndarray) != n:
             return None
-        try:
-            lens: list[int] | None = list(map(len, vals))  # bounded before any copy
-        except TypeError:  # a 0-d array
-            return None
-        assert lens is not None
-        if min(lens) < 1 or max(lens) > self.settings.max_chunk:
-            return None
-        f = self._n_features
         stage = None
+        lens: list[int] | None = None
         if (
-            max(lens) == 1
+            list(map(_SHAPE, vals)).count(self._one_row) == n
             and list(map(_DTYPE, vals)).count(_F32) == n
-            and list(map(_SIZE, vals)).count(f) == n
-            and list(map(_NDIM, vals)).count(2) == n
         ):  # every step one [1, F] float32 row: their bytes end to end, at a third of
             # concatenate's cost (list.count compares by identity first)
             with contextlib.suppress(TypeError):  # a non-contiguous array
                 rows = b"".join(vals)  # type: ignore[arg-type]  # ndarrays are buffers
-                stage = np.frombuffer(rows, dtype=np.float32).reshape(n, f)
+                stage = np.frombuffer(rows, dtype=np.float32).reshape(n, self._n_features)
         if stage is None:
+            try:
+                lens = list(map(len, vals))  # bounded before any copy
+            except TypeError:  # a 0-d array
+                return None
+            if min(lens) < 1 or max(lens) > self._max_chunk:
+                return None
             try:  # the dtype, rank and feature count of every step, checked by numpy
                 stage = np.concatenate(vals, axis=0, dtype=np.float32, casting="no")
             except (TypeError, ValueError):
@@ -481,7 +478,7 @@ class Engine:
                 return None
         elif kinds.count(_NONE) != n:
             return None
-        if stage.shape[0] == len(steps):
+        if stage.shape[0] == n:
             lens = None  # every step is one row
         return stage, lens, keys, seqs, tss
 
