@@ -258,19 +258,21 @@ def _raw_iobinding(
 
 
 class _Counter:
-    """Observer that records the batch sizes of the current call."""
+    """Observer that records the batch sizes of the current call, and counts what a
+    clean benchmark must never see (a reset or a rejection would mean steps not run)."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
+        self.trouble = 0
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.sizes.append(size)
 
     def on_reset(self, reason: str, count: int = 1) -> None:
-        pass
+        self.trouble += count
 
     def on_reject(self, reason: str) -> None:
-        pass
+        self.trouble += 1
 
 
 def _many_streams(
@@ -316,7 +318,8 @@ def _many_streams(
     gc.collect()
     gc.freeze()
     engine = Engine(model, settings, observer=counter)
-    arrays = Engine(model, settings)
+    arrays_counter = _Counter()
+    arrays = Engine(model, settings, observer=arrays_counter)
     raw = _RawBatched(model, rng)
     eng_t: list[float] = []
     raw_t: list[float] = []
@@ -367,6 +370,7 @@ def _many_streams(
         "naive_us_per_step": _stats(naive),
         "streams_held": engine.streams,
         "arrays_streams_held": arrays.streams,
+        "resets_and_rejections": counter.trouble + arrays_counter.trouble,
     }
 
 

@@ -680,15 +680,24 @@ def test_bench_prints_one_json_document_with_every_figure(
         figures = single[key]
         assert figures["p99"] >= figures["median"] > 0 and figures["mean"] > 0
     (many,) = doc["streams"]
-    assert many["streams"] == 40 and many["streams_held"] == 40
+    assert many["streams"] == 40 and many["streams_held"] == many["arrays_streams_held"] == 40
+    assert many["resets_and_rejections"] == 0
     assert many["engine_batch_sizes"] == {"8": 2, "16": 4}  # 40 = 16 + 16 + 8, 2 rounds
-    for key in ("engine_us_per_step", "raw_batched_us_per_step", "naive_us_per_step"):
+    for key in (
+        "engine_us_per_step",
+        "engine_arrays_us_per_step",
+        "raw_batched_us_per_step",
+        "naive_us_per_step",
+    ):
         assert many[key]["median"] > 0
     assert many["engine_steps_per_s"] > 0 and many["naive_steps_per_s"] > 0
     assert doc["rss"]["streams"] == 40 and doc["rss"]["rss_mb"] > 0
     ratios = doc["ratios"]
     assert ratios["engine_over_raw_batched_40_streams"] == pytest.approx(
         many["raw_batched_us_per_step"]["median"] / many["engine_us_per_step"]["median"]
+    )
+    assert ratios["engine_arrays_over_raw_batched_40_streams"] == pytest.approx(
+        many["raw_batched_us_per_step"]["median"] / many["engine_arrays_us_per_step"]["median"]
     )
     assert "single_stream_engine_over_raw <= 1.0" in doc["targets"]
 
