@@ -14,6 +14,11 @@ one ``put``; a stream that steps alone call after call runs in place on a pair o
 rows instead (no copies), so one stream costs no more than a plain ``session.run``.
 Nothing on this path logs.
 
+:meth:`Engine.process_batch` takes the same steps as arrays (:class:`StepBatch`), for a
+source that already holds them: its plain case (distinct known streams continuing, clean
+float32 values) is validated by a few array checks and makes no object per step; any
+other batch goes through :meth:`Engine.process`, so both paths decide alike.
+
 :class:`~pipeline.worker.Worker` is the engine's thread: a bounded queue in front of
 ``process``.
 """

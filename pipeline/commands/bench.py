@@ -505,14 +505,18 @@ def rss_probe(path: str, providers: list[str], threads: int, n: int, max_batch: 
         "rss_mb_interpreter": before,
         "rss_mb_model_loaded": loaded,
         "rss_mb": _rss_mb(),
+        # RSS = private memory + pages of mapped files (onnxruntime's library code,
+        # shared with every process using it and dropped first under memory pressure)
+        "rss_mb_anonymous": _rss_mb("RssAnon:"),
+        "rss_mb_file_backed": _rss_mb("RssFile:"),
     }
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS:") -> float:
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
