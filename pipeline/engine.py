@@ -263,7 +263,7 @@ class EngineSettings:
     idle_timeout_s: float | None = 600.0  # None: never expire
     seq_gap_tolerance: int = 0  # missing sequence numbers tolerated without a reset
     ts_gap_tolerance_s: float | None = None  # None: timestamps never reset a stream
-    max_batch: int = 1024  # most streams in one session.run
+    max_batch: int = 256  # most streams in one session.run (raw onnxruntime peaks from ~256)
     max_chunk: int = 4096  # most rows (T) in one step
     check_state: bool = True  # reset streams whose carried state turns NaN/Inf
     initial_capacity: int = 1024  # state rows allocated up front (grows up to max_streams)

@@ -57,7 +57,7 @@ class Worker:
         sink: Sink,
         *,
         max_queue: int = 10_000,
-        max_batch: int = 1024,
+        max_batch: int = 256,
         max_wait_ms: float = 1.0,
         overflow: Overflow = "block",
         tick_interval_s: float = 1.0,

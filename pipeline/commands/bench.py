@@ -73,7 +73,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--steps", type=int, default=20, help="rounds (steps per stream) for N streams")
     p.add_argument("--single-steps", type=int, default=2000, help="steps of the single-stream runs")
-    p.add_argument("--max-batch", type=int, default=1024, help="engine max_batch")
+    p.add_argument("--max-batch", type=int, default=256, help="engine max_batch")
     p.add_argument("--repeats", type=int, default=5, help="timed passes over the steps")
     p.add_argument(
         "--providers",
@@ -128,7 +128,7 @@ def benchmark(
     streams: Sequence[int] = (1000, 10_000),
     rounds: int = 20,
     single_steps: int = 2000,
-    max_batch: int = 1024,
+    max_batch: int = 256,
     repeats: int = 5,
     seed: int = 0,
     clock: str = "wall",
