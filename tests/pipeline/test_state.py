@@ -303,6 +303,7 @@ def test_admit_many_decides_exactly_like_admit_one_by_one(
               "seq_gap_tolerance": 2, "ts_gap_tolerance_s": 3.0}  # fmt: skip
     one, one_resets = store_with(**policy)
     many, many_resets = store_with(**policy)
+    many.plain_min = 2  # the array path for every call it can take
     now = 0.0
     for steps, dt in calls:
         now += dt
@@ -362,6 +363,7 @@ def test_a_plain_call_is_admitted_as_one_array() -> None:
     bookkeeping equals admit's; anything else falls back to admit, step by step."""
     one, _ = store_with(seq_gap_tolerance=1)
     many, _ = store_with(seq_gap_tolerance=1)
+    many.plain_min = 3
     keys = ["a", "b", "c"]
     for store in (one, many):
         store.begin()
@@ -379,6 +381,34 @@ def test_a_plain_call_is_admitted_as_one_array() -> None:
     many.begin()  # a gap beyond the tolerance: admit decides, and plans the reset
     got = many.admit_many(keys, [3, 8, 15], [None] * 3, None, 2.0)
     assert isinstance(got, list) and many.wave_resets == {"c": RESET_SEQ_GAP}
+    many.begin()  # fewer steps than plain_min: one by one, the same decisions
+    assert many.admit_many(keys[:2], [4, 9], [None] * 2, None, 3.0) == [0, 1]
+
+
+def test_the_array_path_refuses_what_admit_would_not_run_plainly() -> None:
+    """admit_plain returns None, changing nothing, for each case admit treats specially."""
+    store, _ = store_with(seq_gap_tolerance=1, ts_gap_tolerance_s=5.0)
+    keys = ["a", "b"]
+    store.begin()
+    assert store.admit_many(keys, [None, None], [1.0, 1.0], None, 0.0) == [0, 1]
+    cases = {
+        "same ts again, no seq (a duplicate)": ([2.0, 1.0], None),
+        "older ts, no seq": ([2.0, 0.5], None),
+        "ts jump beyond the tolerance": ([2.0, 7.0], None),
+        "a stream already admitted in this wave": ([2.0, 2.0], "a"),
+    }
+    for why, (tss, first) in cases.items():
+        store.begin()
+        if first:
+            store.admit(first, None, 1.5, 1, 0.0)
+        before = [(s.key, s.last_ts, s.mark, s.last_seen) for s in store]
+        got = store.admit_plain(keys, None, np.array(tss), 1, 0.0)
+        assert got is None, why
+        if not first:
+            assert [(s.key, s.last_ts, s.mark, s.last_seen) for s in store] == before, why
+    store.begin()
+    got = store.admit_plain(keys, None, np.array([2.0, 2.0]), 1, 0.0)
+    assert got is not None and got.tolist() == [0, 1]
 
 
 def test_explicit_reset_restores_the_initial_row_and_is_pending_once() -> None:
