@@ -230,8 +230,6 @@ def start_middle(
             f"""
 [model]
 path = "{model}"
-[engine]
-max_batch = 1024
 [queue]
 max_wait_ms = {max_wait_ms}
 [mqtt]
