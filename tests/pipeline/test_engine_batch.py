@@ -184,3 +184,45 @@ def test_a_batch_whose_arrays_disagree_in_length_is_a_programming_error() -> Non
         StepBatch(["a", "b"], values, np.array([0]))
     with pytest.raises(TypeError, match="numpy array"):
         StepBatch(["a", "b"], [[1.0], [2.0]])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("streams", "values", "seqs", "ts", "reasons"),
+    [
+        (["v", 7], np.zeros((2, 1, F), np.float32), None, None, {1: "bad_stream"}),
+        (["v", ""], np.zeros((2, 1, F), np.float32), None, None, {1: "bad_stream"}),
+        (["v", "w"], np.zeros((2, 1, F), object), None, None, {0: "bad_dtype", 1: "bad_dtype"}),
+        (["v", "w"], np.zeros((2, F), np.float32), None, None, {0: "bad_rank", 1: "bad_rank"}),
+        (["v", "w"], np.zeros((2, 0, F), np.float32), None, None, {0: "empty", 1: "empty"}),
+        (
+            ["v", "w"],
+            np.zeros((2, 1, F + 1), np.float32),
+            None,
+            None,
+            {0: "bad_features", 1: "bad_features"},
+        ),
+        (
+            ["v", "w"],
+            np.zeros((2, 1, F), np.float32),
+            np.array([0.0, 1.5]),
+            None,
+            {0: "bad_seq", 1: "bad_seq"},
+        ),
+        (["v", "w"], np.zeros((2, 1, F), np.float32), np.array([-1, 0]), None, {0: "bad_seq"}),
+        (["v", "w"], np.zeros((2, 1, F), np.float32), None, np.array([np.nan, 1.0]), {0: "bad_ts"}),
+    ],
+)
+def test_hostile_batches_are_refused_per_step_and_leave_other_streams_alone(
+    lstm_model: StepModel, streams: list[Any], values: np.ndarray, seqs: Any, ts: Any,
+    reasons: dict[int, str],
+) -> None:  # fmt: skip
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, F)).astype(np.float32)
+    engine = Engine(lstm_model, EngineSettings())
+    first = engine.process_batch(StepBatch(["victim", "other"], x[:1, None].repeat(2, 0)))
+    hostile = engine.process_batch(StepBatch(streams, values, seqs, ts))
+    assert {i: r.reason for i, r in hostile.rejected.items()} == reasons
+    last = engine.process_batch(StepBatch(["victim", "other"], x[1:, None].repeat(2, 0)))
+    want, _ = lstm_model.run(x[None], lstm_model.initial_state(1))
+    got = np.concatenate([first.outputs["probs"][0], last.outputs["probs"][0]])
+    np.testing.assert_allclose(got, want["probs"][0], atol=ATOL, rtol=0)
