@@ -637,7 +637,7 @@ class Engine:
                 out = plan.state_out_flat
                 store.write_state(st, out)
         except Exception as exc:  # onnxruntime failures: the step is lost, not the engine
-            return self._fail_one(step, st, exc)
+            return self._fail([step], exc)[0]
         names = self._output_names
         if len(names) == 1:
             values = {names[0]: plan.first[0].copy()}
@@ -652,14 +652,6 @@ class Engine:
             store.mark_reset(st, RESET_NON_FINITE, forget_sequence=False)
         self._observer.on_batch(1, time.perf_counter() - started)
         return result
-
-    def _fail_one(self, step: Step, st: Stream, exc: Exception) -> Rejected:
-        group = _Group(step.values.shape[0], [0], [0], [st.slot])
-        results: list[Result | Rejected | None] = [None]
-        self._fail((step,), group, exc, results)
-        out = results[0]
-        assert isinstance(out, Rejected)
-        return out
 
     def _run_group(
         self,
@@ -692,7 +684,10 @@ class Engine:
         try:
             block, bad = self._execute(slots, t, stage, rows)
         except Exception as exc:  # onnxruntime failures: the batch is lost, not the engine
-            self._fail(steps, group, exc, results)
+            for i, why in zip(
+                group.idx, self._fail([steps[i] for i in group.idx], exc), strict=True
+            ):
+                results[i] = why
             return
         idx = group.idx
         if not group.resets and not store.pending_streams:
@@ -759,7 +754,7 @@ class Engine:
         if fast is not None:
             return fast
         results = self.process([batch.step(i) for i in range(len(batch))])
-        return _pack(results, self._runner.output_rows, self._output_names)
+        return self._pack(results)
 
     def _plain_batch(self, batch: StepBatch) -> BatchResults | None:
         """:meth:`process_batch` when the batch is plain, else None with nothing changed."""
@@ -809,7 +804,9 @@ class Engine:
                 block, bad = self._execute(slots[lo:hi], t, stage[lo * t : hi * t], None)
             except Exception as exc:  # onnxruntime failures: the batch is lost, not the engine
                 blocks.append(self._nan_block(hi - lo, t))
-                self._fail_batch(batch, range(lo, hi), exc, done)
+                part = range(lo, hi)
+                failed = self._fail([batch.step(i) for i in part], exc)
+                done.rejected.update(zip(part, failed, strict=True))
                 continue
             blocks.append(block)
             if store.pending_streams:  # resets reported with each stream's next result
@@ -829,17 +826,19 @@ class Engine:
             done.outputs = {nm: np.concatenate([b[nm] for b in blocks]) for nm in blocks[0]}
         return done
 
-    def _fail_batch(
-        self, batch: StepBatch, part: range, exc: Exception, done: BatchResults
-    ) -> None:
-        log.error("session.run failed for a batch of %d: %s", len(part), exc)
-        for i in part:
-            st = self._store.get(batch.streams[i])
-            assert st is not None
-            self._store.mark_reset(st, RESET_ENGINE_ERROR, forget_sequence=True)
-            why = f"session.run failed: {exc}"
-            done.rejected[i] = Rejected(batch.step(i), REJECT_ENGINE_ERROR, why)
-            self._observer.on_reject(REJECT_ENGINE_ERROR)
+    def _pack(self, results: Sequence[Result | Rejected]) -> BatchResults:
+        """Per-step results as :class:`BatchResults` (NaN rows where a step did not run)."""
+        t = max((r.step.values.shape[0] for r in results if isinstance(r, Result)), default=1)
+        done = BatchResults(self._nan_block(len(results), t), {}, {})
+        for i, r in enumerate(results):
+            if isinstance(r, Rejected):
+                done.rejected[i] = r
+                continue
+            for nm, out in done.outputs.items():
+                out[i] = r.output(nm)
+            if r.resets:
+                done.resets[i] = r.resets
+        return done
 
     def _nan_block(self, b: int, t: int) -> dict[str, Array]:
         return {
@@ -854,18 +853,16 @@ class Engine:
             mask |= ~np.isfinite(rows).all(axis=1)
         return [int(k) for k in np.flatnonzero(mask)]
 
-    def _fail(
-        self,
-        steps: Sequence[Step],
-        group: _Group,
-        exc: Exception,
-        results: list[Result | Rejected | None],
-    ) -> None:
-        log.error("session.run failed for a batch of %d: %s", len(group.idx), exc)
-        for i in group.idx:
-            self._store.mark_reset(self._stream(steps[i]), RESET_ENGINE_ERROR, forget_sequence=True)
-            results[i] = Rejected(steps[i], REJECT_ENGINE_ERROR, f"session.run failed: {exc}")
+    def _fail(self, steps: Sequence[Step], exc: Exception) -> list[Rejected]:
+        """The steps of a batch onnxruntime failed on: each stream reset, each refused."""
+        log.error("session.run failed for a batch of %d: %s", len(steps), exc)
+        why = f"session.run failed: {exc}"
+        out = []
+        for step in steps:
+            self._store.mark_reset(self._stream(step), RESET_ENGINE_ERROR, forget_sequence=True)
+            out.append(Rejected(step, REJECT_ENGINE_ERROR, why))
             self._observer.on_reject(REJECT_ENGINE_ERROR)
+        return out
 
     def _reject_non_finite(
         self,
@@ -986,30 +983,3 @@ def _reject_detail(reason: str, step: Step, st: Stream | None) -> str:
     if step.seq is not None and st.next_seq is not None:
         return f"seq {step.seq}; stream expects {st.next_seq}"
     return f"ts {step.ts}; stream's last ts {st.last_ts}"
-
-
-def _pack(
-    results: Sequence[Result | Rejected],
-    shapes: Sequence[tuple[int, ...]],
-    names: Sequence[str],
-) -> BatchResults:
-    """Per-step results as :class:`BatchResults` (NaN rows where a step did not run)."""
-    n = len(results)
-    t = max((r.step.values.shape[0] for r in results if isinstance(r, Result)), default=1)
-    done = BatchResults(
-        {
-            nm: np.full((n, t, *row), np.nan, dtype=np.float32)
-            for nm, row in zip(names, shapes, strict=True)
-        },
-        {},
-        {},
-    )
-    for i, r in enumerate(results):
-        if isinstance(r, Rejected):
-            done.rejected[i] = r
-            continue
-        for nm in names:
-            done.outputs[nm][i] = r.output(nm)
-        if r.resets:
-            done.resets[i] = r.resets
-    return done

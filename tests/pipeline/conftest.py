@@ -112,3 +112,41 @@ def only_output(result: Result | Rejected) -> np.ndarray:
     assert isinstance(result, Result), result
     (value,) = result.outputs.values()
     return value
+
+
+TRIP = 50.0  # a first feature above this makes the model below fail inside onnxruntime
+
+
+@pytest.fixture(scope="session")
+def failing_model(
+    random_model_path: ModelFactory, tmp_path_factory: pytest.TempPathFactory
+) -> StepModel:
+    """The LSTM classifier with one more path from ``x`` to ``probs``: a Gather whose index
+    is 1 where feature 0 exceeds TRIP, out of bounds of its one-element table, so
+    onnxruntime itself raises on such a batch (its own bounds check; nothing mocked).
+    Elsewhere it adds 0.0: outputs are the plain model's."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(random_model_path("lstm", "classify")))
+    g = m.graph
+    (softmax,) = [n for n in g.node if "probs" in n.output]
+    softmax.output[0] = "probs_raw"
+    consts = {
+        "trip_feature": helper.make_tensor("trip_feature", TensorProto.INT64, [], [0]),
+        "trip_at": helper.make_tensor("trip_at", TensorProto.FLOAT, [], [TRIP]),
+        "trip_table": helper.make_tensor("trip_table", TensorProto.FLOAT, [1], [0.0]),
+        "trip_axis": helper.make_tensor("trip_axis", TensorProto.INT64, [1], [2]),
+    }
+    g.initializer.extend(consts.values())
+    g.node.extend([
+        helper.make_node("Gather", ["x", "trip_feature"], ["trip_x0"], axis=2),
+        helper.make_node("Greater", ["trip_x0", "trip_at"], ["trip_over"]),
+        helper.make_node("Cast", ["trip_over"], ["trip_index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["trip_table", "trip_index"], ["trip_zero"]),
+        helper.make_node("Unsqueeze", ["trip_zero", "trip_axis"], ["trip_zero3"]),
+        helper.make_node("Add", ["probs_raw", "trip_zero3"], ["probs"]),
+    ])  # fmt: skip
+    path = tmp_path_factory.mktemp("failing") / "trip.onnx"
+    onnx.save(m, str(path))
+    return StepModel.load(path)

@@ -31,6 +31,7 @@ from pipeline.model import StepModel
 from pipeline.state import (
     REJECT_DUPLICATE,
     REJECT_OUT_OF_ORDER,
+    RESET_ENGINE_ERROR,
     RESET_EVICTED,
     RESET_EXPLICIT,
     RESET_IDLE,
@@ -41,7 +42,7 @@ from pipeline.state import (
     RESET_TS_GAP,
     TWINS,
 )
-from tests.pipeline.conftest import ATOL, F, Recorder, data, only_output
+from tests.pipeline.conftest import ATOL, TRIP, F, Recorder, data, only_output
 
 if TYPE_CHECKING:
     from tests.pipeline.conftest import ModelFactory, Offline
@@ -481,6 +482,31 @@ def test_non_finite_state_is_reset(
         assert rec.resets == Counter({RESET_NON_FINITE: 1})
     else:
         assert r.resets == () and not rec.resets
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "in-batch"])
+def test_a_batch_onnxruntime_fails_on_is_refused_and_its_streams_start_again(
+    failing_model: StepModel, offline: Offline, alone: bool
+) -> None:
+    rng = np.random.default_rng(2)
+    x = {k: data(rng, 2) for k in ("a", "b", "c")}
+    rec = Recorder()
+    engine = Engine(failing_model, EngineSettings(), observer=rec)
+    keys = ["a"] if alone else ["a", "b", "c"]
+    engine.process([Step(k, x[k][:1], seq=0) for k in keys])
+    bad = x["a"][1:].copy()
+    bad[0, 0] = TRIP + 1
+    failed = engine.process([Step("a", bad, seq=1), *(Step(k, x[k][1:], seq=1) for k in keys[1:])])
+    assert [(r.reason, r.detail[:18]) for r in failed if isinstance(r, Rejected)] == [
+        ("engine_error", "session.run failed")
+    ] * len(keys)  # the whole session.run is lost, every stream in it
+    assert rec.rejects == Counter({"engine_error": len(keys)})
+    again = engine.process([Step(k, x[k][1:], seq=5) for k in keys])  # any seq: forgotten
+    for k, r in zip(keys, again, strict=True):
+        assert isinstance(r, Result) and r.resets == (RESET_ENGINE_ERROR,)
+        want = offline(failing_model, x[k][1:])["probs"]  # from the initial state
+        np.testing.assert_allclose(only_output(r), want, atol=ATOL, rtol=0)
+    assert engine.process([Step("other", x["b"][:1])])[0].resets == ()  # engine lives on
 
 
 def test_model_swap_keeps_compatible_state_and_resets_incompatible(

@@ -21,8 +21,8 @@ from pipeline.engine import (
     StepBatch,
 )
 from pipeline.model import StepModel
-from pipeline.state import REJECT_DUPLICATE, RESET_EXPLICIT, RESET_SEQ_GAP
-from tests.pipeline.conftest import ATOL, F, Recorder
+from pipeline.state import REJECT_DUPLICATE, RESET_ENGINE_ERROR, RESET_EXPLICIT, RESET_SEQ_GAP
+from tests.pipeline.conftest import ATOL, TRIP, F, Recorder
 
 if TYPE_CHECKING:
     from tests.pipeline.conftest import Offline
@@ -226,3 +226,23 @@ def test_hostile_batches_are_refused_per_step_and_leave_other_streams_alone(
     want, _ = lstm_model.run(x[None], lstm_model.initial_state(1))
     got = np.concatenate([first.outputs["probs"][0], last.outputs["probs"][0]])
     np.testing.assert_allclose(got, want["probs"][0], atol=ATOL, rtol=0)
+
+
+def test_a_plain_batch_onnxruntime_fails_on_is_refused_and_its_streams_start_again(
+    failing_model: StepModel, offline: Offline
+) -> None:
+    rng = np.random.default_rng(4)
+    keys = ["a", "b", "c"]
+    x = rng.standard_normal((3, 2, F)).astype(np.float32)
+    engine = Engine(failing_model, EngineSettings(max_batch=2))  # two session.runs
+    assert not engine.process_batch(StepBatch(keys, x[:, :1], np.zeros(3, np.int64))).rejected
+    bad = x[:, 1:].copy()
+    bad[2, 0, 0] = TRIP + 1  # the second run (stream c alone) fails
+    done = engine.process_batch(StepBatch(keys, bad, np.ones(3, np.int64)))
+    assert {i: r.reason for i, r in done.rejected.items()} == {2: "engine_error"}
+    assert np.isnan(done.outputs["probs"][2]).all()
+    assert np.isfinite(done.outputs["probs"][:2]).all()
+    again = engine.process_batch(StepBatch(["c"], x[2:, 1:], np.array([9])))
+    assert again.resets == {0: (RESET_ENGINE_ERROR,)}
+    want = offline(failing_model, x[2, 1:])["probs"]  # from the initial state
+    np.testing.assert_allclose(again.outputs["probs"][0], want, atol=ATOL, rtol=0)
