@@ -54,6 +54,20 @@ def register(sub: Any) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--name", help="model name in metadata (default: data-cell-task)")
+    c = p.add_argument_group("classification")
+    c.add_argument(
+        "--arch",
+        choices=["auto", "fcn", "rnn"],
+        help="auto (default unless --cell/--hidden/--layers is given): the best of a few "
+        "causal-conv candidates on the validation split, refit on all training cases; "
+        "fcn: the first candidate; rnn: the recurrent stack of --cell/--hidden/--layers",
+    )
+    c.add_argument(
+        "--budget",
+        type=float,
+        help="seconds the classifier search may take at most (default 300); a ceiling: "
+        "the steps trained never depend on the machine's speed",
+    )
     f = p.add_argument_group("forecasting (forecast, seq2seq) and anomaly")
     f.add_argument("--target", dest="targets", nargs="+", help="target columns")
     f.add_argument("--horizon", type=int, help="steps ahead forecast at each step")
@@ -129,6 +143,8 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         val_fraction=args.val_fraction,
         name=args.name,
+        arch=args.arch,
+        budget=args.budget,
         targets=tuple(args.targets) if args.targets else None,
         horizon=args.horizon,
         season=args.season,

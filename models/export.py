@@ -57,6 +57,9 @@ def spec_for(net: SeqNet, meta: dict[str, Any], opset: int = OPSET) -> ModelSpec
         meta["window"] = cfg.window
     if cfg.task == "anomaly":
         meta["extra"] = {**meta.get("extra", {}), "pool": cfg.pool}
+    if cfg.arch != "rnn":
+        arch = {"arch": cfg.arch, "filters": list(cfg.filters), "kernels": list(cfg.kernels)}
+        meta["extra"] = {**meta.get("extra", {}), **arch}
     return ModelSpec(
         task=cfg.task,
         cell=cfg.cell,

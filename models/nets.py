@@ -52,6 +52,11 @@ class NetConfig:
     std: tuple[float, ...] = field(default_factory=tuple)
     window: int = 0  # anomaly: steps reconstructed; seq2seq: steps attended to
     pool: int = 1  # anomaly: the window is reconstructed as means of `pool` steps
+    # classify: "rnn" (StepNet) or "fcn" (models.fcn.FCNNet: causal conv blocks of these
+    # filters/kernels, running mean, beside a recurrent branch of `layers` x `hidden`)
+    arch: str = "rnn"
+    filters: tuple[int, ...] = ()
+    kernels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -66,6 +71,10 @@ class NetConfig:
             raise ValueError(f"task {self.task} needs a window >= 1")
         if self.pool < 1 or (self.task == "anomaly" and self.window % self.pool):
             raise ValueError(f"pool must be >= 1 and divide the window ({self.window})")
+        if self.arch not in ("rnn", "fcn") or (self.arch == "fcn") != bool(self.filters):
+            raise ValueError(f"arch {self.arch!r}: 'fcn' needs filters, 'rnn' none")
+        if len(self.filters) != len(self.kernels) or min(self.kernels, default=1) < 1:
+            raise ValueError("filters and kernels must pair up, kernels >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +82,7 @@ class NetConfig:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> NetConfig:
         doc = dict(doc)
-        for key in ("targets", "mean", "std"):
+        for key in ("targets", "mean", "std", "filters", "kernels"):
             doc[key] = tuple(doc.get(key, ()))
         return cls(**doc)
 
@@ -364,6 +373,10 @@ _NETS: dict[str, Callable[[NetConfig], SeqNet]] = {
 def build(config: NetConfig, seed: int | None = None) -> SeqNet:
     if seed is not None:
         torch.manual_seed(seed)
+    if config.arch == "fcn":
+        from models.fcn import FCNNet  # imports this module
+
+        return FCNNet(config)
     return _NETS[config.task](config)
 
 

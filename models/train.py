@@ -83,6 +83,10 @@ class TrainConfig:
     # anomaly (window reconstructed) and seq2seq (attention memory): the model's window
     context: int = 0
     pool: int = 1  # anomaly: reconstruct means of this many steps
+    # classify: "rnn" (the recurrent stack above), "fcn" or "auto" (models.search: the
+    # best of a few causal-conv candidates within `budget` seconds, a ceiling)
+    arch: str = "rnn"
+    budget: float = 300.0
     threshold_quantile: float = 0.99  # anomaly: of the training part's scores
     # how to read the data files (see pipeline.commands.data_args)
     data_options: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +95,10 @@ class TrainConfig:
     def for_task(cls, **given: Any) -> TrainConfig:
         """A config from the options given (``None`` = not given) over the task's defaults."""
         chosen = {k: v for k, v in given.items() if v is not None}
+        if chosen.get("task") == "classify" and "arch" not in chosen:
+            # naming the recurrent stack asks for it; otherwise the search decides
+            named = any(k in chosen for k in ("cell", "hidden", "layers"))
+            chosen["arch"] = "rnn" if named else "auto"
         return cls(**{**TASK_DEFAULTS.get(chosen.get("task", ""), {}), **chosen})
 
     def __post_init__(self) -> None:
@@ -109,6 +117,9 @@ class TrainConfig:
             (self.season >= 1, "season", "must be >= 1"),
             (self.window >= 2, "window", "must be >= 2"),
             (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
+            (self.arch in ("rnn", "fcn", "auto"), "arch", "must be rnn, fcn or auto"),
+            (self.arch == "rnn" or self.task == "classify", "arch", "fcn/auto classify only"),
+            (self.budget > 0, "budget", "must be > 0 seconds"),
             (not sized or self.context >= 1, "context", "must be >= 1"),
             (self.pool >= 1 and (self.context % self.pool == 0), "pool", "must divide --context"),
             (0 < self.threshold_quantile <= 1, "threshold-quantile", "must be in (0, 1]"),
@@ -246,11 +257,16 @@ def _fit(
 
 def _train_classifier(
     cfg: TrainConfig, data: datasets.Dataset
-) -> tuple[StepNet, History, dict[str, Any]]:
+) -> tuple[SeqNet, History, dict[str, Any]]:
     if data.labels is None:
         raise DataError(f"{data.path}: classification needs class labels (for CSV: --label-column)")
     classes = list(data.classes) or sorted(set(data.labels))
     y_all = [classes.index(label) for label in data.labels]
+    if cfg.arch != "rnn":
+        from models import search
+
+        fcn, losses, extra = search.train_classifier(cfg, data.cases, y_all, len(classes))
+        return fcn, History(train_loss=losses, val_loss=losses), extra
     tr, va = _split_cases(len(data.cases), data.labels, cfg.val_fraction, cfg.seed)
     if not va:
         va = tr  # too few cases to hold any out: validate on training data (said in metrics)
@@ -294,7 +310,7 @@ def _train_classifier(
     return net, hist, extra
 
 
-def predict_labels(net: StepNet, cases: Sequence[np.ndarray]) -> list[int]:
+def predict_labels(net: SeqNet, cases: Sequence[np.ndarray]) -> list[int]:
     """Label at each case's last step, from one full-sequence call per case."""
     with torch.no_grad():
         x, lengths = _pad(cases)
@@ -631,7 +647,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     data = datasets.load(Path(cfg.data), **cfg.data_options)
-    name = cfg.name or f"{Path(cfg.data).stem.lower()}-{cfg.cell}-{cfg.task}"
+    kind = cfg.cell if cfg.arch == "rnn" else "fcn"
+    name = cfg.name or f"{Path(cfg.data).stem.lower()}-{kind}-{cfg.task}"
     metrics: dict[str, Any] = {}
     meta: dict[str, Any] = {
         "name": name,
@@ -684,9 +701,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics["test"] = _forecast_test_metrics(
             net, data, extra["bounds"], extra["target_idx"], cfg
         )
-    metrics["epochs_run"] = len(hist.train_loss)
-    metrics["best_epoch"] = hist.best_epoch + 1
-    metrics["best_val_loss"] = min(hist.val_loss)
+    if "search" not in metrics:  # the search reports its own (models.search)
+        metrics["epochs_run"] = len(hist.train_loss)
+        metrics["best_epoch"] = hist.best_epoch + 1
+        metrics["best_val_loss"] = min(hist.val_loss)
     metrics["seconds"] = round(time.monotonic() - started, 2)
     meta["metrics"] = {k: v for k, v in metrics.items() if k in ("test", "train")}
     out.mkdir(parents=True, exist_ok=True)
