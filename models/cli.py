@@ -68,6 +68,11 @@ def register(sub: Any) -> None:
         help="seconds the classifier search may take at most (default 300); a ceiling: "
         "the steps trained never depend on the machine's speed",
     )
+    c.add_argument(
+        "--steps",
+        type=int,
+        help="fcn/auto: optimiser steps of the final fit (default 1200; screening a quarter)",
+    )
     f = p.add_argument_group("forecasting (forecast, seq2seq) and anomaly")
     f.add_argument("--target", dest="targets", nargs="+", help="target columns")
     f.add_argument("--horizon", type=int, help="steps ahead forecast at each step")
@@ -145,6 +150,7 @@ def _train(args: argparse.Namespace) -> int:
         name=args.name,
         arch=args.arch,
         budget=args.budget,
+        steps=args.steps,
         targets=tuple(args.targets) if args.targets else None,
         horizon=args.horizon,
         season=args.season,

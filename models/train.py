@@ -87,6 +87,7 @@ class TrainConfig:
     # best of a few causal-conv candidates within `budget` seconds, a ceiling)
     arch: str = "rnn"
     budget: float = 300.0
+    steps: int = 0  # fcn/auto: optimiser steps of the final fit (0: models.search's)
     threshold_quantile: float = 0.99  # anomaly: of the training part's scores
     # how to read the data files (see pipeline.commands.data_args)
     data_options: dict[str, Any] = field(default_factory=dict)
@@ -120,6 +121,7 @@ class TrainConfig:
             (self.arch in ("rnn", "fcn", "auto"), "arch", "must be rnn, fcn or auto"),
             (self.arch == "rnn" or self.task == "classify", "arch", "fcn/auto classify only"),
             (self.budget > 0, "budget", "must be > 0 seconds"),
+            (self.steps >= 0, "steps", "must be >= 0"),
             (not sized or self.context >= 1, "context", "must be >= 1"),
             (self.pool >= 1 and (self.context % self.pool == 0), "pool", "must divide --context"),
             (0 < self.threshold_quantile <= 1, "threshold-quantile", "must be in (0, 1]"),
