@@ -71,7 +71,7 @@ class Recipe:
     scale: float = 0.1  # std of the random amplitude factor (per case and channel)
     offset: float = 0.1  # std of the random offset, in normalised units
     jitter: float = 0.02  # std of the per-step noise, in normalised units
-    warp: float = 0.1  # cases resampled to (1 + U(-warp, warp)) x their length
+    warp: float = 0.15  # cases resampled to (1 + U(-warp, warp)) x their length
 
 
 def pad(cases: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
