@@ -140,7 +140,14 @@ def build(
     ckpt = settings.checkpoint
     acks = AckLedger(link, ckpt.max_unacked) if ckpt.ack_after_checkpoint else None
     source = MqttSource(
-        link, decoder, worker, settings.input, metrics=metrics, errors=errors, acks=acks
+        link,
+        decoder,
+        worker,
+        settings.input,
+        metrics=metrics,
+        errors=errors,
+        acks=acks,
+        max_tracked=settings.engine.max_streams,
     )
     services: list[Service] = []
     if settings.audio is not None:  # keyword spotting: its own model, engine and sources
