@@ -117,6 +117,11 @@ class Metrics:
         self.checkpoint_failures = counter(
             "checkpoint_failures", "State checkpoints that could not be written."
         )
+        self.acks_uncovered = counter(
+            "acks_uncovered",
+            "Sensor messages acknowledged to the broker with no checkpoint covering their "
+            "step (ack_after_checkpoint while checkpoints keep failing): a crash now loses them.",
+        )
         self.inference = Histogram(
             "inference_seconds",
             "Wall time of one engine batch (gather, session.run, scatter).",

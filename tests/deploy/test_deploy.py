@@ -44,7 +44,7 @@ def test_promtool_accepts_the_scrape_config_and_the_rules() -> None:
     assert "1 rule files found" in checked.stdout
     rules = run("promtool", "check", "rules", str(PROM / "rules" / "seqstream.rules.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 10 rules found" in rules.stdout
+    assert "SUCCESS: 11 rules found" in rules.stdout
 
 
 def test_promtool_rule_unit_tests_pass() -> None:

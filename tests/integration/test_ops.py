@@ -376,7 +376,7 @@ def test_prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data(
 
             wait_until(evaluated, 15, "rule evaluation")
             ran = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
-            assert len(ran) == 10
+            assert len(ran) == 11
             assert [(r["name"], r.get("lastError")) for r in ran if r["health"] != "ok"] == []
             firing = [a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]]
             assert firing == []  # a healthy daemon raises nothing
