@@ -24,6 +24,7 @@ from pipeline.errors import SeqstreamError
 COMMAND_MODULES: tuple[str, ...] = (
     "models.cli",  # train, export, verify (need the [train] extra when run)
     "pipeline.commands.evaluate",  # eval
+    "pipeline.commands.info",  # info (what a model takes and gives)
     "pipeline.commands.run",  # run (the MQTT daemon)
     "pipeline.commands.replay",  # replay
     "pipeline.commands.config",  # config check
