@@ -41,6 +41,7 @@ from pipeline.sinks.mqtt import ErrorReporter, PredictionSink, PublishPolicy
 from pipeline.sources import mqtt as source_mqtt
 from pipeline.sources.mqtt import MqttSource
 from pipeline.state import RESET_REASONS
+from pipeline.status import LastPredictions, StatusView
 from pipeline.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,15 @@ def build(
     policy = None
     if out.every_k > 1 or out.on_change:
         policy = PublishPolicy(out.every_k, out.on_change, settings.engine.max_streams)
+    last = LastPredictions(lambda stream: stream in engine.store, settings.engine.max_streams)
     sink = PredictionSink(
-        link, PredictionEncoder(spec), out, metrics=metrics, errors=errors, policy=policy
+        link,
+        PredictionEncoder(spec),
+        out,
+        metrics=metrics,
+        errors=errors,
+        policy=policy,
+        last=last,
     )
     queue = settings.queue
     worker = Worker(
@@ -148,17 +156,28 @@ def build(
         publisher = keywords_service.MqttEventPublisher(link, a.topic, a.qos)
         services.append(keywords_service.build(a, publisher, registry))
 
-    exporter = None
-    if settings.metrics.enabled:
-        bind, port = settings.metrics.bind, settings.metrics.port
-
-        def exporter() -> Exporter:
-            return Exporter(registry, bind, port)
-
     # -- operations: systemd readiness and status, the watchdog, SIGHUP reloads --
     notifier = Notifier(env.notify_socket)
     watchdog = EngineWatchdog(worker.call, notifier, watchdog_s=env.watchdog_s)
     metrics.engine_stall.set_function(watchdog.stall_s)
+
+    exporter = None
+    if settings.metrics.enabled:
+        bind, port = settings.metrics.bind, settings.metrics.port
+        view = StatusView(
+            engine=engine,
+            call=worker.call,
+            last=last,
+            metrics=metrics,
+            link=link,
+            watchdog=watchdog,
+            depth=lambda: worker.depth,
+            capacity=queue.max_size,
+            max_streams=settings.metrics.status_streams,
+        )
+
+        def exporter() -> Exporter:
+            return Exporter(registry, bind, port, view.routes())
 
     def describe() -> str:
         s = engine.model.spec

@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.commands.run",  # run (the MQTT daemon)
     "pipeline.commands.replay",  # replay
     "pipeline.commands.config",  # config check
+    "pipeline.commands.status",  # status (a running daemon's /status as a table)
     "pipeline.commands.bench",  # bench (engine vs raw onnxruntime)
     "pipeline.commands.keywords",  # keywords generate|recording|detect (audio)
 )
