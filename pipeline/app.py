@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from pipeline import codecs, config, keywords_service
 from pipeline import engine as engine_module
@@ -92,6 +92,9 @@ def build(
     out = settings.output
     check_model(settings, model)
     registry = registry if registry is not None else CollectorRegistry()
+    # No *_created series: they double the exposition and no rule or panel reads them.
+    # prometheus_client only offers this process-wide; the daemon is the process.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
     metrics = Metrics(
         registry,
         reject_reasons=REJECT_REASONS,
@@ -102,6 +105,7 @@ def build(
     metrics.set_model(
         name=spec.name, version=spec.version, provider=model.provider, opset=spec.opset
     )
+    metrics.set_task(spec.task)
     metrics.set_labels(spec.labels if spec.task == "classify" else ())
     if env.state_directory is not None:
         metrics.set_exits(record_exit(env.state_directory))
@@ -195,6 +199,7 @@ def build(
         def on_engine(e: Engine) -> bool:  # between two batches: nothing else runs
             kept = e.swap_model(new)
             sink.use_encoder(encoder)
+            metrics.set_task(new.spec.task)
             metrics.set_labels(labels)
             return kept
 

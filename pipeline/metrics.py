@@ -23,7 +23,14 @@ from http import HTTPStatus
 from typing import Any
 from wsgiref.simple_server import make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, make_wsgi_app
 
 from pipeline.errors import ConfigError
@@ -151,17 +158,31 @@ class Metrics:
         )
         self.start_time = gauge("start_time_seconds", "When this process started (Unix time).")
         self.start_time.set(time.time())
-        self.by_label = counter(
-            "predictions_by_label", "Published classifications, by predicted label.", ("label",)
+        # process_* (RSS, CPU seconds, open fds, start time) of this process, on this registry.
+        self.process = ProcessCollector(registry=registry)
+        # Task metrics: registered by set_task only for a model whose task can move them.
+        self.by_label = Counter(
+            "predictions_by_label",
+            "Published classifications, by predicted label.",
+            ("label",),
+            namespace=NAMESPACE,
+            registry=None,
         )
         self.anomaly_ratio = Histogram(
             "anomaly_score_ratio",
             "Anomaly scores divided by the model's threshold (above 1: flagged).",
             namespace=NAMESPACE,
-            registry=registry,
+            registry=None,
             buckets=ANOMALY_RATIO_BUCKETS,
         )
-        self.anomalies = counter("anomalies", "Steps flagged as anomalous.")
+        self.anomalies = Counter(
+            "anomalies", "Steps flagged as anomalous.", namespace=NAMESPACE, registry=None
+        )
+        self._task_metrics: dict[str, tuple[Counter | Histogram, ...]] = {
+            "classify": (self.by_label,),
+            "anomaly": (self.anomaly_ratio, self.anomalies),
+        }
+        self._exported: set[Counter | Histogram] = set()
         self._by_label: list[Counter] = []
         for r in reload_results:
             self.reloads.labels(r)
@@ -226,6 +247,20 @@ class Metrics:
         self.model.info(
             {"name": name, "version": version, "provider": provider, "opset": str(opset)}
         )
+
+    def set_task(self, task: str) -> None:
+        """Export the metrics that a model of ``task`` moves, and only those.
+
+        A classifier has no anomaly score and an anomaly model no labels: series that
+        cannot move would be noise in every query and dashboard. Called at start and when
+        a reload brings a model of another task (the registry is thread-safe).
+        """
+        wanted = set(self._task_metrics.get(task, ()))
+        for metric in self._exported - wanted:
+            self.registry.unregister(metric)
+        for metric in wanted - self._exported:
+            self.registry.register(metric)
+        self._exported = wanted
 
     def set_labels(self, labels: Iterable[str]) -> None:
         """The current model's class labels (none for other tasks), exported from 0."""
