@@ -160,6 +160,7 @@ class MetricsConfig:
     enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = 9108
+    status_streams: int = 100  # streams /status and the page list (newest first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,6 +434,7 @@ def _metrics(t: _Table) -> MetricsConfig:
         enabled=t.flag("enabled", d.enabled),
         bind=bind,
         port=t.integer("port", d.port, lo=0, hi=65_535),
+        status_streams=t.integer("status_streams", d.status_streams, lo=1, hi=10_000),
     )
     t.done()
     return cfg

@@ -26,6 +26,7 @@ from pipeline.config import STREAM, OutputConfig
 from pipeline.engine import Rejected, Result
 from pipeline.metrics import Metrics
 from pipeline.mqtt import Link
+from pipeline.status import LastPredictions
 
 NON_FINITE_OUTPUT = "non_finite_output"
 # Engine rejections that are routine, not worth an error report: QoS 1 redelivers.
@@ -134,8 +135,11 @@ class PredictionSink:
         errors: ErrorReporter,
         policy: PublishPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        last: LastPredictions | None = None,
     ) -> None:
+        """``last``: where each stream's last published prediction is kept for /status."""
         self._link = link
+        self._last = last
         self._encoder = encoder
         self._prefix, self._suffix = cfg.topic.split(STREAM)
         self._qos = cfg.qos
@@ -183,6 +187,8 @@ class PredictionSink:
                 continue
             published += 1
             observe(self._clock() - r.step.received)
+            if self._last is not None:
+                self._last.record(stream, payload, r.step.received)
             if classify:
                 self._metrics.on_label(label)
         if published:
