@@ -643,3 +643,36 @@ def test_nan_and_datetime_values_in_config_are_named(tmp_path: Path) -> None:
                 base=tmp_path,
                 source=tmp_path / "c",
             )
+
+
+class _BrokenIntake:
+    """An intake with a bug: what the source does when its own side raises."""
+
+    def submit(self, step: Any, timeout: float | None = None) -> bool:
+        raise RuntimeError("bug " + "x" * 5000)
+
+    def submit_reset(self, stream: str) -> None:
+        raise RuntimeError("bug")
+
+
+def test_a_bug_behind_the_source_is_counted_and_logged_once_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    link = Link(MqttConfig(client_id="bug"))  # never connected
+    metrics = Metrics(
+        CollectorRegistry(), reject_reasons=app.REJECT_REASONS, reset_reasons=RESET_REASONS
+    )
+    errors = ErrorReporter(link, "errors", rate_per_s=1.0, burst=1, metrics=metrics)
+    MqttSource(link, DEC, _BrokenIntake(), InputConfig(), metrics=metrics, errors=errors)
+    good = codecs.encode_json(np.ones(F, np.float32), 1)
+    with caplog.at_level("DEBUG", logger="pipeline.sources.mqtt"):
+        for mid in range(1, 51):
+            msg = paho.MQTTMessage(mid=mid, topic=f"sensors/s{mid}/data".encode())
+            msg.payload, msg.qos = good, 1
+            link.client._handle_on_message(msg)
+    internal = metrics.rejected.labels(source_mqtt.INTERNAL_ERROR)._value.get()
+    assert internal == 50 and _value(metrics.received) == 50
+    assert len(caplog.records) == 1  # one line a minute at most
+    record = caplog.records[0]
+    assert record.exc_info is None and "RuntimeError" in record.getMessage()
+    assert len(record.getMessage()) < 400  # the exception text is clipped
