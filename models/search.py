@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from models.fcn import FCNNet
 from models.nets import NetConfig, build, normalisation
+from models.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def fit(
     order: list[int] = []
     losses: list[float] = []
     bs = min(recipe.batch_size, len(cases))
-    bar = tqdm(range(recipe.steps), desc=desc, unit="step", mininterval=1.0, leave=False)
+    bar = progress(range(recipe.steps), desc=desc, unit="step")
     done = 0
     net.train()
     for step in bar:
@@ -248,15 +248,14 @@ def train_classifier(
     chosen, chosen_net, chosen_s = pool[0], None, 0.0
     stopped = False
     if len(pool) > 1 and va:
-        outer = tqdm(pool, desc="search", unit="candidate", leave=True)
-        for cand in outer:
-            label = f"best {chosen.name} {best[0]:.3f}" if best else "best -"
-            outer.set_description(f"search: {cand.name} ({label})")
+        for k, cand in enumerate(pool):
+            so_far = f"best so far {chosen.name} {best[0]:.3f}" if best else "first"
+            desc = f"search {k + 1}/{len(pool)}: {cand.name} ({so_far})"
             t0 = time.monotonic()
             mean, std = normalisation([cases[i] for i in tr])
             net = make_net(cand, n_features, n_classes, mean, std, cfg.seed)
             sub = [cases[i] for i in tr]
-            info = fit(net, sub, [y[i] for i in tr], screen, cfg.seed, deadline, cand.name)
+            info = fit(net, sub, [y[i] for i in tr], screen, cfg.seed, deadline, desc)
             if info["stopped_by_budget"]:
                 stopped = True
                 scores.append({**asdict(cand), "stopped_by_budget": True, "steps": info["steps"]})
@@ -274,7 +273,6 @@ def train_classifier(
             )
             if best is None or (acc, -loss) > best:
                 best, chosen, chosen_net, chosen_s = (acc, -loss), cand, net, took
-        outer.close()
     # The final fit on every training case, if the budget allows it (judged from the
     # chosen candidate's screening time); else the screened model stays (said so).
     need = chosen_s * recipe.steps / screen.steps
@@ -283,7 +281,8 @@ def train_classifier(
     if final:
         mean, std = normalisation(cases)
         net = make_net(chosen, n_features, n_classes, mean, std, cfg.seed)
-        info = fit(net, cases, y, recipe, cfg.seed, deadline, f"final {chosen.name}")
+        desc = f"final fit: {chosen.name} on all {len(cases)} cases"
+        info = fit(net, cases, y, recipe, cfg.seed, deadline, desc)
         stopped = stopped or info["stopped_by_budget"]
         losses = info["loss"]
     else:
