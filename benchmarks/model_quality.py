@@ -123,7 +123,8 @@ def run_one(key: str, seed: int, budget: float | None, work: Path) -> dict[str, 
             {k: c.get(k) for k in ("name", "val_accuracy", "val_loss", "seconds")}
             for c in search.get("candidates", [])
         ],
-        "refit": search.get("refit_on_all_training_cases"),
+        "final_fit": search.get("final_fit_on_all_training_cases"),
+        "final_candidate_is_best_screened": search.get("chosen") == search.get("best_screened"),
         "stopped_by_budget": search.get("stopped_by_budget"),
         "model": str(model),
     }
