@@ -20,9 +20,8 @@ from pipeline.acks import AckLedger
 from pipeline.codecs import Decoder, PredictionEncoder
 from pipeline.config import Settings
 from pipeline.daemon import Daemon, Service
-from pipeline.datasets import file_sha256
 from pipeline.engine import Engine
-from pipeline.errors import ConfigError, ModelError
+from pipeline.errors import ConfigError
 from pipeline.metrics import Exporter, Metrics
 from pipeline.model import StepModel
 from pipeline.mqtt import Link
@@ -60,15 +59,9 @@ REJECT_REASONS: tuple[str, ...] = tuple(
 
 
 def load_model(settings: Settings) -> StepModel:
-    """The configured model, its SHA-256 checked first when the config gives one."""
+    """The configured model; with ``model.sha256`` the bytes loaded are the bytes hashed."""
     cfg = settings.model
-    if cfg.sha256 is not None and cfg.path.is_file():
-        actual = file_sha256(cfg.path)
-        if actual != cfg.sha256:
-            raise ModelError(
-                f"{cfg.path}: SHA-256 is {actual}, config model.sha256 expects {cfg.sha256}"
-            )
-    return StepModel.load(cfg.path, cfg.providers, cfg.threads)
+    return StepModel.load(cfg.path, cfg.providers, cfg.threads, sha256=cfg.sha256)
 
 
 def check_model(settings: Settings, model: StepModel) -> None:
@@ -152,7 +145,14 @@ def build(
     ckpt = settings.checkpoint
     acks = AckLedger(link, ckpt.max_unacked) if ckpt.ack_after_checkpoint else None
     source = MqttSource(
-        link, decoder, worker, settings.input, metrics=metrics, errors=errors, acks=acks
+        link,
+        decoder,
+        worker,
+        settings.input,
+        metrics=metrics,
+        errors=errors,
+        acks=acks,
+        max_tracked=settings.engine.max_streams,
     )
     services: list[Service] = []
     if settings.audio is not None:  # keyword spotting: its own model, engine and sources

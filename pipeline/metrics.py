@@ -98,10 +98,19 @@ class Metrics:
             return Gauge(name, doc, namespace=NAMESPACE, registry=registry)
 
         self.received = counter(
-            "messages_received", "Sensor messages received from the broker (incl. rejected)."
+            "messages_received",
+            "Sensor messages (data and resets) received from the broker (incl. rejected).",
         )
         self.rejected = counter(
             "messages_rejected", "Messages or steps refused, by reason.", ("reason",)
+        )
+        self.queued = counter(
+            "messages_queued",
+            "Sensor messages (data and resets) handed to the engine's queue; every received "
+            "message is either that or rejected at the source (by a reason of its own).",
+        )
+        self.reset_requests = counter(
+            "reset_requests", "Reset messages received (incl. refused: see messages_rejected)."
         )
         self.published = counter("predictions_published", "Prediction messages published.")
         self.publish_failures = counter(
@@ -117,6 +126,11 @@ class Metrics:
         self.checkpoints = counter("checkpoints", "State checkpoints written.")
         self.checkpoint_failures = counter(
             "checkpoint_failures", "State checkpoints that could not be written."
+        )
+        self.acks_uncovered = counter(
+            "acks_uncovered",
+            "Sensor messages acknowledged to the broker with no checkpoint covering their "
+            "step (ack_after_checkpoint while checkpoints keep failing): a crash now loses them.",
         )
         self.inference = Histogram(
             "inference_seconds",

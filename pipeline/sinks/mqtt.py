@@ -39,6 +39,14 @@ PUBLISH_FAILURES: dict[MQTTErrorCode, str] = {
 }
 
 
+ECHO_LIMIT = 200  # characters of a peer's topic, stream id or detail echoed in a report
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """At most ``limit`` characters of ``text``, saying how long it was when cut."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
 class ErrorReporter:
     """Rejections to the error topic, at most ``rate`` per second (bursts of ``burst``).
 
@@ -76,11 +84,13 @@ class ErrorReporter:
                 self._metrics.errors_suppressed.inc()
                 return
             self._tokens -= 1.0
-        doc = {"reason": reason, "detail": detail}
+        # What a peer chose (its topic, its stream id) is echoed clipped: a report must
+        # not amplify a hostile 64 KiB topic into every consumer of the error topic.
+        doc = {"reason": reason, "detail": clip(detail)}
         if topic:
-            doc["topic"] = topic
+            doc["topic"] = clip(topic)
         if stream:
-            doc["stream"] = stream
+            doc["stream"] = clip(stream)
         self._link.publish(self._topic, json.dumps(doc).encode(), qos=0)
 
 

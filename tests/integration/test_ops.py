@@ -389,7 +389,7 @@ def test_prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data(
 
             wait_until(evaluated, 15, "rule evaluation")
             ran = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
-            assert len(ran) == 11  # the alerts and the recording rule seqstream:up
+            assert len(ran) == 12  # the alerts and the recording rule seqstream:up
             assert [(r["name"], r.get("lastError")) for r in ran if r["health"] != "ok"] == []
             firing = [a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]]
             assert firing == []  # a healthy daemon raises nothing
@@ -405,7 +405,7 @@ def test_shipped_mosquitto_tls_config_and_acl(model_path: Path, tmp_path: Path) 
     """The daemon reads sensors and writes predictions through the shipped ACL; nothing else."""
     pki = make_tls(tmp_path / "pki")
     passwd = tmp_path / "passwd"
-    users = {"seqstream": "daemon pw", "sensor-gw": "sensor pw", "consumer": "consumer pw"}
+    users = {"seqstream": "daemon pw", "ok": "sensor pw", "consumer": "consumer pw"}
     for i, (user, password) in enumerate(users.items()):
         flags = ["-c"] if i == 0 else []
         subprocess.run(["mosquitto_passwd", *flags, "-b", str(passwd), user, password], check=True)
@@ -448,7 +448,7 @@ def test_shipped_mosquitto_tls_config_and_acl(model_path: Path, tmp_path: Path) 
     try:
         with running_daemon(doc, tmp_path) as daemon:
             consumer, seen = tls_client("consumer")
-            gateway, gateway_seen = tls_client("sensor-gw")
+            gateway, gateway_seen = tls_client("ok")  # a sensor: its account is its stream
             intruder, intruder_seen = tls_client("seqstream")
             clients = [consumer, gateway, intruder]
             consumer.subscribe([("predictions/#", 1), ("seqstream/+/status", 1)])
