@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from models import checkpoint, naming
 from models.export import spec_for
@@ -47,6 +46,7 @@ from models.nets import (
     build,
     normalisation,
 )
+from models.progress import progress
 from pipeline import datasets, evaluation, scoring
 from pipeline.commands.info import UNITS_KEY
 from pipeline.contract import TASKS
@@ -218,7 +218,7 @@ def _fit(
     hist = History()
     best = math.inf
     best_state = {k: v.clone() for k, v in net.state_dict().items()}
-    bar = tqdm(range(cfg.epochs), desc=f"train {cfg.cell}", unit="epoch", mininterval=0.5)
+    bar = progress(range(cfg.epochs), desc=f"train {cfg.cell}")  # plain lines off a terminal
     for epoch in bar:
         net.train()
         total = 0.0

@@ -20,15 +20,18 @@ with that level replaced by ``+``; an output template is filled with the stream 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 from pipeline.engine import EngineSettings
 from pipeline.errors import ConfigError
@@ -298,11 +301,48 @@ def _queue(t: _Table) -> QueueConfig:
     return cfg
 
 
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name or an IP address (``None`` when it is one).
+
+    A URL or a ``host:port`` here would reach the network layer as a name that never
+    resolves (``mqtt://127.0.0.1:1883`` became ``...:1883:1883`` in logs): say so at
+    parse time, with the fix.
+    """
+    if not host:
+        return "must not be empty"
+    if "://" in host:
+        url = urlsplit(host)
+        try:
+            port = f"port = {url.port}" if url.port else "port = N"
+        except ValueError:
+            port = "port = N"
+        return (
+            f"{host!r} is a URL; give the host alone, host = {url.hostname or '...'!r}, "
+            f"and {port} (for mqtts://, add [mqtt.tls])"
+        )
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if ":" in host:
+        name, _, port = host.rpartition(":")
+        return f"{host!r} includes a port; give host = {name!r} and port = {port}"
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        return f"{host!r} is not a host name or IP address"
+    return None
+
+
 def _mqtt(t: _Table) -> MqttConfig:
     d = MqttConfig()
     host = t.text("host", d.host)
-    if not host:
-        t.fail("host", "must not be empty")
+    problem = host_problem(host)
+    if problem:
+        t.fail("host", problem)
     client_id = t.text("client_id", d.client_id)
     if not client_id or len(client_id.encode()) > 65_535:
         t.fail("client_id", "must be a non-empty string")

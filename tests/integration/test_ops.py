@@ -258,6 +258,15 @@ def test_sighup_hot_swaps_the_model_without_dropping_the_connection(
         # A broken file, then a model with another input width: the GRU keeps serving.
         assert reload(b"this is not an onnx model")["STATUS"].startswith("reload failed")
         assert "reload failed" in reload(narrow)["STATUS"]
+        # A config that no longer parses: refused as a config error, not a failed model.
+        good_config = path.read_bytes()
+        path.write_text(path.read_text().replace("[mqtt]", '[mqtt]\nhost = "mqtt://x:1"', 1))
+        t = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        assert notify.wait_for("READY", "1", after=t)["STATUS"].startswith(
+            "reload refused: the config is invalid, serving random-gru-classify"
+        )
+        path.write_bytes(good_config)
         p4, _ = probs(c, x[:, 25:30], state_c)
         got = send(range(25, 30))
         check(got, p4, range(25, 30))
@@ -266,6 +275,7 @@ def test_sighup_hot_swaps_the_model_without_dropping_the_connection(
         m = scrape(metrics_port)
         assert m['seqstream_model_reloads_total{result="ok"}'] == 2
         assert m['seqstream_model_reloads_total{result="failed"}'] == 2
+        assert m['seqstream_model_reloads_total{result="bad_config"}'] == 1
         assert m['seqstream_state_resets_total{reason="model_change"}'] == 3
         assert m["seqstream_broker_reconnects_total"] == 0  # the connection never dropped
         assert m["seqstream_broker_connected"] == 1
@@ -285,6 +295,8 @@ def test_sighup_hot_swaps_the_model_without_dropping_the_connection(
     failures = re.findall(r"reload failed; still serving random-gru-classify .*", text)
     assert len(failures) == 2, text
     assert "d.onnx" not in failures[1] and "takes 3 features, the running model 6" in failures[1]
+    refused = re.findall(r"reload refused: the config is invalid; still serving .*", text)
+    assert len(refused) == 1 and "mqtt.host: 'mqtt://x:1' is a URL" in refused[0], text
 
 
 # -- Prometheus and the dashboard ---------------------------------------------------------
