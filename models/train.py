@@ -48,7 +48,6 @@ from models.nets import (
 )
 from models.progress import progress
 from pipeline import datasets, evaluation, scoring
-from pipeline.commands.info import UNITS_KEY
 from pipeline.contract import TASKS
 from pipeline.errors import ConfigError, DataError
 
@@ -634,7 +633,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.monotonic()
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    data, units = naming.name_features(
+    data, named = naming.name_features(
         datasets.load(Path(cfg.data), **cfg.data_options), cfg.feature_names
     )
     rate = naming.sample_rate(data, cfg.sample_rate_hz)
@@ -698,8 +697,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics["best_epoch"] = hist.best_epoch + 1
     metrics["best_val_loss"] = min(hist.val_loss)
     metrics["seconds"] = round(time.monotonic() - started, 2)
-    if units:
-        meta["extra"] = {**meta.get("extra", {}), UNITS_KEY: units}
+    meta["extra"] = {**meta.get("extra", {}), **named}  # units; CSV columns if renamed
     meta["metrics"] = {k: v for k, v in metrics.items() if k in ("test", "train")}
     out.mkdir(parents=True, exist_ok=True)
     resolved = asdict(cfg)

@@ -52,5 +52,8 @@ if [ "$profile" = dev ]; then
     cp tests/deploy/grafana-schema/package.json "$lock" .cache/grafana-schema/
     (cd .cache/grafana-schema && npm ci --no-audit --no-fund --silent)
   fi
+  # The tests' data: ../shared/data where it exists, else fetched from the aeon, sktime
+  # and river wheels (pip download --no-deps) into .cache/testdata, checked by SHA-256.
+  .venv/bin/python -m tests.testdata fetch
 fi
 echo "setup: ready ($(.venv/bin/python --version))"

@@ -23,6 +23,8 @@ from pipeline.contract import ModelSpec
 
 # Where training records feature units (``models.train``): extra["units"][feature] = unit.
 UNITS_KEY = "units"
+# ... and the CSV column each feature was read from, when it differs from the name.
+COLUMNS_KEY = "columns"
 _FLOAT_BYTES = 4
 
 
