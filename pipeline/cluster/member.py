@@ -153,6 +153,9 @@ class Member:
         self._nc: Nats | None = None
         self._js: JetStreamContext | None = None
         self._kv: dict[str, KeyValue] = {}
+        self._seen: dict[str, float] = {}  # member -> when its heartbeat was last seen
+        self._watcher: Any = None
+        self._watch_started = 0.0
 
     # -- life ---------------------------------------------------------------------------
 
@@ -171,6 +174,7 @@ class Member:
             self.started = True
             log.info("member %s running: %d partitions", self.me, self.cfg.partitions)
             keeper = asyncio.create_task(self._keep_leases(), name="leases")
+            watch = asyncio.create_task(self._watch_members(), name="members")
             tick = self.cfg.lease_ttl_s / 6
             next_ckpt = self.clock() + self.cfg.checkpoint_interval_s
             while not self.should_exit.is_set():
@@ -181,9 +185,10 @@ class Member:
                 self._observe()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.should_exit.wait(), tick)
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            for task in (keeper, watch):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self._leave()
             return 0
         finally:
@@ -287,16 +292,42 @@ class Member:
         except Exception as exc:  # the servers are away: leases will lapse, then resume
             log.warning("heartbeat failed: %s", exc)
 
+    async def _watch_members(self) -> None:
+        """Keep :attr:`_seen` (member -> when its last heartbeat was seen) from one
+        watcher of the members bucket; a leave's delete shows at once, an expiry when no
+        heartbeat came for a TTL. A watcher that stopped delivering (its server died:
+        this member's own heartbeats stop showing) is replaced."""
+        while True:
+            try:
+                watcher = await self.members.watchall()
+            except Exception as exc:
+                log.warning("member watch not started: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            self._watcher = watcher
+            self._watch_started = self.clock()
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                if entry.operation in ("DEL", "PURGE"):
+                    self._seen.pop(entry.key, None)
+                else:
+                    self._seen[entry.key] = self.clock()
+            self._watcher = None
+
     async def _live_members(self) -> set[str]:
-        try:
-            keys = await self.members.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
-        except Exception as exc:
-            log.warning("member list unavailable: %s", exc)
+        """Members whose heartbeat was seen within the TTL; empty when this member's
+        own heartbeat is not seen (the view is stale: decide nothing on it)."""
+        now, ttl = self.clock(), self.cfg.lease_ttl_s
+        if now - self._seen.get(self.me, -ttl) >= ttl:
+            w = self._watcher
+            if w is not None and now - self._watch_started > 2 * ttl:
+                log.warning("member watch stalled; restarting it")
+                self._watcher = None
+                await _quietly(w.stop())
             return set()
-        live = set(keys)
-        self.cm.members.set(len(live | {self.me}))
+        live = {m for m, t in self._seen.items() if now - t < ttl}
+        self.cm.members.set(len(live))
         return live
 
     async def _renew(self) -> None:

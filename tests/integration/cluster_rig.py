@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -135,8 +136,9 @@ class Sensors:
                 self._sent.append(c.publish(f"sensors/s{i}/data", payload, qos=1))
 
     def wait_sent(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
         for info in self._sent:
-            info.wait_for_publish(timeout)
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
         self._sent.clear()
 
     def close(self) -> None:

@@ -22,13 +22,16 @@ from tests.integration.broker import HOST, free_port
 NATS_SERVER = "nats-server"
 
 
+SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "cluster" / "nats.conf"
+
+
 def mapping(partitions: int) -> str:
-    """The subject mapping of deploy/cluster/nats.conf for ``partitions`` partitions."""
-    return (
-        "mappings = {\n"
-        f'  "sensors.*.data": "part.{{{{partition({partitions},1)}}}}.sensors.{{{{wildcard(1)}}}}.data"\n'
-        "}\n"
-    )
+    """The ``mappings`` block of deploy/cluster/nats.conf, for ``partitions`` partitions."""
+    text = SHIPPED.read_text()
+    block = text[text.index("mappings = {") :]
+    block = block[: block.index("}\n", block.index("}}.data")) + 2]
+    assert "partition(64,1)" in block, block
+    return block.replace("partition(64,1)", f"partition({partitions},1)")
 
 
 class Node:
@@ -65,7 +68,7 @@ class Node:
             "  name: seqstream-test\n"
             f"  listen: {HOST}:{self.route_port}\n"
             f"  routes: [{', '.join(routes)}]\n"
-            "}\n" + mapping(partitions)
+            "}\n" + mapping(partitions) + "max_payload: 8MB\n"
         )
 
     def start(self) -> None:
