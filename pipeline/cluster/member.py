@@ -348,8 +348,7 @@ class Member:
             if not self._valid(o):
                 await self._lose(o)
             return
-        if o.stopping:
-            return
+        # Recorded even while stopping: the release deletes the lease at this revision.
         o.lease_rev, o.renewed_at = rev, sent
         o.headers[LEASE_HEADER] = str(rev)
         self.cm.renewals.inc()
