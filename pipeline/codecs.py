@@ -105,6 +105,14 @@ REASONS: tuple[str, ...] = (
 )
 
 
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """Why a payload is not JSON, in words a sensor author can act on: a message cut
+    short (a buffer too small, a fragment) reads differently from a typo."""
+    if exc.pos >= len(exc.doc.rstrip()) or exc.msg.startswith("Unterminated string"):
+        return f"truncated JSON: the document ends inside a value ({len(exc.doc)} characters)"
+    return f"malformed JSON at character {exc.pos}: {exc.msg}"
+
+
 class Decoder:
     """Turns one payload into an engine :class:`~pipeline.engine.Step`, or rejects it.
 
@@ -130,7 +138,9 @@ class Decoder:
     def _json(self, payload: bytes | bytearray) -> tuple[Array, int | None, float | None]:
         try:
             doc = json.loads(payload)
-        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError
+        except json.JSONDecodeError as exc:
+            raise PayloadError(MALFORMED_JSON, _json_problem(exc)) from None
+        except (ValueError, RecursionError):  # UnicodeDecodeError; nesting past the stack
             raise PayloadError(MALFORMED_JSON, "not a UTF-8 JSON document") from None
         if not isinstance(doc, dict):
             raise PayloadError(MALFORMED_JSON, "not a JSON object")
@@ -141,9 +151,14 @@ class Decoder:
             raise PayloadError(BAD_SEQ, "'seq' must be an integer in 0..2**62-1")
         ts = doc.get("ts")
         if ts is not None:
-            if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
+            if not isinstance(ts, int | float) or isinstance(ts, bool):
                 raise PayloadError(BAD_TS, "'ts' must be a finite number")
-            ts = float(ts)
+            try:  # an integer beyond float's range (a 400-digit ts) overflows here
+                ts = float(ts)
+            except OverflowError:
+                raise PayloadError(BAD_TS, "'ts' must be a finite number") from None
+            if not math.isfinite(ts):
+                raise PayloadError(BAD_TS, "'ts' must be a finite number")
         raw = doc.get("values")
         if not isinstance(raw, list) or not raw:
             raise PayloadError(BAD_SHAPE, "'values' must be a non-empty list")

@@ -20,9 +20,11 @@ with that level replaced by ``+``; an output template is filled with the stream 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
+import re
 import socket
 import stat
 import tomllib
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 from pipeline.engine import EngineSettings
 from pipeline.errors import ConfigError
@@ -137,6 +140,11 @@ class InputConfig:
     reset_topic: str | None = "sensors/{stream}/reset"
     qos: int = 1
     max_payload_bytes: int = 1 << 20
+    # Longer stream ids (UTF-8 bytes) are refused (stream_id_too_long): each id is a key in
+    # the state, the publish policy and a prediction topic, so its length bounds memory.
+    max_stream_id_bytes: int = 128
+    # A stream's reset requests closer together than this are refused (reset_rate_limited).
+    reset_min_interval_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +164,7 @@ class MetricsConfig:
     enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = 9108
+    status_streams: int = 100  # streams /status and the page list (newest first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,10 +273,15 @@ def _model(t: _Table) -> ModelConfig:
 def _engine(t: _Table) -> EngineSettings:
     d = EngineSettings()
     max_streams = t.integer("max_streams", d.max_streams, lo=1)
+    tolerance = t.integer("seq_gap_tolerance", d.seq_gap_tolerance, lo=0)
+    jump = t.opt_integer("max_seq_jump", d.max_seq_jump, lo=1)
+    if jump is not None and jump < tolerance:
+        t.fail("max_seq_jump", f"must be >= seq_gap_tolerance ({tolerance}), or false for off")
     cfg = EngineSettings(
         max_streams=max_streams,
         idle_timeout_s=t.opt_number("idle_timeout_s", d.idle_timeout_s, positive=True),
-        seq_gap_tolerance=t.integer("seq_gap_tolerance", d.seq_gap_tolerance, lo=0),
+        seq_gap_tolerance=tolerance,
+        max_seq_jump=jump,
         ts_gap_tolerance_s=t.opt_number("ts_gap_tolerance_s", d.ts_gap_tolerance_s, positive=True),
         max_batch=t.integer("max_batch", d.max_batch, lo=1, hi=65_536),
         max_chunk=t.integer("max_chunk", d.max_chunk, lo=1, hi=65_535),
@@ -307,11 +321,48 @@ def _queue(t: _Table) -> QueueConfig:
     return cfg
 
 
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name or an IP address (``None`` when it is one).
+
+    A URL or a ``host:port`` here would reach the network layer as a name that never
+    resolves (``mqtt://127.0.0.1:1883`` became ``...:1883:1883`` in logs): say so at
+    parse time, with the fix.
+    """
+    if not host:
+        return "must not be empty"
+    if "://" in host:
+        url = urlsplit(host)
+        try:
+            port = f"port = {url.port}" if url.port else "port = N"
+        except ValueError:
+            port = "port = N"
+        return (
+            f"{host!r} is a URL; give the host alone, host = {url.hostname or '...'!r}, "
+            f"and {port} (for mqtts://, add [mqtt.tls])"
+        )
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if ":" in host:
+        name, _, port = host.rpartition(":")
+        return f"{host!r} includes a port; give host = {name!r} and port = {port}"
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        return f"{host!r} is not a host name or IP address"
+    return None
+
+
 def _mqtt(t: _Table) -> MqttConfig:
     d = MqttConfig()
     host = t.text("host", d.host)
-    if not host:
-        t.fail("host", "must not be empty")
+    problem = host_problem(host)
+    if problem:
+        t.fail("host", problem)
     client_id = t.text("client_id", d.client_id)
     if not client_id or len(client_id.encode()) > 65_535:
         t.fail("client_id", "must be a non-empty string")
@@ -402,6 +453,10 @@ def _input(t: _Table) -> InputConfig:
         reset_topic=reset,
         qos=t.integer("qos", d.qos, lo=0, hi=2),
         max_payload_bytes=t.integer("max_payload_bytes", d.max_payload_bytes, lo=16, hi=256 << 20),
+        max_stream_id_bytes=t.integer(
+            "max_stream_id_bytes", d.max_stream_id_bytes, lo=1, hi=65_535
+        ),
+        reset_min_interval_s=t.number("reset_min_interval_s", d.reset_min_interval_s, lo=0),
     )
     t.done()
     return cfg
@@ -464,6 +519,7 @@ def _metrics(t: _Table) -> MetricsConfig:
         enabled=t.flag("enabled", d.enabled),
         bind=bind,
         port=t.integer("port", d.port, lo=0, hi=65_535),
+        status_streams=t.integer("status_streams", d.status_streams, lo=1, hi=10_000),
     )
     t.done()
     return cfg

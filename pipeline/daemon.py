@@ -230,6 +230,7 @@ class Daemon:
             acks.keep(cut)
             if acks.held >= 2 * acks.max_held:  # the broker's 65535 packet ids would run out
                 n = acks.release(acks.cut())
+                self.metrics.acks_uncovered.inc(n)
                 log.error("checkpoints keep failing: acknowledged %d messages none covers", n)
 
     def _save_confirmed(self, engine: Engine, path: Path) -> int:

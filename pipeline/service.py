@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.errors import ModelError, SeqstreamError
+from pipeline.errors import ConfigError, ModelError, SeqstreamError
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -62,7 +62,8 @@ EXIT_RESULTS: tuple[str, ...] = (
 )
 LAST_EXIT = "last-exit"  # written by ExecStopPost, read and removed at start
 EXIT_COUNTS = "exits.json"
-RELOAD_RESULTS: tuple[str, ...] = ("ok", "failed")
+# "bad_config": the config file itself was refused (nothing about the model was tried).
+RELOAD_RESULTS: tuple[str, ...] = ("ok", "failed", "bad_config")
 _STATUS_MAX = 200  # characters of an error shown in STATUS=
 
 
@@ -274,6 +275,9 @@ class Reloader:
         old = self.model
         try:
             settings = self._load_settings(self.settings.source)
+        except ConfigError as exc:  # an operator's typo, not a model that failed to load
+            return self._failed(old, str(exc), result="bad_config")
+        try:
             model = self._load_model(settings)
             if model.spec.n_features != old.spec.n_features:
                 raise ModelError(
@@ -307,10 +311,11 @@ class Reloader:
         self._notifier.ready(f"serving {_describe(model)}")
         return True
 
-    def _failed(self, old: StepModel, why: str) -> bool:
-        self._metrics.reloads.labels("failed").inc()
-        log.error("reload failed; still serving %s: %s", _describe(old), why)
-        self._notifier.ready(f"reload failed, serving {_describe(old)}: {why}"[:_STATUS_MAX])
+    def _failed(self, old: StepModel, why: str, result: str = "failed") -> bool:
+        self._metrics.reloads.labels(result).inc()
+        what = "refused: the config is invalid" if result == "bad_config" else "failed"
+        log.error("reload %s; still serving %s: %s", what, _describe(old), why)
+        self._notifier.ready(f"reload {what}, serving {_describe(old)}: {why}"[:_STATUS_MAX])
         return False
 
     def _wait(self, future: Future[bool]) -> bool:

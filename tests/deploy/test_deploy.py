@@ -21,6 +21,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pipeline import app, config, service
+from pipeline.contract import TASKS
 from pipeline.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +45,7 @@ def test_promtool_accepts_the_scrape_config_and_the_rules() -> None:
     assert "1 rule files found" in checked.stdout
     rules = run("promtool", "check", "rules", str(PROM / "rules" / "seqstream.rules.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 10 rules found" in rules.stdout
+    assert "SUCCESS: 12 rules found" in rules.stdout
 
 
 def test_promtool_rule_unit_tests_pass() -> None:
@@ -54,18 +55,23 @@ def test_promtool_rule_unit_tests_pass() -> None:
 
 
 def exported_names() -> set[str]:
-    """Every sample name the daemon's registry exports, built as app.build builds it."""
-    metrics = Metrics(
-        CollectorRegistry(),
-        reject_reasons=app.REJECT_REASONS,
-        reset_reasons=("idle",),
-        reload_results=service.RELOAD_RESULTS,
-        exit_results=service.EXIT_RESULTS,
-    )
-    metrics.set_model(name="m", version="1", provider="CPUExecutionProvider", opset=17)
-    metrics.set_labels(("a", "b"))
-    text = generate_latest(metrics.registry).decode()
-    return {m.group(1) for m in re.finditer(r"^(\w+)[{ ]", text, re.MULTILINE)}
+    """Every sample name the daemon's registry exports for some model task, built as
+    app.build builds it (each task exports its own metrics)."""
+    names: set[str] = set()
+    for task in TASKS:
+        metrics = Metrics(
+            CollectorRegistry(),
+            reject_reasons=app.REJECT_REASONS,
+            reset_reasons=("idle",),
+            reload_results=service.RELOAD_RESULTS,
+            exit_results=service.EXIT_RESULTS,
+        )
+        metrics.set_model(name="m", version="1", provider="CPUExecutionProvider", opset=17)
+        metrics.set_task(task)
+        metrics.set_labels(("a", "b"))
+        text = generate_latest(metrics.registry).decode()
+        names |= {m.group(1) for m in re.finditer(r"^(\w+)[{ ]", text, re.MULTILINE)}
+    return names
 
 
 def names_in(text: str) -> set[str]:
@@ -212,3 +218,44 @@ def test_dashboard_panels_cover_the_issue_and_do_not_overlap() -> None:
         cells |= mine
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))
+
+
+# -- mosquitto ------------------------------------------------------------------------------
+
+
+def _option(conf: Path, name: str) -> str:
+    values = [
+        line.split()[1]
+        for line in conf.read_text().splitlines()
+        if line.strip() and not line.startswith("#") and line.split()[0] == name
+    ]
+    assert len(values) == 1, f"{conf.name}: {name} set {len(values)} times"
+    return values[0]
+
+
+def test_broker_packet_limit_matches_the_daemons_payload_limit() -> None:
+    """The broker refuses what the daemon would refuse, with room for a topic: a payload
+    of max_payload_bytes on the longest topic a sensor may use fits, 1 KiB more does not."""
+    doc = tomllib.loads((DEPLOY / "seqstream.toml").read_text())
+    payload = doc["input"]["max_payload_bytes"]
+    assert payload == config.InputConfig().max_payload_bytes  # the example is the default
+    stream_id = doc["input"]["max_stream_id_bytes"]
+    longest = max(len(doc["input"]["topic"]), len(doc["input"]["reset_topic"]))
+    longest += stream_id - len("{stream}")
+    header = 1 + 4 + 2 + 2  # fixed header, remaining length, topic length, packet id
+    for name in ("mosquitto.conf", "mosquitto-tls.conf"):
+        limit = int(_option(DEPLOY / name, "max_packet_size"))
+        assert payload + longest + header <= limit <= payload + 1024, name
+
+
+def test_the_acl_gives_each_sensor_its_own_topics_only() -> None:
+    lines = [
+        line.split()
+        for line in (DEPLOY / "mosquitto.acl").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    patterns = [line[1:] for line in lines if line[0] == "pattern"]
+    assert patterns == [["write", "sensors/%u/data"], ["write", "sensors/%u/reset"]]
+    # no account writes every stream's topics
+    assert not [line for line in lines if line[:2] == ["topic", "write"] and "+" in line[2]
+                and line[2].startswith("sensors/")]  # fmt: skip
