@@ -35,6 +35,7 @@ def build(settings: Settings, registry: CollectorRegistry | None = None) -> Memb
     metrics.set_model(
         name=spec.name, version=spec.version, provider=model.provider, opset=spec.opset
     )
+    metrics.set_task(spec.task)
     metrics.set_labels(spec.labels if spec.task == "classify" else ())
     return Member(settings, model, metrics, ClusterMetrics(registry))
 
