@@ -135,13 +135,25 @@ def test_three_members_share_1000_streams_and_match_the_offline_run(
     wait_owned(r.members, PARTITIONS)
     shares = [m.owned() for m in r.members]
     assert all(shares), shares  # each member took a share
+    # Hostile input on a real stream and on another: counted, harmless to every state.
+    hostile = [b"not json", b'{"values": [1, 2]}', b'{"values": [[1,2,3,4,5,6]], "seq": -1}']
+    for k, junk in enumerate(hostile):
+        r.sensors.clients[k % 3].publish(f"sensors/s{k}/data", junk, qos=1)
+        r.sensors.clients[k % 3].publish("sensors/intruder/data", junk, qos=1)
     r.sensors.send(data, range(ROWS))
     r.sensors.wait_sent()
     r.preds.wait_distinct(STREAMS * ROWS)
     check_predictions(r, data, expected, replays=False)
+    assert "intruder" not in r.preds.mqtt
     assert sum(m.value("seqstream_cluster_replayed_steps_total") for m in r.members) == 0
     received = sum(m.value("seqstream_messages_received_total") for m in r.members)
-    assert received >= STREAMS * ROWS
+    assert received >= STREAMS * ROWS + 2 * len(hostile)
+
+    def rejected() -> float:
+        prefix = "seqstream_messages_rejected_total"
+        return sum(v for m in r.members for k, v in m.metrics().items() if k.startswith(prefix))
+
+    assert rejected() == 2 * len(hostile)
     for m in r.members:
         assert m.stop(signal.SIGTERM) == 0, r.logs()
 
@@ -221,4 +233,38 @@ def test_a_joining_then_a_leaving_member_hand_partitions_over_without_loss_or_re
 
     check_predictions(r, data, expected, replays=False)  # zero lost, zero repeated
     for m in r.live():
+        assert m.stop(signal.SIGTERM) == 0, r.logs()
+
+
+def test_a_paused_member_is_fenced_off_and_publishes_nothing_for_partitions_it_lost(
+    rig: type[Rig], oracle: tuple[list[np.ndarray], list[np.ndarray]]
+) -> None:
+    """SIGSTOP a member past its lease TTL (a GC pause, a frozen VM), then SIGCONT it:
+    the others took its partitions; it must drop them unpublished and unsaved (its
+    lease lapsed locally), then rejoin and get its share back by a clean handover."""
+    data, expected = oracle
+    r = rig()
+    for name in ("a", "b", "c"):
+        r.add(name)
+    wait_owned(r.members, PARTITIONS)
+    r.sensors.send(data, range(2))
+    r.sensors.wait_sent()
+    r.preds.wait_distinct(STREAMS * 2)
+    zombie, others = r.members[0], r.members[1:]
+    assert zombie.proc is not None
+    handovers = zombie.value(f'{HANDOFFS}{{reason="handover"}}')
+    zombie.proc.send_signal(signal.SIGSTOP)
+    wait_owned(others, PARTITIONS, timeout=30)  # its leases expired; the others took over
+    r.sensors.send(data, range(2, 4))
+    r.sensors.wait_sent()
+    r.preds.wait_distinct(STREAMS * 4)
+    zombie.proc.send_signal(signal.SIGCONT)
+    r.sensors.send(data, range(4, ROWS))
+    r.sensors.wait_sent()
+    wait_owned(r.members, PARTITIONS)  # back, by handover from the others
+    r.preds.wait_distinct(STREAMS * ROWS)
+    check_predictions(r, data, expected, replays=True)  # the token never goes back
+    assert zombie.value("seqstream_cluster_lease_losses_total") > 0
+    assert zombie.value(f'{HANDOFFS}{{reason="handover"}}') > handovers  # its share back
+    for m in r.members:
         assert m.stop(signal.SIGTERM) == 0, r.logs()
