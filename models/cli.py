@@ -68,6 +68,25 @@ def register(sub: Any) -> None:
         help="steps per second, recorded for sensor authors (default: from the time "
         "column's median spacing, or the audio's rate)",
     )
+    c = p.add_argument_group("classification")
+    c.add_argument(
+        "--arch",
+        choices=["auto", "fcn", "rnn"],
+        help="auto (default unless --cell/--hidden/--layers is given): the best of a few "
+        "causal-conv candidates on the validation split, refit on all training cases; "
+        "fcn: the first candidate; rnn: the recurrent stack of --cell/--hidden/--layers",
+    )
+    c.add_argument(
+        "--budget",
+        type=float,
+        help="seconds the classifier search may take at most (default 300); a ceiling: "
+        "the steps trained never depend on the machine's speed",
+    )
+    c.add_argument(
+        "--steps",
+        type=int,
+        help="fcn/auto: optimiser steps of the final fit (default 1200; screening a quarter)",
+    )
     f = p.add_argument_group("forecasting (forecast, seq2seq) and anomaly")
     f.add_argument("--target", dest="targets", nargs="+", help="target columns")
     f.add_argument("--horizon", type=int, help="steps ahead forecast at each step")
@@ -143,6 +162,9 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         val_fraction=args.val_fraction,
         name=args.name,
+        arch=args.arch,
+        budget=args.budget,
+        steps=args.steps,
         targets=tuple(args.targets) if args.targets else None,
         horizon=args.horizon,
         season=args.season,

@@ -55,6 +55,9 @@ def spec_for(net: SeqNet, meta: dict[str, Any], opset: int = OPSET) -> ModelSpec
     meta = dict(meta)
     if cfg.task in ("anomaly", "seq2seq"):
         meta["window"] = cfg.window
+    if cfg.arch != "rnn":
+        arch = {"arch": cfg.arch, "filters": list(cfg.filters), "kernels": list(cfg.kernels)}
+        meta["extra"] = {**meta.get("extra", {}), **arch}
     return ModelSpec(
         task=cfg.task,
         cell=cfg.cell,

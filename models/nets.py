@@ -57,6 +57,11 @@ class NetConfig:
     mean: tuple[float, ...] = field(default_factory=tuple)
     std: tuple[float, ...] = field(default_factory=tuple)
     window: int = 0  # anomaly: steps the score is averaged over; seq2seq: steps attended to
+    # classify: "rnn" (StepNet) or "fcn" (models.fcn.FCNNet: causal conv blocks of these
+    # filters/kernels, running mean, beside a recurrent branch of `layers` x `hidden`)
+    arch: str = "rnn"
+    filters: tuple[int, ...] = ()
+    kernels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -69,6 +74,10 @@ class NetConfig:
             raise ValueError("a forecaster needs target channels and a horizon >= 1")
         if self.task in ("anomaly", "seq2seq") and self.window < 1:
             raise ValueError(f"task {self.task} needs a window >= 1")
+        if self.arch not in ("rnn", "fcn") or (self.arch == "fcn") != bool(self.filters):
+            raise ValueError(f"arch {self.arch!r}: 'fcn' needs filters, 'rnn' none")
+        if len(self.filters) != len(self.kernels) or min(self.kernels, default=1) < 1:
+            raise ValueError("filters and kernels must pair up, kernels >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +86,7 @@ class NetConfig:
     def from_dict(cls, doc: dict[str, Any]) -> NetConfig:
         doc = dict(doc)
         doc.pop("pool", None)  # written by the reconstructing anomaly model (before 2026-12)
-        for key in ("targets", "mean", "std"):
+        for key in ("targets", "mean", "std", "filters", "kernels"):
             doc[key] = tuple(doc.get(key, ()))
         return cls(**doc)
 
@@ -376,6 +385,10 @@ _NETS: dict[str, Callable[[NetConfig], SeqNet]] = {
 def build(config: NetConfig, seed: int | None = None) -> SeqNet:
     if seed is not None:
         torch.manual_seed(seed)
+    if config.arch == "fcn":
+        from models.fcn import FCNNet  # imports this module
+
+        return FCNNet(config)
     return _NETS[config.task](config)
 
 

@@ -14,7 +14,8 @@ the runtime's initial window is, skipping windows that hold labelled anomalies.
 An anomaly model's threshold is a high quantile of its scores on the training part.
 
 Defaults differ by task (:data:`TASK_DEFAULTS`, applied by :meth:`TrainConfig.for_task`):
-those of classify/forecast reach 1.0 on BasicMotions and MASE ~0.5 on water flow; the
+a classifier is chosen by :mod:`models.search` (causal FCN candidates, ``arch="auto"``)
+unless the recurrent stack is named; the forecaster reaches MASE ~0.5 on water flow; the
 anomaly and seq2seq ones are sized for ECG at 360 Hz and hourly data with a daily
 season, and train in well under a minute on 2 cores.
 """
@@ -83,6 +84,11 @@ class TrainConfig:
     # anomaly (steps the score is averaged over; 0 = one period of the training data)
     # and seq2seq (attention memory): the model's window
     context: int = 0
+    # classify: "rnn" (the recurrent stack above), "fcn" or "auto" (models.search: the
+    # best of a few causal-conv candidates within `budget` seconds, a ceiling)
+    arch: str = "rnn"
+    budget: float = 300.0
+    steps: int = 0  # fcn/auto: optimiser steps of the final fit (0: models.search's)
     threshold_quantile: float = 0.99  # anomaly: of the training part's scores
     # metadata for sensor authors (models.naming): names[unit] and the rate, else the data's
     feature_names: tuple[str, ...] = ()
@@ -94,6 +100,10 @@ class TrainConfig:
     def for_task(cls, **given: Any) -> TrainConfig:
         """A config from the options given (``None`` = not given) over the task's defaults."""
         chosen = {k: v for k, v in given.items() if v is not None}
+        if chosen.get("task") == "classify" and "arch" not in chosen:
+            # naming the recurrent stack asks for it; otherwise the search decides
+            named = any(k in chosen for k in ("cell", "hidden", "layers"))
+            chosen["arch"] = "rnn" if named else "auto"
         return cls(**{**TASK_DEFAULTS.get(chosen.get("task", ""), {}), **chosen})
 
     def __post_init__(self) -> None:
@@ -118,6 +128,10 @@ class TrainConfig:
                 "must be >= 1 (anomaly: or 0, one period of the training data)",
             ),
             (self.warmup >= 0 and self.warmup < self.window, "warmup", "must be in [0, --window)"),
+            (self.arch in ("rnn", "fcn", "auto"), "arch", "must be rnn, fcn or auto"),
+            (self.arch == "rnn" or self.task == "classify", "arch", "fcn/auto classify only"),
+            (self.budget > 0, "budget", "must be > 0 seconds"),
+            (self.steps >= 0, "steps", "must be >= 0"),
             (0 < self.threshold_quantile <= 1, "threshold-quantile", "must be in (0, 1]"),
             (
                 self.task != "seq2seq" or self.window > self.context,
@@ -255,11 +269,16 @@ def _fit(
 
 def _train_classifier(
     cfg: TrainConfig, data: datasets.Dataset
-) -> tuple[StepNet, History, dict[str, Any]]:
+) -> tuple[SeqNet, History, dict[str, Any]]:
     if data.labels is None:
         raise DataError(f"{data.path}: classification needs class labels (for CSV: --label-column)")
     classes = list(data.classes) or sorted(set(data.labels))
     y_all = [classes.index(label) for label in data.labels]
+    if cfg.arch != "rnn":
+        from models import search
+
+        fcn, losses, extra = search.train_classifier(cfg, data.cases, y_all, len(classes))
+        return fcn, History(train_loss=losses, val_loss=losses), extra
     tr, va = _split_cases(len(data.cases), data.labels, cfg.val_fraction, cfg.seed)
     if not va:
         va = tr  # too few cases to hold any out: validate on training data (said in metrics)
@@ -303,7 +322,7 @@ def _train_classifier(
     return net, hist, extra
 
 
-def predict_labels(net: StepNet, cases: Sequence[np.ndarray]) -> list[int]:
+def predict_labels(net: SeqNet, cases: Sequence[np.ndarray]) -> list[int]:
     """Label at each case's last step, from one full-sequence call per case."""
     with torch.no_grad():
         x, lengths = _pad(cases)
@@ -683,7 +702,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         datasets.load(Path(cfg.data), **cfg.data_options), cfg.feature_names
     )
     rate = naming.sample_rate(data, cfg.sample_rate_hz)
-    name = cfg.name or f"{Path(cfg.data).stem.lower()}-{cfg.cell}-{cfg.task}"
+    kind = cfg.cell if cfg.arch == "rnn" else "fcn"
+    name = cfg.name or f"{Path(cfg.data).stem.lower()}-{kind}-{cfg.task}"
     metrics: dict[str, Any] = {}
     meta: dict[str, Any] = {
         "name": name,
@@ -747,9 +767,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics["test"] = _forecast_test_metrics(
             net, data, extra["bounds"], extra["target_idx"], cfg
         )
-    metrics["epochs_run"] = len(hist.train_loss)
-    metrics["best_epoch"] = hist.best_epoch + 1
-    metrics["best_val_loss"] = min(hist.val_loss)
+    if "search" not in metrics:  # the search reports its own (models.search)
+        metrics["epochs_run"] = len(hist.train_loss)
+        metrics["best_epoch"] = hist.best_epoch + 1
+        metrics["best_val_loss"] = min(hist.val_loss)
     metrics["seconds"] = round(time.monotonic() - started, 2)
     meta["extra"] = {**meta.get("extra", {}), **named}  # units; CSV columns if renamed
     meta["metrics"] = {k: v for k, v in metrics.items() if k in ("test", "train")}

@@ -1,7 +1,8 @@
 """Train -> export -> verify -> eval on small real data, for every cell type and task.
 
 The quality targets use the shipped defaults on the real data sets (BasicMotions:
-accuracy >= 0.95 stepwise through onnxruntime; water flow: MASE < 1 against the
+accuracy >= 0.95 stepwise through onnxruntime, the default classifier search of
+models/search.py; water flow: MASE < 1 against the
 seasonal-naive forecast on the held-out tail, one step ahead and, with seq2seq, 24
 steps ahead, where it must also beat the one-step forecaster iterated 24 times;
 mitdb ECG: the anomaly model's ROC AUC above the z-score of first differences).
@@ -120,7 +121,7 @@ def test_training_is_deterministic_with_a_seed(
 
 
 @pytest.mark.slow
-def test_lstm_reaches_095_on_basicmotions_stepwise(
+def test_default_classifier_reaches_095_on_basicmotions_stepwise(
     basicmotions: tuple[Path, Path], tmp_path: Path
 ) -> None:
     train_ts, test_ts = basicmotions
