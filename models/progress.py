@@ -21,9 +21,16 @@ class PlainProgress:
     """The part of tqdm's interface training uses, as plain lines."""
 
     def __init__(
-        self, iterable: Iterable[int], total: int, desc: str, stream: TextIO, lines: int = 10
+        self,
+        iterable: Iterable[int],
+        total: int,
+        desc: str,
+        stream: TextIO,
+        lines: int = 10,
+        unit: str = "epoch",
     ) -> None:
         self._iterable = iterable
+        self.unit = unit
         self.total = total
         self.desc = desc
         self._stream = stream
@@ -35,7 +42,7 @@ class PlainProgress:
         self._last_written = -1
 
     def __iter__(self) -> Iterator[int]:
-        self._write(f"{self.desc}: up to {self.total} epochs")
+        self._write(f"{self.desc}: up to {self.total} {self.unit}s")
         for item in self._iterable:
             self._yielded += 1
             yield item
@@ -55,7 +62,7 @@ class PlainProgress:
         self._last_written = self._done
         seconds = time.monotonic() - self._started
         self._write(
-            f"{self.desc}: epoch {self._done}/{self.total} {self._postfix} ({seconds:.0f} s)"
+            f"{self.desc}: {self.unit} {self._done}/{self.total} {self._postfix} ({seconds:.0f} s)"
         )
 
     def _write(self, text: str) -> None:
@@ -69,4 +76,4 @@ def progress(
     out = sys.stderr if stream is None else stream
     if out.isatty():
         return tqdm(iterable, desc=desc, unit=unit, mininterval=0.5, file=out)
-    return PlainProgress(iterable, len(iterable), desc, out)
+    return PlainProgress(iterable, len(iterable), desc, out, unit=unit)

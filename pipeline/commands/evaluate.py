@@ -35,8 +35,10 @@ def register(subparsers: Any) -> None:
         "--tail",
         type=float,
         metavar="FRACTION",
-        help="forecasting and anomaly models: held-out fraction of each series to score "
-        "(default: the model's training test fraction, else the whole series)",
+        help="forecasting and anomaly models: fraction of each series, at its end, to "
+        "score; 1 = the whole series (default: on the very file the model was trained "
+        "on, same SHA-256, the held-out tail it was trained without; on any other file "
+        "the whole series)",
     )
     p.add_argument(
         "--baseline-model",
