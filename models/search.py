@@ -8,8 +8,9 @@ then trained from scratch on all training cases for the full steps (tiny data se
 such as ArrowHead's 36 cases cannot spare a fifth of them for good). The budget
 (``--budget``, CPU seconds of the training process, one torch thread) is a ceiling,
 never a knob: the number of steps does not depend on the machine's speed, so a seed
-gives the same model on a fast and a slow machine; when the budget runs out the search stops early (and the final fit may be skipped,
-keeping the screened model), and ``metrics.json`` says so.
+gives the same model on a fast and a slow machine; when the budget runs out the search
+stops early (and the final fit may be skipped, keeping the screened model), and
+``metrics.json`` says so.
 
 The recipe, the same for every candidate: per-channel normalisation in the graph,
 AdamW with a one-cycle learning-rate schedule, gradient clipping, a loss at every step
