@@ -91,15 +91,15 @@ def register(sub: Any) -> None:
     f.add_argument("--target", dest="targets", nargs="+", help="target columns")
     f.add_argument("--horizon", type=int, help="steps ahead forecast at each step")
     f.add_argument("--season", type=int, help="season length for seasonal-naive/MASE")
-    f.add_argument("--window", type=int, help="training window length (forecast, seq2seq)")
+    f.add_argument("--window", type=int, help="training window length (forecast, seq2seq, anomaly)")
     f.add_argument("--test-fraction", type=float, help="held-out tail")
     f.add_argument(
         "--context",
         type=int,
-        help="steps the model looks back over at every step: the window an anomaly "
-        "model rebuilds, the memory a seq2seq model attends to",
+        help="steps the model looks back over at every step: the steps an anomaly "
+        "model's score is averaged over (default: one period of the training data), "
+        "the memory a seq2seq model attends to",
     )
-    f.add_argument("--pool", type=int, help="anomaly: rebuild means of this many steps")
     f.add_argument(
         "--threshold-quantile",
         type=float,
@@ -171,7 +171,6 @@ def _train(args: argparse.Namespace) -> int:
         window=args.window,
         test_fraction=args.test_fraction,
         context=args.context,
-        pool=args.pool,
         threshold_quantile=args.threshold_quantile,
         feature_names=tuple(args.feature_names) if args.feature_names else None,
         sample_rate_hz=args.sample_rate,

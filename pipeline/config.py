@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import socket
 import stat
 import tomllib
 from collections.abc import Callable
@@ -167,6 +168,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``[cluster]``: share the streams with other daemons over NATS JetStream
+    (:mod:`pipeline.cluster`). ``partitions`` must equal the servers' subject mapping
+    and never change once data flows: a stream's partition is a hash mod this number."""
+
+    servers: tuple[str, ...]
+    member: str
+    group: str = "seqstream"
+    partitions: int = 64
+    replicas: int = 3  # of the input stream and the key-value buckets
+    lease_ttl_s: float = 3.0
+    checkpoint_interval_s: float = 5.0
+    fetch_batch: int = 256
+    input_max_age_s: float = 86_400.0  # input older than this is dropped by JetStream
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     source: Path
     model: ModelConfig
@@ -178,6 +196,7 @@ class Settings:
     output: OutputConfig
     metrics: MetricsConfig
     audio: AudioSettings | None = None  # [audio]: keyword spotting on microphones
+    cluster: ClusterConfig | None = None  # [cluster]: many daemons over NATS (else MQTT)
 
     def error_topic(self) -> str | None:
         topic = self.output.error_topic
@@ -217,6 +236,7 @@ def parse(doc: dict[str, Any], *, base: Path, source: Path) -> Settings:
         output=_output(root.table("output")),
         metrics=_metrics(root.table("metrics")),
         audio=_audio(root.table("audio")) if "audio" in doc else None,
+        cluster=_cluster(root.table("cluster")) if "cluster" in doc else None,
     )
     if settings.checkpoint.ack_after_checkpoint and settings.input.qos != 1:
         qos = settings.input.qos
@@ -460,6 +480,31 @@ def _output(t: _Table) -> OutputConfig:
         error_topic=errors,
         error_rate_per_s=t.number("error_rate_per_s", d.error_rate_per_s, lo=0.0),
         error_burst=t.integer("error_burst", d.error_burst, lo=1),
+    )
+    t.done()
+    return cfg
+
+
+def _cluster(t: _Table) -> ClusterConfig:
+    servers = t.strings("servers", ())
+    if not servers or not all(s.startswith(("nats://", "tls://")) for s in servers):
+        t.fail("servers", f"must list nats:// or tls:// URLs, got {list(servers)!r}")
+    member = t.text("member", socket.gethostname())
+    group = t.text("group", "seqstream")
+    for key, name in (("member", member), ("group", group)):
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            t.fail(key, f"must be letters, digits, '-' or '_', got {name!r}")
+    ttl = t.number("lease_ttl_s", 3.0, lo=1.0, hi=300.0)
+    cfg = ClusterConfig(
+        servers=servers,
+        member=member,
+        group=group,
+        partitions=t.integer("partitions", 64, lo=1, hi=4096),
+        replicas=t.integer("replicas", 3, lo=1, hi=5),
+        lease_ttl_s=ttl,
+        checkpoint_interval_s=t.number("checkpoint_interval_s", 5.0, lo=0.1),
+        fetch_batch=t.integer("fetch_batch", 256, lo=1, hi=65_536),
+        input_max_age_s=t.number("input_max_age_s", 86_400.0, lo=ttl * 10),
     )
     t.done()
     return cfg

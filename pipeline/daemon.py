@@ -123,6 +123,8 @@ class Daemon:
             log.info("restored %d streams from %s", n, path)
         if self._make_exporter is not None:
             self.exporter = self._make_exporter()
+            url = self.exporter.url
+            log.info("http: %s (status page), /metrics, /healthz, /readyz, /status", url)
         self.worker.start()
         for service in self.services:
             service.start()

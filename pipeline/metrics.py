@@ -342,6 +342,12 @@ class Exporter:
         """The bound port (the real one when configured as 0)."""
         return int(self._server.server_port)
 
+    @property
+    def url(self) -> str:
+        """Where to point a browser or a scraper (the bound address and port)."""
+        host = str(self._server.server_address[0])
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
+
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
