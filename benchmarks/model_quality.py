@@ -124,7 +124,7 @@ def run_one(key: str, seed: int, budget: float | None, work: Path) -> dict[str, 
             for c in search.get("candidates", [])
         ],
         "final_fit": search.get("final_fit_on_all_training_cases"),
-        "final_candidate_is_best_screened": search.get("chosen") == search.get("best_screened"),
+        "final_is_best_screened": search.get("chosen") == search.get("best_screened"),
         "stopped_by_budget": search.get("stopped_by_budget"),
         "model": str(model),
     }
