@@ -79,8 +79,8 @@ def register(sub: Any) -> None:
     c.add_argument(
         "--budget",
         type=float,
-        help="seconds the classifier search may take at most (default 300); a ceiling: "
-        "the steps trained never depend on the machine's speed",
+        help="CPU seconds the classifier search may take at most (default 300); a "
+        "ceiling: the steps trained never depend on the machine's speed",
     )
     c.add_argument(
         "--steps",

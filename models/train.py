@@ -88,7 +88,7 @@ class TrainConfig:
     # and seq2seq (attention memory): the model's window
     context: int = 0
     # classify: "rnn" (the recurrent stack above), "fcn" or "auto" (models.search: the
-    # best of a few causal-conv candidates within `budget` seconds, a ceiling)
+    # best of a few causal-conv candidates within `budget` CPU seconds, a ceiling)
     arch: str = "rnn"
     budget: float = 300.0
     steps: int = 0  # fcn/auto: optimiser steps of the final fit (0: models.search's)
