@@ -52,6 +52,35 @@ REPORTS = os.environ.get("SEQSTREAM_REPORTS")  # also keep the accuracy report t
 RECORDING = ("yes", "stop", "left", "go", "no", "right", "up", "on", "off", "down")
 RECORDING_VOICE = "en-us+f5"
 
+# The keyword recipe (docs/keywords/README.md), every knob spelled out so that a change
+# to the generator's, the CLI's or the trainer's defaults cannot move it unseen. It holds
+# for training seeds 0, 1 and 2: SEQSTREAM_KEYWORDS_SEED picks one (default 0).
+TRAIN_SEED = int(os.environ.get("SEQSTREAM_KEYWORDS_SEED", "0"))
+DATA_RECIPE: dict[str, Any] = {
+    "seed": 0,
+    "train_per_class": 300,
+    "test_per_class": 30,
+    "unknown_factor": 2,
+    "snr_db": (5.0, 30.0),
+    "speeds_wpm": (110, 230),
+    "pitches": (0, 99),
+    "stretch": (0.85, 1.15),
+    "preceded": 0.5,
+    "gap_s": (0.3, 1.2),
+}
+TRAIN_RECIPE: dict[str, Any] = {
+    "task": "classify",
+    "cell": "lstm",
+    "hidden": 64,
+    "layers": 2,
+    "epochs": 30,
+    "patience": 10,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "val_fraction": 0.2,
+    "dropout": 0.0,
+}
+
 
 # -- the trained keyword model (once per session) ---------------------------------------
 
@@ -66,7 +95,7 @@ class KeywordModel:
 @pytest.fixture(scope="session")
 def keyword_model(tmp_path_factory: pytest.TempPathFactory) -> KeywordModel:
     root = tmp_path_factory.mktemp("keywords")
-    generate(GenerateConfig(out=root / "data", seed=0))  # before torch: cheaper spawns
+    generate(GenerateConfig(out=root / "data", **DATA_RECIPE))  # before torch: cheaper spawns
 
     import torch
 
@@ -80,16 +109,11 @@ def keyword_model(tmp_path_factory: pytest.TempPathFactory) -> KeywordModel:
     try:
         metrics = train(
             TrainConfig(
-                task="classify",
                 data=str(root / "data" / "train"),
                 out=str(root / "run"),
-                cell="lstm",
-                hidden=64,
-                layers=2,
-                epochs=40,
-                patience=10,
-                batch_size=32,
+                seed=TRAIN_SEED,
                 name="keywords",
+                **TRAIN_RECIPE,
             )
         )
     finally:
@@ -343,9 +367,9 @@ def test_virtual_microphone_keywords_reach_mqtt_at_the_right_times(
     assert not stray, summary  # nothing in the pauses
     # never a wrong keyword, and no unknown word fires
     assert all(expected.get(i) == kw for i, kw in detected.items()), summary
-    # the model on an unheard voice (held-out accuracy >= 0.75): most keywords
-    assert len(offline) >= 0.8 * len(expected), summary
-    assert len(set(offline) - set(detected)) <= 1, summary
+    assert all(expected.get(i) == kw for i, kw in offline.items()), summary
+    # the model on an unheard voice: at least 9 of the 10 keywords, live and from the file
+    assert len(detected) >= 9 and len(offline) >= 9, summary
     assert overflows == 0
     # Latency figures for the note: from the end of the word (paplay start + offset in
     # the file, an upper bound: it includes paplay's start-up and PulseAudio's buffer)

@@ -103,6 +103,10 @@ def test_generated_keyword_data_is_a_function_of_the_seed(tmp_path: Path) -> Non
         assert rate == 16_000 and 0 < np.abs(samples).max() < 1
         if info["class"] != "silence":  # a word ends shortly before the clip does
             assert 0.05 <= len(samples) / rate - info["word_end_s"] <= 0.3 + 1e-3
+        if "preceded_by" in info:  # an earlier word, a pause, then the clip's own word
+            assert info["word_start_s"] >= 0.3 + 0.1
+    # Half of the word clips start with an earlier word (``preceded``), the rest do not.
+    assert 0 < sum("preceded_by" in f for f in manifest["files"]["train"].values()) < 20
 
 
 def test_recording_puts_words_where_it_says() -> None:
