@@ -54,6 +54,20 @@ def register(sub: Any) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--name", help="model name in metadata (default: data-cell-task)")
+    p.add_argument(
+        "--feature-names",
+        nargs="+",
+        metavar="NAME[UNIT]",
+        help="feature names in column order, each optionally with its unit in brackets "
+        "(ax[m/s^2]); default: the CSV header (units in brackets there too) or dim_0..",
+    )
+    p.add_argument(
+        "--sample-rate",
+        type=float,
+        metavar="HZ",
+        help="steps per second, recorded for sensor authors (default: from the time "
+        "column's median spacing, or the audio's rate)",
+    )
     f = p.add_argument_group("forecasting (forecast, seq2seq) and anomaly")
     f.add_argument("--target", dest="targets", nargs="+", help="target columns")
     f.add_argument("--horizon", type=int, help="steps ahead forecast at each step")
@@ -137,6 +151,8 @@ def _train(args: argparse.Namespace) -> int:
         context=args.context,
         pool=args.pool,
         threshold_quantile=args.threshold_quantile,
+        feature_names=tuple(args.feature_names) if args.feature_names else None,
+        sample_rate_hz=args.sample_rate,
         data_options=data_options(args),
     )
     metrics = train(cfg)

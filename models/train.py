@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models import checkpoint
+from models import checkpoint, naming
 from models.export import spec_for
 from models.nets import (
     AnomalyNet,
@@ -48,6 +48,7 @@ from models.nets import (
     normalisation,
 )
 from pipeline import datasets, evaluation, scoring
+from pipeline.commands.info import UNITS_KEY
 from pipeline.contract import TASKS
 from pipeline.errors import ConfigError, DataError
 
@@ -84,6 +85,9 @@ class TrainConfig:
     context: int = 0
     pool: int = 1  # anomaly: reconstruct means of this many steps
     threshold_quantile: float = 0.99  # anomaly: of the training part's scores
+    # metadata for sensor authors (models.naming): names[unit] and the rate, else the data's
+    feature_names: tuple[str, ...] = ()
+    sample_rate_hz: float | None = None
     # how to read the data files (see pipeline.commands.data_args)
     data_options: dict[str, Any] = field(default_factory=dict)
 
@@ -630,7 +634,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.monotonic()
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    data = datasets.load(Path(cfg.data), **cfg.data_options)
+    data, units = naming.name_features(
+        datasets.load(Path(cfg.data), **cfg.data_options), cfg.feature_names
+    )
+    rate = naming.sample_rate(data, cfg.sample_rate_hz)
     name = cfg.name or f"{Path(cfg.data).stem.lower()}-{cfg.cell}-{cfg.task}"
     metrics: dict[str, Any] = {}
     meta: dict[str, Any] = {
@@ -641,6 +648,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "season": cfg.season,
     }
     meta.update(data.spec_fields())  # an audio front end travels into the model
+    meta["sample_rate_hz"] = rate
     net: SeqNet
     if cfg.task == "classify":
         net, hist, extra = _train_classifier(cfg, data)
@@ -651,7 +659,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "accuracy": scoring.accuracy(data.label_indices(classes), np.array(train_pred))
         }
         if cfg.test:
-            test = datasets.load(Path(cfg.test), **cfg.data_options)
+            test, _ = naming.name_features(
+                datasets.load(Path(cfg.test), **cfg.data_options), cfg.feature_names
+            )
             if tuple(test.features) != tuple(data.features) or test.frontend != data.frontend:
                 raise DataError(f"{cfg.test}: features {test.features} differ from training's")
             pred = np.array(predict_labels(net, test.cases))
@@ -688,6 +698,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics["best_epoch"] = hist.best_epoch + 1
     metrics["best_val_loss"] = min(hist.val_loss)
     metrics["seconds"] = round(time.monotonic() - started, 2)
+    if units:
+        meta["extra"] = {**meta.get("extra", {}), UNITS_KEY: units}
     meta["metrics"] = {k: v for k, v in metrics.items() if k in ("test", "train")}
     out.mkdir(parents=True, exist_ok=True)
     resolved = asdict(cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from pipeline import codecs, config, keywords_service
 from pipeline import engine as engine_module
@@ -41,6 +41,7 @@ from pipeline.sinks.mqtt import ErrorReporter, PredictionSink, PublishPolicy
 from pipeline.sources import mqtt as source_mqtt
 from pipeline.sources.mqtt import MqttSource
 from pipeline.state import RESET_REASONS
+from pipeline.status import LastPredictions, StatusView
 from pipeline.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ def build(
     out = settings.output
     check_model(settings, model)
     registry = registry if registry is not None else CollectorRegistry()
+    # No *_created series: they double the exposition and no rule or panel reads them.
+    # prometheus_client only offers this process-wide; the daemon is the process.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
     metrics = Metrics(
         registry,
         reject_reasons=REJECT_REASONS,
@@ -101,6 +105,7 @@ def build(
     metrics.set_model(
         name=spec.name, version=spec.version, provider=model.provider, opset=spec.opset
     )
+    metrics.set_task(spec.task)
     metrics.set_labels(spec.labels if spec.task == "classify" else ())
     if env.state_directory is not None:
         metrics.set_exits(record_exit(env.state_directory))
@@ -118,8 +123,15 @@ def build(
     policy = None
     if out.every_k > 1 or out.on_change:
         policy = PublishPolicy(out.every_k, out.on_change, settings.engine.max_streams)
+    last = LastPredictions(lambda stream: stream in engine.store, settings.engine.max_streams)
     sink = PredictionSink(
-        link, PredictionEncoder(spec), out, metrics=metrics, errors=errors, policy=policy
+        link,
+        PredictionEncoder(spec),
+        out,
+        metrics=metrics,
+        errors=errors,
+        policy=policy,
+        last=last,
     )
     queue = settings.queue
     worker = Worker(
@@ -140,7 +152,14 @@ def build(
     ckpt = settings.checkpoint
     acks = AckLedger(link, ckpt.max_unacked) if ckpt.ack_after_checkpoint else None
     source = MqttSource(
-        link, decoder, worker, settings.input, metrics=metrics, errors=errors, acks=acks
+        link,
+        decoder,
+        worker,
+        settings.input,
+        metrics=metrics,
+        errors=errors,
+        acks=acks,
+        max_tracked=settings.engine.max_streams,
     )
     services: list[Service] = []
     if settings.audio is not None:  # keyword spotting: its own model, engine and sources
@@ -148,17 +167,28 @@ def build(
         publisher = keywords_service.MqttEventPublisher(link, a.topic, a.qos)
         services.append(keywords_service.build(a, publisher, registry))
 
-    exporter = None
-    if settings.metrics.enabled:
-        bind, port = settings.metrics.bind, settings.metrics.port
-
-        def exporter() -> Exporter:
-            return Exporter(registry, bind, port)
-
     # -- operations: systemd readiness and status, the watchdog, SIGHUP reloads --
     notifier = Notifier(env.notify_socket)
     watchdog = EngineWatchdog(worker.call, notifier, watchdog_s=env.watchdog_s)
     metrics.engine_stall.set_function(watchdog.stall_s)
+
+    exporter = None
+    if settings.metrics.enabled:
+        bind, port = settings.metrics.bind, settings.metrics.port
+        view = StatusView(
+            engine=engine,
+            call=worker.call,
+            last=last,
+            metrics=metrics,
+            link=link,
+            watchdog=watchdog,
+            depth=lambda: worker.depth,
+            capacity=queue.max_size,
+            max_streams=settings.metrics.status_streams,
+        )
+
+        def exporter() -> Exporter:
+            return Exporter(registry, bind, port, view.routes())
 
     def describe() -> str:
         s = engine.model.spec
@@ -176,6 +206,7 @@ def build(
         def on_engine(e: Engine) -> bool:  # between two batches: nothing else runs
             kept = e.swap_model(new)
             sink.use_encoder(encoder)
+            metrics.set_task(new.spec.task)
             metrics.set_labels(labels)
             return kept
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from pipeline import __version__
 from pipeline.errors import SeqstreamError
@@ -24,14 +26,33 @@ from pipeline.errors import SeqstreamError
 COMMAND_MODULES: tuple[str, ...] = (
     "models.cli",  # train, export, verify (need the [train] extra when run)
     "pipeline.commands.evaluate",  # eval
+    "pipeline.commands.info",  # info (what a model takes and gives)
     "pipeline.commands.run",  # run (the MQTT daemon)
     "pipeline.commands.replay",  # replay
     "pipeline.commands.config",  # config check
+    "pipeline.commands.status",  # status (a running daemon's /status as a table)
     "pipeline.commands.bench",  # bench (engine vs raw onnxruntime)
     "pipeline.commands.keywords",  # keywords generate|recording|detect (audio)
 )
 
 EXIT_ERROR = 2
+TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (``ts``, ``level``, ``logger``, ``msg``, ``exc``), so a
+    log shipper needs no parsing rules and a multi-line traceback stays one record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False, default=str)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold (default: INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log lines as text (default) or one JSON object per line, for log shippers",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -55,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if args.log_format == "json" else logging.Formatter(TEXT))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -141,9 +141,14 @@ class Decoder:
             raise PayloadError(BAD_SEQ, "'seq' must be an integer in 0..2**62-1")
         ts = doc.get("ts")
         if ts is not None:
-            if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
+            if not isinstance(ts, int | float) or isinstance(ts, bool):
                 raise PayloadError(BAD_TS, "'ts' must be a finite number")
-            ts = float(ts)
+            try:  # an integer beyond float's range (a 400-digit ts) overflows here
+                ts = float(ts)
+            except OverflowError:
+                raise PayloadError(BAD_TS, "'ts' must be a finite number") from None
+            if not math.isfinite(ts):
+                raise PayloadError(BAD_TS, "'ts' must be a finite number")
         raw = doc.get("values")
         if not isinstance(raw, list) or not raw:
             raise PayloadError(BAD_SHAPE, "'values' must be a non-empty list")

@@ -136,6 +136,11 @@ class InputConfig:
     reset_topic: str | None = "sensors/{stream}/reset"
     qos: int = 1
     max_payload_bytes: int = 1 << 20
+    # Longer stream ids (UTF-8 bytes) are refused (stream_id_too_long): each id is a key in
+    # the state, the publish policy and a prediction topic, so its length bounds memory.
+    max_stream_id_bytes: int = 128
+    # A stream's reset requests closer together than this are refused (reset_rate_limited).
+    reset_min_interval_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,7 @@ class MetricsConfig:
     enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = 9108
+    status_streams: int = 100  # streams /status and the page list (newest first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,10 +250,15 @@ def _model(t: _Table) -> ModelConfig:
 def _engine(t: _Table) -> EngineSettings:
     d = EngineSettings()
     max_streams = t.integer("max_streams", d.max_streams, lo=1)
+    tolerance = t.integer("seq_gap_tolerance", d.seq_gap_tolerance, lo=0)
+    jump = t.opt_integer("max_seq_jump", d.max_seq_jump, lo=1)
+    if jump is not None and jump < tolerance:
+        t.fail("max_seq_jump", f"must be >= seq_gap_tolerance ({tolerance}), or false for off")
     cfg = EngineSettings(
         max_streams=max_streams,
         idle_timeout_s=t.opt_number("idle_timeout_s", d.idle_timeout_s, positive=True),
-        seq_gap_tolerance=t.integer("seq_gap_tolerance", d.seq_gap_tolerance, lo=0),
+        seq_gap_tolerance=tolerance,
+        max_seq_jump=jump,
         ts_gap_tolerance_s=t.opt_number("ts_gap_tolerance_s", d.ts_gap_tolerance_s, positive=True),
         max_batch=t.integer("max_batch", d.max_batch, lo=1, hi=65_536),
         max_chunk=t.integer("max_chunk", d.max_chunk, lo=1, hi=65_535),
@@ -382,6 +393,10 @@ def _input(t: _Table) -> InputConfig:
         reset_topic=reset,
         qos=t.integer("qos", d.qos, lo=0, hi=2),
         max_payload_bytes=t.integer("max_payload_bytes", d.max_payload_bytes, lo=16, hi=256 << 20),
+        max_stream_id_bytes=t.integer(
+            "max_stream_id_bytes", d.max_stream_id_bytes, lo=1, hi=65_535
+        ),
+        reset_min_interval_s=t.number("reset_min_interval_s", d.reset_min_interval_s, lo=0),
     )
     t.done()
     return cfg
@@ -419,6 +434,7 @@ def _metrics(t: _Table) -> MetricsConfig:
         enabled=t.flag("enabled", d.enabled),
         bind=bind,
         port=t.integer("port", d.port, lo=0, hi=65_535),
+        status_streams=t.integer("status_streams", d.status_streams, lo=1, hi=10_000),
     )
     t.done()
     return cfg

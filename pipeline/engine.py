@@ -267,6 +267,7 @@ class EngineSettings:
     max_chunk: int = 4096  # most rows (T) in one step
     check_state: bool = True  # reset streams whose carried state turns NaN/Inf
     initial_capacity: int = 1024  # state rows allocated up front (grows up to max_streams)
+    max_seq_jump: int | None = 10_000  # seq further ahead is refused (seq_jump); None: off
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -282,6 +283,7 @@ class EngineSettings:
             seq_gap_tolerance=self.seq_gap_tolerance,
             ts_gap_tolerance_s=self.ts_gap_tolerance_s,
             initial_capacity=self.initial_capacity,
+            max_seq_jump=self.max_seq_jump,
         )
 
 

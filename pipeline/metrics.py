@@ -15,13 +15,23 @@ from __future__ import annotations
 
 import errno
 import math
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
+from typing import Any
+from wsgiref.simple_server import make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, make_wsgi_app
 
 from pipeline.errors import ConfigError
 
@@ -88,10 +98,19 @@ class Metrics:
             return Gauge(name, doc, namespace=NAMESPACE, registry=registry)
 
         self.received = counter(
-            "messages_received", "Sensor messages received from the broker (incl. rejected)."
+            "messages_received",
+            "Sensor messages (data and resets) received from the broker (incl. rejected).",
         )
         self.rejected = counter(
             "messages_rejected", "Messages or steps refused, by reason.", ("reason",)
+        )
+        self.queued = counter(
+            "messages_queued",
+            "Sensor messages (data and resets) handed to the engine's queue; every received "
+            "message is either that or rejected at the source (by a reason of its own).",
+        )
+        self.reset_requests = counter(
+            "reset_requests", "Reset messages received (incl. refused: see messages_rejected)."
         )
         self.published = counter("predictions_published", "Prediction messages published.")
         self.publish_failures = counter(
@@ -148,17 +167,31 @@ class Metrics:
         )
         self.start_time = gauge("start_time_seconds", "When this process started (Unix time).")
         self.start_time.set(time.time())
-        self.by_label = counter(
-            "predictions_by_label", "Published classifications, by predicted label.", ("label",)
+        # process_* (RSS, CPU seconds, open fds, start time) of this process, on this registry.
+        self.process = ProcessCollector(registry=registry)
+        # Task metrics: registered by set_task only for a model whose task can move them.
+        self.by_label = Counter(
+            "predictions_by_label",
+            "Published classifications, by predicted label.",
+            ("label",),
+            namespace=NAMESPACE,
+            registry=None,
         )
         self.anomaly_ratio = Histogram(
             "anomaly_score_ratio",
             "Anomaly scores divided by the model's threshold (above 1: flagged).",
             namespace=NAMESPACE,
-            registry=registry,
+            registry=None,
             buckets=ANOMALY_RATIO_BUCKETS,
         )
-        self.anomalies = counter("anomalies", "Steps flagged as anomalous.")
+        self.anomalies = Counter(
+            "anomalies", "Steps flagged as anomalous.", namespace=NAMESPACE, registry=None
+        )
+        self._task_metrics: dict[str, tuple[Counter | Histogram, ...]] = {
+            "classify": (self.by_label,),
+            "anomaly": (self.anomaly_ratio, self.anomalies),
+        }
+        self._exported: set[Counter | Histogram] = set()
         self._by_label: list[Counter] = []
         for r in reload_results:
             self.reloads.labels(r)
@@ -224,6 +257,20 @@ class Metrics:
             {"name": name, "version": version, "provider": provider, "opset": str(opset)}
         )
 
+    def set_task(self, task: str) -> None:
+        """Export the metrics that a model of ``task`` moves, and only those.
+
+        A classifier has no anomaly score and an anomaly model no labels: series that
+        cannot move would be noise in every query and dashboard. Called at start and when
+        a reload brings a model of another task (the registry is thread-safe).
+        """
+        wanted = set(self._task_metrics.get(task, ()))
+        for metric in self._exported - wanted:
+            self.registry.unregister(metric)
+        for metric in wanted - self._exported:
+            self.registry.register(metric)
+        self._exported = wanted
+
     def set_labels(self, labels: Iterable[str]) -> None:
         """The current model's class labels (none for other tasks), exported from 0."""
         self._by_label = [self.by_label.labels(label) for label in labels]
@@ -236,23 +283,68 @@ class Metrics:
 
 
 class Exporter:
-    """The ``/metrics`` HTTP endpoint on its own thread; :meth:`close` stops it."""
+    """The HTTP endpoint on its own thread: ``/metrics``, plus ``routes``; :meth:`close` stops it.
 
-    def __init__(self, registry: CollectorRegistry, bind: str, port: int) -> None:
+    ``routes`` maps a path to a handler returning ``(status, content type, body)``
+    (:meth:`pipeline.status.StatusView.routes`); any other path is a 404, so a probe
+    pointed at the wrong path fails instead of reading the metrics as health.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        bind: str,
+        port: int,
+        routes: Mapping[str, Callable[[], tuple[int, str, bytes]]] | None = None,
+    ) -> None:
+        metrics_app = make_wsgi_app(registry)
+        table = dict(routes or {})
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
+                body: list[bytes] = metrics_app(environ, start_response)
+                return body
+            route = table.get(path)
+            if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+                code, ctype, data = 405, "text/plain", b"read-only: use GET\n"
+            elif route is None:
+                code, ctype, data = 404, "text/plain", b"not found; see /, /status, /metrics\n"
+            else:
+                code, ctype, data = route()
+            headers = [("Content-Type", ctype), ("Cache-Control", "no-store")]
+            if ctype.startswith("text/html"):
+                headers.append(("Content-Security-Policy", PAGE_CSP))
+            start_response(f"{code} {HTTPStatus(code).phrase}", headers)
+            return [data]
+
+        class Server(ThreadingWSGIServer):
+            pass
+
         try:
-            self._server, self._thread = start_http_server(port, bind, registry)
-        except OSError as exc:
+            # IPv6 binds ("::") need their family before the socket exists.
+            info = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            Server.address_family, addr = info[0][0], str(info[0][4][0])
+            self._server = make_server(addr, port, app, Server, handler_class=_SilentHandler)
+        except OSError as exc:  # socket.gaierror too: a bind address that does not resolve
             why = "address in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
             raise ConfigError(f"metrics: cannot listen on {bind}:{port} ({why})") from None
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self._thread.start()
 
     @property
     def port(self) -> int:
         """The bound port (the real one when configured as 0)."""
-        server: WSGIServer = self._server
-        return int(server.server_port)
+        return int(self._server.server_port)
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        thread: threading.Thread = self._thread
-        thread.join(timeout=5.0)
+        self._thread.join(timeout=5.0)
+
+
+# The status page runs its own inline script and reads /status; nothing else may load.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'"
+)

@@ -63,7 +63,15 @@ RESET_REASONS: tuple[str, ...] = (
 REJECT_DUPLICATE = "duplicate"  # same first sequence number (or timestamp) as the last step
 REJECT_OUT_OF_ORDER = "out_of_order"  # older than what the stream has already run
 REJECT_CAPACITY = "capacity"  # max_streams streams are all in use by this very call
-ADMIT_REJECT_REASONS: tuple[str, ...] = (REJECT_DUPLICATE, REJECT_OUT_OF_ORDER, REJECT_CAPACITY)
+# Further ahead than max_seq_jump: a forger's number, not a gap. Refused without touching
+# the stream, so its real sender goes on (see StorePolicy.max_seq_jump).
+REJECT_SEQ_JUMP = "seq_jump"
+ADMIT_REJECT_REASONS: tuple[str, ...] = (
+    REJECT_DUPLICATE,
+    REJECT_OUT_OF_ORDER,
+    REJECT_CAPACITY,
+    REJECT_SEQ_JUMP,
+)
 # Not a rejection: the stream already has a step in the current wave; admit it in the next.
 REPEAT = "_repeat"
 
@@ -85,6 +93,12 @@ class StorePolicy:
     seq_gap_tolerance: int = 0
     ts_gap_tolerance_s: float | None = None
     initial_capacity: int = 1024
+    # A step whose seq is more than this ahead of the next one expected is refused
+    # (seq_jump) rather than taken as a gap: one forged number near 2**62 would otherwise
+    # reset the stream and lock its real sender out as out_of_order. A sender that really
+    # renumbers publishes its reset topic first (or the stream expires after
+    # idle_timeout_s). None: any jump is a gap (the old behaviour).
+    max_seq_jump: int | None = 10_000
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
@@ -97,6 +111,8 @@ class StorePolicy:
             raise ConfigError("ts_gap_tolerance_s: must be >= 0 (or unset)")
         if self.initial_capacity < 1:
             raise ConfigError("initial_capacity: must be >= 1")
+        if self.max_seq_jump is not None and self.max_seq_jump < self.seq_gap_tolerance:
+            raise ConfigError("max_seq_jump: must be >= seq_gap_tolerance (or unset)")
 
 
 class Stream:
@@ -307,6 +323,8 @@ class StateStore:
         # The policy as plain numbers for admit(): "never" is infinity.
         self._idle = math.inf if policy.idle_timeout_s is None else policy.idle_timeout_s
         self._seq_tol = policy.seq_gap_tolerance
+        jump = policy.max_seq_jump
+        self._seq_jump = MAX_SEQ if jump is None else jump
         tol = policy.ts_gap_tolerance_s
         self._ts_tol = math.inf if tol is None else tol
         self.last: Stream | None = None  # the stream admit() admitted last
@@ -502,6 +520,9 @@ class StateStore:
                     self.call_rejects += 1
                     return REJECT_DUPLICATE if seq == last_seq else REJECT_OUT_OF_ORDER
                 if seq - nxt > self._seq_tol:
+                    if seq - nxt > self._seq_jump:
+                        self.call_rejects += 1
+                        return REJECT_SEQ_JUMP
                     reset = RESET_SEQ_GAP
             if ts is not None and last_ts == last_ts:  # NaN: no timestamp yet
                 if seq is None and ts <= last_ts:

@@ -22,6 +22,7 @@ if [ "$profile" = dev ]; then
   command -v systemd-analyze >/dev/null || need+=(systemd)
   command -v npm >/dev/null || need+=(nodejs npm)  # Grafana's schema types (tests/deploy)
   dpkg -s libportaudio2 >/dev/null 2>&1 || need+=(libportaudio2)
+  command -v chromium >/dev/null || need+=(chromium)  # headless: the status page's test
 fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -26,6 +26,7 @@ from pipeline.config import STREAM, OutputConfig
 from pipeline.engine import Rejected, Result
 from pipeline.metrics import Metrics
 from pipeline.mqtt import Link
+from pipeline.status import LastPredictions
 
 NON_FINITE_OUTPUT = "non_finite_output"
 # Engine rejections that are routine, not worth an error report: QoS 1 redelivers.
@@ -36,6 +37,14 @@ QUEUE_FULL = "client_queue_full"  # mqtt.max_queued_out messages already wait
 PUBLISH_FAILURES: dict[MQTTErrorCode, str] = {
     MQTTErrorCode.MQTT_ERR_QUEUE_SIZE: QUEUE_FULL,
 }
+
+
+ECHO_LIMIT = 200  # characters of a peer's topic, stream id or detail echoed in a report
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """At most ``limit`` characters of ``text``, saying how long it was when cut."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
 class ErrorReporter:
@@ -75,11 +84,13 @@ class ErrorReporter:
                 self._metrics.errors_suppressed.inc()
                 return
             self._tokens -= 1.0
-        doc = {"reason": reason, "detail": detail}
+        # What a peer chose (its topic, its stream id) is echoed clipped: a report must
+        # not amplify a hostile 64 KiB topic into every consumer of the error topic.
+        doc = {"reason": reason, "detail": clip(detail)}
         if topic:
-            doc["topic"] = topic
+            doc["topic"] = clip(topic)
         if stream:
-            doc["stream"] = stream
+            doc["stream"] = clip(stream)
         self._link.publish(self._topic, json.dumps(doc).encode(), qos=0)
 
 
@@ -124,8 +135,11 @@ class PredictionSink:
         errors: ErrorReporter,
         policy: PublishPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        last: LastPredictions | None = None,
     ) -> None:
+        """``last``: where each stream's last published prediction is kept for /status."""
         self._link = link
+        self._last = last
         self._encoder = encoder
         self._prefix, self._suffix = cfg.topic.split(STREAM)
         self._qos = cfg.qos
@@ -173,6 +187,8 @@ class PredictionSink:
                 continue
             published += 1
             observe(self._clock() - r.step.received)
+            if self._last is not None:
+                self._last.record(stream, payload, r.step.received)
             if classify:
                 self._metrics.on_label(label)
         if published:

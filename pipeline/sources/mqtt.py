@@ -12,12 +12,23 @@ the broker redelivers them to the next session (persistent sessions) instead of 
 daemon losing them during shutdown. With an :class:`~pipeline.acks.AckLedger` a queued
 step's acknowledgement (and a reset's) waits for the checkpoint that covers it, so not
 even a crash loses it; a rejected message is acknowledged at once either way.
+
+Anyone allowed to publish here may be hostile, so every path ends in a counted
+rejection with a reason, never a traceback: a stream id longer than
+``input.max_stream_id_bytes`` (``stream_id_too_long``: ids are state keys and topics),
+a retained message (``retained``: the broker would replay it at every resubscribe, a
+stale reading or reset out of time), a reset closer than ``input.reset_min_interval_s``
+to the stream's last one (``reset_rate_limited``), and even a bug of ours
+(``internal_error``, one log line per minute at most). Each data message is counted
+once as received and once as either rejected here or queued for the engine (a
+reset message too: ``reset_requests`` counts those apart).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -28,13 +39,25 @@ from pipeline.engine import Step
 from pipeline.errors import PayloadError
 from pipeline.metrics import Metrics
 from pipeline.mqtt import Link, Message
-from pipeline.sinks.mqtt import ErrorReporter
+from pipeline.sinks.mqtt import ErrorReporter, clip
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_TOPIC = "unknown_topic"
 QUEUE_FULL = "queue_full"
-REASONS: tuple[str, ...] = (UNKNOWN_TOPIC, QUEUE_FULL)
+STREAM_ID_TOO_LONG = "stream_id_too_long"
+RETAINED = "retained"
+RESET_RATE_LIMITED = "reset_rate_limited"
+INTERNAL_ERROR = "internal_error"
+REASONS: tuple[str, ...] = (
+    UNKNOWN_TOPIC,
+    QUEUE_FULL,
+    STREAM_ID_TOO_LONG,
+    RETAINED,
+    RESET_RATE_LIMITED,
+    INTERNAL_ERROR,
+)
+LOG_EVERY_S = 60.0  # unexpected errors: at most one log line per this many seconds
 
 
 class Intake(Protocol):
@@ -66,7 +89,9 @@ class MqttSource:
         errors: ErrorReporter,
         clock: Callable[[], float] = time.monotonic,
         acks: AckLedger | None = None,
+        max_tracked: int = 10_000,
     ) -> None:
+        """``max_tracked``: streams whose last reset time is kept (engine.max_streams)."""
         self._link = link
         self._acks = acks
         self._decoder = decoder
@@ -75,6 +100,14 @@ class MqttSource:
         self._errors = errors
         self._clock = clock
         self._open = True
+        self._max_id = cfg.max_stream_id_bytes
+        self._reset_gap = cfg.reset_min_interval_s
+        # Last reset time of recent streams, oldest first; as long as the state's own
+        # stream limit, so a flood of reset topics cannot grow it.
+        self._last_reset: OrderedDict[str, float] = OrderedDict()
+        self._max_tracked = max_tracked
+        self._log_after = -LOG_EVERY_S
+        self._unlogged = 0
         self._data_filter, self._data_level = topic_filter(cfg.topic)
         link.subscribe(self._data_filter, cfg.qos, self._on_data)
         if cfg.reset_topic is not None:
@@ -92,33 +125,39 @@ class MqttSource:
             return
         self._metrics.received.inc()
         try:
-            stream = _level(msg.topic, self._data_level)
-            if stream is None:
-                self._reject(UNKNOWN_TOPIC, msg.topic, "empty stream id level")
-            else:
+            stream = self._stream(msg, self._data_level)
+            if stream is not None:
                 step = self._decoder.decode(stream, msg.payload, received)
                 if not self._intake.submit(step):
                     if not self._open:
                         return  # refused because we are stopping: the next session gets it
                     self._reject(QUEUE_FULL, msg.topic, "queue full; step dropped, stream reset")
-                elif self._acks is not None and msg.qos == 1:
-                    self._acks.hold(msg.mid)
-                    return
+                else:
+                    self._metrics.queued.inc()
+                    if self._acks is not None and msg.qos == 1:
+                        self._acks.hold(msg.mid)
+                        return
         except PayloadError as exc:
             self._reject(exc.reason, msg.topic, exc.detail)
-        except Exception:  # a bug here must not stall the broker's delivery to us
-            log.exception("mqtt source: unexpected error on %r", msg.topic)
+        except Exception as exc:  # a bug here must not stall the broker's delivery to us
+            self._unexpected(msg, exc)
         self._link.ack(msg.mid, msg.qos)
 
     def _on_reset(self, msg: Message) -> None:
         if not self._open:
             return
-        stream = _level(msg.topic, self._reset_level)
-        if stream is not None:
-            self._intake.submit_reset(stream)
-            if self._acks is not None and msg.qos == 1:
-                self._acks.hold(msg.mid)
-                return
+        self._metrics.received.inc()
+        self._metrics.reset_requests.inc()
+        try:
+            stream = self._stream(msg, self._reset_level)
+            if stream is not None and self._reset_allowed(stream, msg.topic):
+                self._intake.submit_reset(stream)
+                self._metrics.queued.inc()
+                if self._acks is not None and msg.qos == 1:
+                    self._acks.hold(msg.mid)
+                    return
+        except Exception as exc:
+            self._unexpected(msg, exc)
         self._link.ack(msg.mid, msg.qos)
 
     def _on_unknown(self, msg: Message) -> None:
@@ -127,6 +166,62 @@ class MqttSource:
         self._metrics.received.inc()
         self._reject(UNKNOWN_TOPIC, msg.topic, "matches no configured topic")
         self._link.ack(msg.mid, msg.qos)
+
+    def _stream(self, msg: Message, level: int) -> str | None:
+        """The message's stream id, or None when the message is refused (and counted)."""
+        if msg.retain:
+            self._reject(RETAINED, msg.topic, "retained messages are not sensor input")
+            return None
+        stream = _level(msg.topic, level)
+        if stream is None:
+            self._reject(UNKNOWN_TOPIC, msg.topic, "empty stream id level")
+            return None
+        # Characters never outnumber UTF-8 bytes, and a byte is at most 4 characters'
+        # worth: encode only ids that might be too long.
+        if len(stream) * 4 > self._max_id and len(stream.encode()) > self._max_id:
+            self._reject(
+                STREAM_ID_TOO_LONG,
+                msg.topic,
+                f"stream id of {len(stream.encode())} bytes > {self._max_id}",
+            )
+            return None
+        return stream
+
+    def _reset_allowed(self, stream: str, topic: str) -> bool:
+        now = self._clock()
+        seen = self._last_reset
+        last = seen.pop(stream, None)
+        if last is not None and now - last < self._reset_gap:
+            seen[stream] = last  # the window runs from the last reset that was let through
+            self._reject(
+                RESET_RATE_LIMITED,
+                topic,
+                f"reset {now - last:.3f} s after the last; at most one per "
+                f"{self._reset_gap:g} s per stream",
+            )
+            return False
+        seen[stream] = now
+        if len(seen) > self._max_tracked:
+            seen.popitem(last=False)
+        return True
+
+    def _unexpected(self, msg: Message, exc: Exception) -> None:
+        """A bug of ours, triggered by some message: counted, one line a minute at most."""
+        self._metrics.on_reject(INTERNAL_ERROR)
+        now = self._clock()
+        if now < self._log_after:
+            self._unlogged += 1
+            return
+        self._log_after = now + LOG_EVERY_S
+        log.error(
+            "mqtt source: unexpected %s on a message of %d bytes (%s); %d more since the last "
+            "such line",
+            type(exc).__name__,
+            len(msg.payload),
+            clip(str(exc)),
+            self._unlogged,
+        )
+        self._unlogged = 0
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:
         self._metrics.on_reject(reason)

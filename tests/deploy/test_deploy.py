@@ -21,6 +21,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pipeline import app, config, service
+from pipeline.contract import TASKS
 from pipeline.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +45,7 @@ def test_promtool_accepts_the_scrape_config_and_the_rules() -> None:
     assert "1 rule files found" in checked.stdout
     rules = run("promtool", "check", "rules", str(PROM / "rules" / "seqstream.rules.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 10 rules found" in rules.stdout
+    assert "SUCCESS: 11 rules found" in rules.stdout
 
 
 def test_promtool_rule_unit_tests_pass() -> None:
@@ -54,18 +55,23 @@ def test_promtool_rule_unit_tests_pass() -> None:
 
 
 def exported_names() -> set[str]:
-    """Every sample name the daemon's registry exports, built as app.build builds it."""
-    metrics = Metrics(
-        CollectorRegistry(),
-        reject_reasons=app.REJECT_REASONS,
-        reset_reasons=("idle",),
-        reload_results=service.RELOAD_RESULTS,
-        exit_results=service.EXIT_RESULTS,
-    )
-    metrics.set_model(name="m", version="1", provider="CPUExecutionProvider", opset=17)
-    metrics.set_labels(("a", "b"))
-    text = generate_latest(metrics.registry).decode()
-    return {m.group(1) for m in re.finditer(r"^(\w+)[{ ]", text, re.MULTILINE)}
+    """Every sample name the daemon's registry exports for some model task, built as
+    app.build builds it (each task exports its own metrics)."""
+    names: set[str] = set()
+    for task in TASKS:
+        metrics = Metrics(
+            CollectorRegistry(),
+            reject_reasons=app.REJECT_REASONS,
+            reset_reasons=("idle",),
+            reload_results=service.RELOAD_RESULTS,
+            exit_results=service.EXIT_RESULTS,
+        )
+        metrics.set_model(name="m", version="1", provider="CPUExecutionProvider", opset=17)
+        metrics.set_task(task)
+        metrics.set_labels(("a", "b"))
+        text = generate_latest(metrics.registry).decode()
+        names |= {m.group(1) for m in re.finditer(r"^(\w+)[{ ]", text, re.MULTILINE)}
+    return names
 
 
 def names_in(text: str) -> set[str]:

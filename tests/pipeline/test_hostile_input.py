@@ -154,6 +154,65 @@ def test_json_numbers_arrive_as_the_float32_the_sensor_meant(
     assert step.seq == seq
 
 
+BIG = 1 << 20  # a decoder whose payload limit lets 64 KiB strings reach the parser
+BIG_DEC = Decoder(F, max_payload_bytes=BIG, max_steps=8)
+HUGE_INTS = st.integers(-(2**200), 2**200) | st.sampled_from(
+    [2**62 - 1, 2**62, 2**63, 2**64 - 1, 2**64, 2**64 + 1, -(2**63) - 1, 10**400, -(10**400)]
+)
+LONG_TEXT = st.integers(0, 70_000).map(lambda n: "x" * n) | st.text(max_size=8)
+ANY_VALUE = HUGE_INTS | st.floats() | LONG_TEXT | st.none() | st.booleans()
+
+
+def _huge_json(seq: Any, ts: Any, values: Any) -> bytes:
+    return json.dumps({"seq": seq, "ts": ts, "values": values}).encode()
+
+
+HUGE_PAYLOADS = (
+    st.builds(
+        _huge_json,
+        ANY_VALUE,
+        ANY_VALUE,
+        st.lists(ANY_VALUE, min_size=1, max_size=F) | st.lists(st.lists(ANY_VALUE, max_size=F)),
+    )
+    # beyond Python's 4300-digit int parsing limit, and beyond 64 KiB of digits
+    | st.integers(4000, 70_000).map(lambda n: b'{"seq":1,"ts":' + b"9" * n + b',"values":[1]}')
+    | st.integers(4000, 70_000).map(lambda n: b'{"values":[' + b"9" * n + b"]}")
+    | st.integers(1, 70_000).map(lambda n: b'{"values":' + b"[" * n + b"]" * n + b"}")
+)
+
+
+@FUZZ
+@given(payload=HUGE_PAYLOADS)
+def test_numbers_and_strings_of_any_size_are_a_rejection_with_a_reason(payload: bytes) -> None:
+    """Integers far beyond 2**64, strings beyond 64 KiB, any nesting: a Step or a reason."""
+    try:
+        step = BIG_DEC.decode("s", payload)
+    except PayloadError as exc:
+        assert exc.reason in codecs.REASONS
+        assert exc.detail and "\n" not in exc.detail and len(exc.detail) < 200
+        return
+    assert step.values.dtype == np.float32 and step.values.shape[1] == F
+    assert step.seq is None or 0 <= step.seq < 2**62
+    assert step.ts is None or math.isfinite(step.ts)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b'{"seq": 3, "ts": 1' + b"0" * 400 + b', "values": [1,2,3,4,5,6]}', "bad_ts"),
+        (b'{"seq": 3, "ts": -1' + b"0" * 400 + b', "values": [1,2,3,4,5,6]}', "bad_ts"),
+        (b'{"seq": 1' + b"0" * 400 + b', "values": [1,2,3,4,5,6]}', "bad_seq"),
+        (b'{"seq": 18446744073709551616, "values": [1,2,3,4,5,6]}', "bad_seq"),
+        (b'{"values": [1' + b"0" * 400 + b",2,3,4,5,6]}", "bad_shape"),
+        (b'{"values": [1' + b"0" * 5000 + b",2,3,4,5,6]}", "malformed_json"),
+    ],
+)
+def test_the_reported_overflows_are_rejections(payload: bytes, reason: str) -> None:
+    with pytest.raises(PayloadError) as err:
+        BIG_DEC.decode("s", payload)
+    assert err.value.reason == reason
+
+
 # -- model metadata ------------------------------------------------------------------------
 
 
@@ -418,11 +477,19 @@ LEVEL = st.text(max_size=4) | st.sampled_from(["", "+", "#", "v0", "sensors", "d
 TOPICS = st.lists(LEVEL, min_size=1, max_size=5).map("/".join) | st.builds(
     "sensors/{}/data".format, LEVEL
 )
+TOPICS = (
+    TOPICS
+    | st.builds("sensors/{}/reset".format, LEVEL)
+    | st.integers(100, 70_000).map(lambda n: f"sensors/{'y' * n}/data")
+    | st.integers(100, 70_000).map(lambda n: f"sensors/{'y' * n}/reset")
+)
 PAYLOADS = (
     st.binary(max_size=64)
     | st.sampled_from(_valid_messages())
     | st.builds(lambda seq: codecs.encode_json(np.ones(F, np.float32), seq), st.integers(0, 9))
+    | HUGE_PAYLOADS
 )
+SOURCE_REASONS = {*codecs.REASONS, *source_mqtt.REASONS}
 
 
 class Collect:
@@ -449,16 +516,22 @@ def lstm(random_model_path: Any) -> StepModel:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(
-    hostile=st.lists(st.tuples(TOPICS, PAYLOADS, st.integers(0, 2)), max_size=25),
+    hostile=st.lists(st.tuples(TOPICS, PAYLOADS, st.integers(0, 2), st.booleans()), max_size=25),
     order=st.randoms(use_true_random=False),
 )
 def test_hostile_messages_never_raise_out_of_the_source_nor_change_other_streams(
-    lstm: StepModel, hostile: list[tuple[str, bytes, int]], order: Any
+    lstm: StepModel, hostile: list[tuple[str, bytes, int, bool]], order: Any
 ) -> None:
+    """...and every message is counted once: received == rejected at the source + queued,
+    and every queued data step comes out of the engine as a result or a rejection."""
     victims = {f"sensors/{k}/data" for k in VICTIMS}
-    for topic, payload, _ in hostile:  # garbage may go to a victim's topic, data may not
-        if topic in victims:
-            assume(isinstance(decode_or_reason(payload), str))
+    for topic, payload, _, retain in hostile:  # garbage may go to a victim's topic, data not
+        if topic in victims and not retain:
+            assume(isinstance(_decoded(payload), str))
+        assume(topic not in {f"sensors/{k}/reset" for k in VICTIMS})
+        # A broker never delivers a topic name with a wildcard (MQTT forbids them in a
+        # PUBLISH); paho's router would hand a literal "+" level to a handler twice.
+        assume("+" not in topic and "#" not in topic)
     link = Link(MqttConfig(client_id="fuzz"))  # never connected: acks and reports go nowhere
     metrics = Metrics(
         CollectorRegistry(), reject_reasons=app.REJECT_REASONS, reset_reasons=RESET_REASONS
@@ -468,18 +541,18 @@ def test_hostile_messages_never_raise_out_of_the_source_nor_change_other_streams
     worker = Worker(Engine(lstm, EngineSettings(max_chunk=8)), sink, max_queue=1000)
     MqttSource(  # subscribes its handlers on the link
         link,
-        Decoder(F, max_payload_bytes=4096, max_steps=8),
+        BIG_DEC,
         worker,
-        InputConfig(),
+        InputConfig(reset_min_interval_s=3600.0),
         metrics=metrics,
         errors=errors,
     )
     good = [
-        (f"sensors/{k}/data", codecs.encode_json(v[t], t), 1)
+        (f"sensors/{k}/data", codecs.encode_json(v[t], t), 1, False)
         for k, v in VICTIMS.items()
         for t in range(len(v))
     ]
-    arrivals: list[tuple[str, bytes, int]] = []
+    arrivals: list[tuple[str, bytes, int, bool]] = []
     pending = {k: [m for m in good if m[0] == f"sensors/{k}/data"] for k in VICTIMS}
     pool = list(hostile)
     while pool or any(pending.values()):
@@ -490,21 +563,29 @@ def test_hostile_messages_never_raise_out_of_the_source_nor_change_other_streams
             arrivals.append(pending[order.choice(live)].pop(0))
     worker.start()
     try:
-        for mid, (topic, payload, qos) in enumerate(arrivals, 1):
+        for mid, (topic, payload, qos, retain) in enumerate(arrivals, 1):
             msg = paho.MQTTMessage(mid=mid, topic=topic.encode())
-            msg.payload, msg.qos = payload, qos
+            msg.payload, msg.qos, msg.retain = payload, qos, retain
             link.client._handle_on_message(msg)  # paho's own routing to the source's handlers
-        want = sum(len(v) for v in VICTIMS.values())
+        # what the source must have let through: data it decodes, first resets per stream
+        queued_data = sum(_reaches_engine(t, p, r) for t, p, _, r in arrivals)
+        reset_ids = [_stream_id(t) for t, _, _, r in arrivals if _is_reset(t) and not r]
+        queued_resets = len({k for k in reset_ids if k})
         with sink.cv:
-            assert sink.cv.wait_for(
-                lambda: (
-                    sum(isinstance(r, Result) and r.step.stream in VICTIMS for r in sink.results)
-                    >= want
-                ),
-                timeout=20,
-            )
+            assert sink.cv.wait_for(lambda: len(sink.results) >= queued_data, timeout=20)
     finally:
         worker.stop(drain=True, timeout=10)
+    received = _value(metrics.received)
+    queued = _value(metrics.queued)
+    at_source = sum(
+        s.value
+        for s in metrics.rejected.collect()[0].samples
+        if s.name.endswith("_total") and s.labels["reason"] in SOURCE_REASONS
+    )
+    assert received == len(arrivals)
+    assert received == at_source + queued
+    assert queued == queued_data + queued_resets
+    assert len(sink.results) == queued_data
     for key, values in VICTIMS.items():
         got = [r for r in sink.results if isinstance(r, Result) and r.step.stream == key]
         assert [r.step.seq for r in got] == list(range(len(values)))
@@ -517,6 +598,40 @@ def test_hostile_messages_never_raise_out_of_the_source_nor_change_other_streams
     rejected = metrics.rejected.collect()[0].samples
     assert all(s.labels["reason"] in app.REJECT_REASONS for s in rejected)
     assert {*source_mqtt.REASONS} <= {*app.REJECT_REASONS}
+
+
+def _value(counter: Any) -> float:
+    return float(next(s.value for s in counter.collect()[0].samples if s.name.endswith("_total")))
+
+
+def _stream_id(topic: str) -> str | None:
+    """The id the source takes from a sensors/{stream}/... topic, None when it refuses it."""
+    levels = topic.split("/")
+    sid = levels[1] if len(levels) > 1 else ""
+    return sid if sid and len(sid.encode()) <= InputConfig().max_stream_id_bytes else None
+
+
+def _reaches_engine(topic: str, payload: bytes, retain: bool) -> bool:
+    filt, _ = topic_filter(InputConfig().topic)
+    return (
+        not retain
+        and paho.topic_matches_sub(filt, topic)
+        and _stream_id(topic) is not None
+        and not isinstance(_decoded(payload), str)
+    )
+
+
+def _is_reset(topic: str) -> bool:
+    filt, _ = topic_filter(InputConfig().reset_topic or "")
+    return paho.topic_matches_sub(filt, topic)
+
+
+def _decoded(payload: bytes) -> Any:
+    """The step ``BIG_DEC`` makes of ``payload``, or the reason it refuses it."""
+    try:
+        return BIG_DEC.decode("s", payload)
+    except PayloadError as exc:
+        return exc.reason
 
 
 def test_nan_and_datetime_values_in_config_are_named(tmp_path: Path) -> None:

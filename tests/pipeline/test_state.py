@@ -24,6 +24,7 @@ from pipeline.state import (
     RESET_MODEL_CHANGE,
     RESET_SEQ_GAP,
     RESET_TS_GAP,
+    REJECT_SEQ_JUMP,
     TWINS,
     Layout,
     StateStore,
@@ -247,6 +248,52 @@ def test_sequence_gap_beyond_tolerance_resets(tolerance: int, gap: int, reset: s
     assert store.wave_resets.get("a", "") == reset
 
 
+@pytest.mark.parametrize("forged", [1 + 101, 2**62 - 2])
+def test_a_forged_jump_is_refused_without_touching_the_stream(forged: int) -> None:
+    """One forged seq far ahead must not reset the stream nor lock its sender out."""
+    store, resets = store_with(max_seq_jump=100)
+    admit(store, "a", seq=0)
+    st = store.get("a")
+    assert st is not None
+    before = (st.next_seq, st.last_seq, st.mark, st.last_seen, st.last_ts)
+    assert admit(store, "a", seq=forged, now=1.0) == REJECT_SEQ_JUMP
+    assert (st.next_seq, st.last_seq, st.mark, st.last_seen, st.last_ts) == before
+    assert not store.wave_resets and resets.counts == {}
+    assert isinstance(admit(store, "a", seq=1, now=2.0), int)  # the real sender goes on
+    assert not store.wave_resets and st.next_seq == 2
+
+
+def test_a_jump_within_the_bound_is_a_gap() -> None:
+    store, _ = store_with(max_seq_jump=100)
+    admit(store, "a", seq=0)
+    assert isinstance(admit(store, "a", seq=1 + 100), int)
+    assert store.wave_resets == {"a": RESET_SEQ_GAP}
+
+
+def test_without_a_bound_any_jump_is_a_gap() -> None:
+    store, _ = store_with(max_seq_jump=None)
+    admit(store, "a", seq=0)
+    assert isinstance(admit(store, "a", seq=2**62 - 2), int)
+    assert store.wave_resets == {"a": RESET_SEQ_GAP}
+
+
+def test_a_sensor_that_restarts_its_numbering_recovers_by_its_reset_or_idleness() -> None:
+    """The documented ways back for a sender whose seq restarts (or leaps): a reset
+    request forgets the stream's numbers at once; without one the idle timeout does."""
+    store, _ = store_with(idle_timeout_s=60.0, max_seq_jump=100)
+    admit(store, "a", seq=5000, now=0.0)
+    assert admit(store, "a", seq=0, now=1.0) == REJECT_OUT_OF_ORDER  # restarted at 0
+    assert store.reset("a", RESET_EXPLICIT, forget_sequence=True)
+    assert isinstance(admit(store, "a", seq=0, now=2.0), int)
+    assert not store.wave_resets
+    # a leap ahead after an outage, no reset request: refused until the stream is idle
+    assert admit(store, "a", seq=10**6, now=30.0) == REJECT_SEQ_JUMP
+    assert isinstance(admit(store, "a", seq=10**6, now=62.5), int)
+    assert store.wave_resets == {"a": RESET_IDLE}
+    st = store.get("a")
+    assert st is not None and st.next_seq == 10**6 + 1
+
+
 def test_timestamps_order_steps_without_sequence_numbers() -> None:
     store, _ = store_with()
     admit(store, "a", ts=5.0)
@@ -300,7 +347,7 @@ def test_admit_many_decides_exactly_like_admit_one_by_one(
     """The inlined plain case of admit_many must never drift from admit: same answers,
     same per-stream bookkeeping, same LRU order, same resets reported."""
     policy = {"max_streams": 4, "initial_capacity": 2, "idle_timeout_s": 5.0,
-              "seq_gap_tolerance": 2, "ts_gap_tolerance_s": 3.0}  # fmt: skip
+              "seq_gap_tolerance": 2, "ts_gap_tolerance_s": 3.0, "max_seq_jump": 5}  # fmt: skip
     one, one_resets = store_with(**policy)
     many, many_resets = store_with(**policy)
     many.plain_min = 2  # the array path for every call it can take
@@ -332,7 +379,7 @@ def test_a_stream_lent_twin_rows_is_admitted_exactly_like_one_at_home(
     """While lent twin rows a stream's numbers live in a list (the lone stream's fast
     path); decisions, numbers, LRU order and evictions must not notice."""
     policy = {"max_streams": 4, "initial_capacity": 2, "idle_timeout_s": 5.0,
-              "seq_gap_tolerance": 1, "ts_gap_tolerance_s": 3.0}  # fmt: skip
+              "seq_gap_tolerance": 1, "ts_gap_tolerance_s": 3.0, "max_seq_jump": 4}  # fmt: skip
     home, home_resets = store_with(**policy)
     lent, lent_resets = store_with(**policy)
     now = 0.0
@@ -446,6 +493,7 @@ def test_reset_all_relays_rows_for_new_specs() -> None:
         {"seq_gap_tolerance": -1},
         {"ts_gap_tolerance_s": -1.0},
         {"initial_capacity": 0},
+        {"seq_gap_tolerance": 5, "max_seq_jump": 4},
     ],
 )
 def test_bad_policy_is_a_config_error(policy: dict[str, object]) -> None:

@@ -1,0 +1,123 @@
+"""``seqstream info MODEL.onnx``: what a sensor must send to a model, and what comes back.
+
+A sensor author has only the ONNX file; its metadata (:mod:`pipeline.contract`) already
+says everything, but as JSON meant for machines. This prints it for people: the task,
+the features in the order a payload lists them (with units when training knew them),
+the sample rate, labels or targets and horizon, the carried state per stream, and an
+example payload built from the model's own normalisation means (plausible raw values).
+``--json`` prints the same as one JSON object for tools.
+
+The model is loaded as the daemon loads it (:meth:`pipeline.model.StepModel.load`), so a
+file that ``info`` describes is one ``run`` accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.contract import ModelSpec
+
+# Where training records feature units (``models.train``): extra["units"][feature] = unit.
+UNITS_KEY = "units"
+_FLOAT_BYTES = 4
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "info",
+        help="describe an ONNX step model: features, rate, outputs, an example payload",
+        description="Print what a sensor must send to MODEL (features in payload order, "
+        "units, sample rate) and what the daemon publishes back (labels or forecast "
+        "targets and horizon, anomaly threshold), the state carried per stream, and an "
+        "example input payload.",
+    )
+    p.add_argument("model", type=Path, help="MODEL.onnx written by 'seqstream export'")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.set_defaults(func=run)
+
+
+def describe(spec: ModelSpec) -> dict[str, Any]:
+    """The model as a JSON-ready document (what ``--json`` prints)."""
+    units = spec.extra.get(UNITS_KEY, {})
+    units = units if isinstance(units, dict) else {}
+    state = [
+        {
+            "name": s.name,
+            "shape": list(s.row_shape),
+            "bytes": _FLOAT_BYTES * math.prod(s.row_shape),
+        }
+        for s in spec.state
+    ]
+    doc: dict[str, Any] = {
+        "name": spec.name,
+        "version": spec.version,
+        "task": spec.task,
+        "cell": f"{spec.cell} x{spec.layers}, hidden {spec.hidden}",
+        "features": [
+            {"index": i, "name": f, "unit": units.get(f) if isinstance(units.get(f), str) else None}
+            for i, f in enumerate(spec.features)
+        ],
+        "sample_rate_hz": spec.sample_rate_hz,
+        "state": state,
+        "state_bytes_per_stream": sum(s["bytes"] for s in state),
+        "example_payload": example_payload(spec),
+    }
+    if spec.task == "classify":
+        doc["labels"] = list(spec.labels)
+    if spec.task in ("forecast", "seq2seq"):
+        doc["targets"] = list(spec.targets)
+        doc["horizon"] = spec.horizon
+    if spec.task in ("anomaly", "seq2seq"):
+        doc["window"] = spec.window
+    if spec.task == "anomaly":
+        doc["threshold"] = spec.threshold
+    if spec.frontend is not None:
+        doc["frontend"] = dict(spec.frontend)
+    return doc
+
+
+def example_payload(spec: ModelSpec) -> str:
+    """One JSON step the daemon accepts: the training means, in feature order."""
+    values = [float(f"{m:.4g}") for m in spec.normalisation.mean]
+    return json.dumps({"seq": 0, "ts": 1718000000.0, "values": values})
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The document as the lines a person reads."""
+    rate = doc["sample_rate_hz"]
+    lines = [
+        f"model:       {doc['name']} {doc['version']}",
+        f"task:        {doc['task']} ({doc['cell']})",
+        f"sample rate: {f'{rate:g} Hz' if rate else 'not recorded'}",
+        f"features:    {len(doc['features'])}, in payload order:",
+    ]
+    width = max(len(f["name"]) for f in doc["features"])
+    for f in doc["features"]:
+        unit = f" [{f['unit']}]" if f["unit"] else ""
+        lines.append(f"  {f['index']:>3}  {f['name']:<{width}}{unit}")
+    if "labels" in doc:
+        lines.append(f"labels:      {', '.join(doc['labels'])}")
+    if "targets" in doc:
+        lines.append(f"targets:     {', '.join(doc['targets'])}")
+        lines.append(f"horizon:     {doc['horizon']} steps")
+    if "window" in doc:
+        lines.append(f"window:      {doc['window']} steps")
+    if "threshold" in doc:
+        lines.append(f"threshold:   {doc['threshold']:.6g} (score above it: anomaly)")
+    shapes = ", ".join(f"{s['name']} {'x'.join(map(str, s['shape']))}" for s in doc["state"])
+    lines.append(f"state:       {shapes} ({doc['state_bytes_per_stream']} bytes per stream)")
+    lines.append(f"example:     {doc['example_payload']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.model import StepModel
+
+    model = StepModel.load(args.model, ["cpu"], 1)
+    doc = describe(model.spec)
+    print(json.dumps(doc, indent=2) if args.json else render(doc))
+    return 0
