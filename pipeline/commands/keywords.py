@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
     g.add_argument("--out", type=Path, required=True, help="output directory")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
-        "--per-class", type=int, default=300, help="training clips per class (unknown: twice)"
+        "--per-class", type=int, default=200, help="training clips per class (unknown: twice)"
     )
     g.add_argument("--test-per-class", type=int, default=30, help="test clips per class")
     g.add_argument("--workers", type=int, default=4, help="espeak-ng processes at once")
