@@ -141,6 +141,7 @@ def build(
         spec.n_features,
         max_payload_bytes=settings.input.max_payload_bytes,
         max_steps=settings.engine.max_chunk,
+        features=spec.features,
     )
     ckpt = settings.checkpoint
     acks = AckLedger(link, ckpt.max_unacked) if ckpt.ack_after_checkpoint else None

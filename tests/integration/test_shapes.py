@@ -1,0 +1,79 @@
+"""Payload and topic shapes through a real mosquitto and the real daemon.
+
+Named-field payloads and nested topic templates must give each stream exactly its
+offline stepwise run (:func:`pipeline.evaluation.run_stepwise`), as positional
+payloads on ``sensors/{stream}/data`` do (tests/integration/test_daemon.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.model import StepModel
+from tests.integration.broker import Broker, wait_until
+from tests.integration.conftest import Collector, daemon_config, publisher, running_daemon
+from tests.integration.test_daemon import check_stream, metric, oracle
+
+NAMES = tuple(f"f{i}" for i in range(6))  # conftest's model_path names its features so
+
+
+def test_named_payloads_give_the_offline_predictions(
+    broker: Broker, model_path: Path, tmp_path: Path
+) -> None:
+    assert StepModel.load(model_path).spec.features == NAMES
+    rng = np.random.default_rng(18)
+    cases = [rng.normal(size=(12, 6)).astype(np.float32) for _ in range(4)]
+    expected = oracle(model_path, cases)
+    doc = daemon_config(tmp_path, model_path, broker.port, "named-test")
+    preds = Collector(broker.port, "predictions/#")
+    errors = Collector(broker.port, "seqstream/named-test/errors")
+    sent: dict[str, list[int]] = {}
+    with running_daemon(doc, tmp_path) as daemon, publisher(broker.port) as pub:
+        for i, case in enumerate(cases):
+            stream, seqs = f"n{i}", sent.setdefault(f"n{i}", [])
+            row = 0
+            while row < len(case):
+                t = 1 + (row + i) % 3  # 1-3 rows a message
+                rows = case[row : row + t]
+                order = rng.permutation(6)  # keys in any order
+                if t == 1 and i % 2:  # one number per feature
+                    values: Any = {NAMES[j]: float(rows[0, j]) for j in order}
+                else:  # one column per feature
+                    values = {NAMES[j]: rows[:, j].tolist() for j in order}
+                if i == 3 and row % 2:  # positional and named mixed on one stream
+                    values = rows.tolist()
+                payload = json.dumps({"seq": row, "values": values}).encode()
+                pub.publish(f"sensors/{stream}/data", payload)
+                seqs.append(row + len(rows) - 1)
+                row += t
+        bad = {
+            "missing_feature": {"f0": 1, "f1": 2},
+            "unknown_feature": {**dict.fromkeys(NAMES, 0.5), "f6": 1},
+        }
+        for values in bad.values():
+            pub.publish("sensors/n0/data", json.dumps({"seq": 99, "values": values}).encode())
+        n_msgs = sum(len(s) for s in sent.values())
+        messages = preds.take(n_msgs)
+        reports = [json.loads(p) for _, p, _ in errors.take(2)]
+        for reason in bad:
+            wait_until(
+                lambda r=reason: (
+                    metric(daemon, "seqstream_messages_rejected_total", {"reason": r}) == 1
+                ),
+                10,
+                f"{reason} counted",
+            )
+        assert preds.quiet(0.3) == []
+    by_stream: dict[str, list[dict[str, Any]]] = {}
+    for topic, payload, _ in messages:
+        by_stream.setdefault(topic.split("/")[1], []).append(json.loads(payload))
+    for i in range(len(cases)):
+        check_stream(by_stream[f"n{i}"], expected[i], sent[f"n{i}"])
+    assert sorted(r["reason"] for r in reports) == sorted(bad)
+    assert all(r["topic"] == "sensors/n0/data" for r in reports)
+    for c in (preds, errors):
+        c.close()
