@@ -67,12 +67,24 @@ class Intake(Protocol):
     def submit_reset(self, stream: str) -> None: ...
 
 
-def topic_filter(template: str) -> tuple[str, int]:
-    """The subscription filter of an input template and the level holding the stream id."""
+def topic_filter(template: str) -> tuple[str, tuple[int, ...]]:
+    """The subscription filter of an input template and the levels holding the stream id
+    (``{stream}`` levels become ``+``; the template's own ``+`` levels stay wildcards)."""
     levels = template.split("/")
-    index = levels.index(STREAM)
-    levels[index] = "+"
-    return "/".join(levels), index
+    index = tuple(i for i, level in enumerate(levels) if level == STREAM)
+    return "/".join("+" if i in index else level for i, level in enumerate(levels)), index
+
+
+def stream_id(topic: str, levels: tuple[int, ...]) -> str | None:
+    """The stream id in ``topic``: its ``levels`` joined by ``/``; None if one is empty
+    (``+`` matches an empty level) or the topic is too short (a stale subscription's)."""
+    parts = topic.split("/")
+    if len(parts) <= levels[-1]:
+        return None
+    if len(levels) == 1:  # the common case: no list, no join
+        return parts[levels[0]] or None
+    picked = [parts[i] for i in levels]
+    return "/".join(picked) if all(picked) else None
 
 
 class MqttSource:
@@ -108,10 +120,10 @@ class MqttSource:
         self._max_tracked = max_tracked
         self._log_after = -LOG_EVERY_S
         self._unlogged = 0
-        self._data_filter, self._data_level = topic_filter(cfg.topic)
+        self._data_filter, self._data_levels = topic_filter(cfg.topic)
         link.subscribe(self._data_filter, cfg.qos, self._on_data)
         if cfg.reset_topic is not None:
-            reset_filter, self._reset_level = topic_filter(cfg.reset_topic)
+            reset_filter, self._reset_levels = topic_filter(cfg.reset_topic)
             link.subscribe(reset_filter, cfg.qos, self._on_reset)
         link.on_other(self._on_unknown)
 
@@ -125,7 +137,7 @@ class MqttSource:
             return
         self._metrics.received.inc()
         try:
-            stream = self._stream(msg, self._data_level)
+            stream = self._stream(msg, self._data_levels)
             if stream is not None:
                 step = self._decoder.decode(stream, msg.payload, received)
                 if not self._intake.submit(step):
@@ -149,7 +161,7 @@ class MqttSource:
         self._metrics.received.inc()
         self._metrics.reset_requests.inc()
         try:
-            stream = self._stream(msg, self._reset_level)
+            stream = self._stream(msg, self._reset_levels)
             if stream is not None and self._reset_allowed(stream, msg.topic):
                 self._intake.submit_reset(stream)
                 self._metrics.queued.inc()
@@ -167,12 +179,12 @@ class MqttSource:
         self._reject(UNKNOWN_TOPIC, msg.topic, "matches no configured topic")
         self._link.ack(msg.mid, msg.qos)
 
-    def _stream(self, msg: Message, level: int) -> str | None:
+    def _stream(self, msg: Message, levels: tuple[int, ...]) -> str | None:
         """The message's stream id, or None when the message is refused (and counted)."""
         if msg.retain:
             self._reject(RETAINED, msg.topic, "retained messages are not sensor input")
             return None
-        stream = _level(msg.topic, level)
+        stream = stream_id(msg.topic, levels)
         if stream is None:
             self._reject(UNKNOWN_TOPIC, msg.topic, "empty stream id level")
             return None
@@ -226,9 +238,3 @@ class MqttSource:
     def _reject(self, reason: str, topic: str, detail: str) -> None:
         self._metrics.on_reject(reason)
         self._errors.report(reason, detail, topic=topic)
-
-
-def _level(topic: str, index: int) -> str | None:
-    levels = topic.split("/")
-    stream = levels[index] if index < len(levels) else ""
-    return stream or None

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import codecs
 from pipeline.model import StepModel
 from tests.integration.broker import Broker, wait_until
 from tests.integration.conftest import Collector, daemon_config, publisher, running_daemon
@@ -75,5 +76,70 @@ def test_named_payloads_give_the_offline_predictions(
         check_stream(by_stream[f"n{i}"], expected[i], sent[f"n{i}"])
     assert sorted(r["reason"] for r in reports) == sorted(bad)
     assert all(r["topic"] == "sensors/n0/data" for r in reports)
+    for c in (preds, errors):
+        c.close()
+
+
+def test_nested_templates_join_stream_levels_and_ignore_plus_levels(
+    broker: Broker, model_path: Path, tmp_path: Path
+) -> None:
+    """``fleet/+/site/{stream}/dev/{stream}/telemetry``: device 7 at two sites is two
+    streams (``a/7``, ``b/7``); the gateway level (``+``) is not part of the id, so a
+    device that moves to another gateway keeps its state."""
+    rng = np.random.default_rng(5)
+    cases = {sid: rng.normal(size=(10, 6)).astype(np.float32) for sid in ("a/7", "b/7", "a/8")}
+    expected = oracle(model_path, list(cases.values()))
+    doc = daemon_config(
+        tmp_path,
+        model_path,
+        broker.port,
+        "nested-test",
+        input={
+            "topic": "fleet/+/site/{stream}/dev/{stream}/telemetry",
+            "reset_topic": "fleet/+/site/{stream}/dev/{stream}/reset",
+            "max_stream_id_bytes": 16,
+        },
+    )
+    preds = Collector(broker.port, "predictions/#")
+    errors = Collector(broker.port, "seqstream/nested-test/errors")
+    with running_daemon(doc, tmp_path) as daemon, publisher(broker.port) as pub:
+        for row in range(10):
+            for sid, case in cases.items():
+                site, dev = sid.split("/")
+                gateway = "gw1" if row < 5 else "gw2"  # half way the devices move
+                topic = f"fleet/{gateway}/site/{site}/dev/{dev}/telemetry"
+                pub.publish(topic, codecs.encode_json(case[row], row, None))
+        by_stream: dict[str, list[dict[str, Any]]] = {}
+        for topic, payload, _ in preds.take(30):
+            by_stream.setdefault(topic.removeprefix("predictions/"), []).append(json.loads(payload))
+        for i, sid in enumerate(cases):
+            check_stream(by_stream[sid], expected[i], list(range(10)))
+
+        # a reset names the same joined id: only a/7 starts afresh
+        pub.publish("fleet/gw9/site/a/dev/7/reset", b"")
+        wait_until(
+            lambda: metric(daemon, "seqstream_state_resets_total", {"reason": "explicit"}) == 1,
+            10,
+            "the reset of a/7",
+        )
+        pub.publish("fleet/gw1/site/a/dev/7/telemetry", codecs.encode_json(cases["a/7"][0], 0))
+        pub.publish("fleet/gw1/site/b/dev/7/telemetry", codecs.encode_json(cases["b/7"][0], 10))
+        fresh = {t.removeprefix("predictions/"): json.loads(p) for t, p, _ in preds.take(2)}
+        np.testing.assert_allclose(
+            list(fresh["a/7"]["probs"].values()), expected[0][0], atol=1e-5, rtol=0
+        )
+        assert fresh["a/7"]["resets"] == ["explicit"] and fresh["a/7"]["seq"] == 0
+        assert fresh["b/7"]["seq"] == 10 and "resets" not in fresh["b/7"]  # b/7 untouched
+
+        # an empty id level, and a joined id past input.max_stream_id_bytes
+        pub.publish("fleet/gw1/site//dev/7/telemetry", codecs.encode_json(cases["a/8"][0], 0))
+        long_topic = f"fleet/gw1/site/{'s' * 9}/dev/{'d' * 9}/telemetry"  # 19 bytes joined
+        pub.publish(long_topic, codecs.encode_json(cases["a/8"][0], 0))
+        reports = [json.loads(p) for _, p, _ in errors.take(2)]
+        assert sorted(r["reason"] for r in reports) == ["stream_id_too_long", "unknown_topic"]
+        for reason in ("unknown_topic", "stream_id_too_long"):
+            assert metric(daemon, "seqstream_messages_rejected_total", {"reason": reason}) == 1
+        assert preds.quiet(0.3) == []
+        assert metric(daemon, "seqstream_active_streams") == 3
     for c in (preds, errors):
         c.close()
