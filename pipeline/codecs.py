@@ -165,15 +165,26 @@ class Decoder:
             values, seq, ts = self._json(payload)
         return Step(stream, values, seq, ts, received)
 
-    def _json(self, payload: bytes | bytearray) -> tuple[Array, int | None, float | None]:
+    def channel(self, payload: bytes | bytearray) -> tuple[int, float | None, float]:
+        """One channel's reading (``seq``, ``ts``, ``value``) for :mod:`pipeline.channels`:
+        ``{"seq": 17, "ts": 1718000000.25, "value": 21.5}``; ``seq`` is required, as it
+        is what puts the channels of one step together."""
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadError(OVERSIZED, f"{len(payload)} bytes > {self.max_payload_bytes}")
+        doc = _object(payload)
+        seq, ts = _seq_ts(doc)
+        if seq is None:
+            raise PayloadError(BAD_SEQ, "a channel message needs 'seq' (it joins the channels)")
+        value = doc.get("value")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise PayloadError(BAD_SHAPE, "'value' must be a number")
         try:
-            doc = json.loads(payload)
-        except json.JSONDecodeError as exc:
-            raise PayloadError(MALFORMED_JSON, _json_problem(exc)) from None
-        except (ValueError, RecursionError):  # UnicodeDecodeError; nesting past the stack
-            raise PayloadError(MALFORMED_JSON, "not a UTF-8 JSON document") from None
-        if not isinstance(doc, dict):
-            raise PayloadError(MALFORMED_JSON, "not a JSON object")
+            return seq, ts, float(value)
+        except OverflowError:  # a 400-digit integer
+            raise PayloadError(BAD_SHAPE, "'value' must be a float32 number") from None
+
+    def _json(self, payload: bytes | bytearray) -> tuple[Array, int | None, float | None]:
+        doc = _object(payload)
         seq = doc.get("seq")
         if seq is not None and (
             not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < MAX_SEQ
@@ -359,6 +370,40 @@ class PredictionEncoder:
         if self._output == "score":
             return int(self._flags(float(result.output("score").max())))
         return 0
+
+
+def _object(payload: bytes | bytearray) -> dict[str, Any]:
+    """The payload as a JSON object, or the reason it is not one."""
+    try:
+        doc = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise PayloadError(MALFORMED_JSON, _json_problem(exc)) from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError; nesting past the stack
+        raise PayloadError(MALFORMED_JSON, "not a UTF-8 JSON document") from None
+    if not isinstance(doc, dict):
+        raise PayloadError(MALFORMED_JSON, "not a JSON object")
+    return doc
+
+
+def _seq_ts(doc: dict[str, Any]) -> tuple[int | None, float | None]:
+    """A channel message's ``seq`` and ``ts``, checked as :meth:`Decoder._json` checks them."""
+    seq = doc.get("seq")
+    if seq is not None and (
+        not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < MAX_SEQ
+    ):
+        raise PayloadError(BAD_SEQ, "'seq' must be an integer in 0..2**62-1")
+    ts = doc.get("ts")
+    if ts is None:
+        return seq, None
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        raise PayloadError(BAD_TS, "'ts' must be a finite number")
+    try:
+        ts = float(ts)
+    except OverflowError:
+        raise PayloadError(BAD_TS, "'ts' must be a finite number") from None
+    if not math.isfinite(ts):
+        raise PayloadError(BAD_TS, "'ts' must be a finite number")
+    return seq, ts
 
 
 def _names(names: Sequence[str]) -> str:

@@ -53,6 +53,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 STREAM = "{stream}"
+CHANNEL = "{channel}"  # per-channel input: the level naming one of the model's features
 CLIENT_ID = "{client_id}"
 PROTOCOLS: tuple[str, ...] = ("3.1.1", "5")
 OVERFLOW: tuple[str, ...] = ("block", "drop")
@@ -152,6 +153,10 @@ class InputConfig:
     max_stream_id_bytes: int = 128
     # A stream's reset requests closer together than this are refused (reset_rate_limited).
     reset_min_interval_s: float = 1.0
+    # One topic per feature (pipeline.channels): a template with {stream} and {channel};
+    # None: off. Steps waiting for a channel, per stream, before the oldest is dropped.
+    channel_topic: str | None = None
+    channel_max_pending: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,9 +462,22 @@ def _input(t: _Table) -> InputConfig:
             t.fail("reset_topic", f"must differ from topic: both match some topics ({topic!r})")
         if reset.split("/").count(STREAM) != topic.split("/").count(STREAM):
             t.fail("reset_topic", f"must have as many {STREAM} levels as topic ({topic!r})")
+    channels = t.opt_text("channel_topic", d.channel_topic) or None  # "": off
+    if channels is not None:
+        levels = channels.split("/")
+        if levels.count(CHANNEL) != 1 or channels.count(CHANNEL) != 1:
+            t.fail("channel_topic", f"must contain {CHANNEL} once, as a whole level")
+        _check_input_topic(t, "channel_topic", channels.replace(CHANNEL, "+"))
+        for other in (topic, reset):
+            if other is not None and _filters_overlap(channels.replace(CHANNEL, "+"), other):
+                t.fail("channel_topic", f"must differ from {other!r}: both match some topics")
+        if reset is not None and channels.count(STREAM) != reset.split("/").count(STREAM):
+            t.fail("channel_topic", f"must have as many {STREAM} levels as reset_topic")
     cfg = InputConfig(
         topic=topic,
         reset_topic=reset,
+        channel_topic=channels,
+        channel_max_pending=t.integer("channel_max_pending", d.channel_max_pending, lo=1, hi=4096),
         qos=t.integer("qos", d.qos, lo=0, hi=2),
         max_payload_bytes=t.integer("max_payload_bytes", d.max_payload_bytes, lo=16, hi=256 << 20),
         max_stream_id_bytes=t.integer(

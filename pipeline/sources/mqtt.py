@@ -33,8 +33,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pipeline.acks import AckLedger
+from pipeline.channels import INCOMPLETE_STEP, UNKNOWN_CHANNEL, Assembler
 from pipeline.codecs import Decoder
-from pipeline.config import STREAM, InputConfig
+from pipeline.config import CHANNEL, STREAM, InputConfig
 from pipeline.engine import Step
 from pipeline.errors import PayloadError
 from pipeline.metrics import Metrics
@@ -102,8 +103,10 @@ class MqttSource:
         clock: Callable[[], float] = time.monotonic,
         acks: AckLedger | None = None,
         max_tracked: int = 10_000,
+        channels: Assembler | None = None,
     ) -> None:
-        """``max_tracked``: streams whose last reset time is kept (engine.max_streams)."""
+        """``max_tracked``: streams whose last reset time is kept (engine.max_streams);
+        ``channels``: joins ``input.channel_topic`` readings into steps (when set)."""
         self._link = link
         self._acks = acks
         self._decoder = decoder
@@ -125,6 +128,13 @@ class MqttSource:
         if cfg.reset_topic is not None:
             reset_filter, self._reset_levels = topic_filter(cfg.reset_topic)
             link.subscribe(reset_filter, cfg.qos, self._on_reset)
+        self._channels = channels if cfg.channel_topic is not None else None
+        if self._channels is not None and cfg.channel_topic is not None:
+            self._channel_level = cfg.channel_topic.split("/").index(CHANNEL)
+            channel_filter, self._channel_levels = topic_filter(
+                cfg.channel_topic.replace(CHANNEL, "+")
+            )
+            link.subscribe(channel_filter, cfg.qos, self._on_channel)
         link.on_other(self._on_unknown)
 
     def close(self) -> None:
@@ -155,6 +165,48 @@ class MqttSource:
             self._unexpected(msg, exc)
         self._link.ack(msg.mid, msg.qos)
 
+    def _on_channel(self, msg: Message) -> None:
+        """One feature's reading: acknowledged at once (a step waiting for its other
+        channels is not covered by ``ack_after_checkpoint``)."""
+        received = self._clock()
+        if not self._open:
+            return
+        self._metrics.received.inc()
+        try:
+            stream = self._stream(msg, self._channel_levels)
+            if stream is not None:
+                self._channel(msg, stream, received)
+        except PayloadError as exc:
+            self._reject(exc.reason, msg.topic, exc.detail)
+        except Exception as exc:
+            self._unexpected(msg, exc)
+        self._link.ack(msg.mid, msg.qos)
+
+    def _channel(self, msg: Message, stream: str, received: float) -> None:
+        assembler = self._channels
+        assert assembler is not None  # only subscribed with one
+        name = msg.topic.split("/")[self._channel_level]
+        feature = assembler.channel_index(name)
+        if feature is None:
+            self._reject(UNKNOWN_CHANNEL, msg.topic, f"{name[:64]!r} is not one of the features")
+            return
+        seq, ts, value = self._decoder.channel(msg.payload)
+        out = assembler.add(stream, feature, seq, ts, value, received)
+        if out.dropped:
+            for _ in range(out.dropped):
+                self._metrics.on_reject(out.dropped_as)
+            self._errors.report(
+                out.dropped_as, f"{out.dropped} reading(s) dropped (seq {seq})", topic=msg.topic
+            )
+        for step in out.steps:
+            readings = step.values.shape[1]  # one per feature made this step
+            if self._intake.submit(step):
+                self._metrics.queued.inc(readings)
+            elif self._open:
+                for _ in range(readings):
+                    self._metrics.on_reject(QUEUE_FULL)
+                self._errors.report(QUEUE_FULL, "queue full; step dropped", topic=msg.topic)
+
     def _on_reset(self, msg: Message) -> None:
         if not self._open:
             return
@@ -163,6 +215,9 @@ class MqttSource:
         try:
             stream = self._stream(msg, self._reset_levels)
             if stream is not None and self._reset_allowed(stream, msg.topic):
+                if self._channels is not None:  # the stream restarts: so do its steps
+                    for _ in range(self._channels.reset(stream)):
+                        self._metrics.on_reject(INCOMPLETE_STEP)
                 self._intake.submit_reset(stream)
                 self._metrics.queued.inc()
                 if self._acks is not None and msg.qos == 1:

@@ -143,3 +143,77 @@ def test_nested_templates_join_stream_levels_and_ignore_plus_levels(
         assert metric(daemon, "seqstream_active_streams") == 3
     for c in (preds, errors):
         c.close()
+
+
+def test_one_topic_per_channel_is_assembled_into_the_offline_steps(
+    broker: Broker, model_path: Path, tmp_path: Path
+) -> None:
+    """``sensors/{stream}/ch/{channel}``: six readings with one ``seq`` make a step,
+    whatever order they arrive in; a step missing a channel is dropped and counted once
+    ``channel_max_pending`` steps wait behind it, and its stream restarts at the gap as
+    after any lost message."""
+    rng = np.random.default_rng(9)
+    cases = {sid: rng.normal(size=(8, 6)).astype(np.float32) for sid in ("c0", "c1")}
+    expected = oracle(model_path, list(cases.values()))
+    gap = rng.normal(size=(4, 6)).astype(np.float32)
+    (after_gap,) = oracle(model_path, [gap[2:]])  # a fresh state from the step after the gap
+    doc = daemon_config(
+        tmp_path,
+        model_path,
+        broker.port,
+        "channel-test",
+        input={"channel_topic": "sensors/{stream}/ch/{channel}", "channel_max_pending": 2},
+    )
+    preds = Collector(broker.port, "predictions/#")
+    errors = Collector(broker.port, "seqstream/channel-test/errors")
+
+    def reading(sid: str, j: int, seq: int, value: float) -> tuple[str, bytes]:
+        payload = json.dumps({"seq": seq, "ts": 100.0 + seq, "value": value}).encode()
+        return f"sensors/{sid}/ch/{NAMES[j]}", payload
+
+    with running_daemon(doc, tmp_path) as daemon, publisher(broker.port) as pub:
+        messages = [
+            reading(sid, j, seq, float(case[seq, j]))
+            for seq in range(8)
+            for sid, case in cases.items()
+            for j in range(6)
+        ]
+        # shuffled within windows of two steps: channels of seq t and t+1 interleave
+        # (channel_max_pending = 2 lets seq t+1 wait for seq t's last channel)
+        for start in range(0, len(messages), 24):
+            window = messages[start : start + 24]
+            for k in rng.permutation(len(window)):
+                pub.publish(*window[k])
+        by_stream: dict[str, list[dict[str, Any]]] = {}
+        for topic, payload, _ in preds.take(16):
+            by_stream.setdefault(topic.split("/")[1], []).append(json.loads(payload))
+        for i, sid in enumerate(cases):
+            got = sorted(by_stream[sid], key=lambda p: p["seq"])
+            check_stream(got, expected[i], list(range(8)))
+            assert [p["ts"] for p in got] == [100.0 + s for s in range(8)]
+
+        # stream g: seq 1 never gets its f3; seq 2 waits behind it, and when seq 3 starts
+        # (a third waiting step) seq 1 is dropped and 2 and 3 go on
+        for seq in range(4):
+            for j in range(6):
+                if (seq, j) != (1, 3):
+                    pub.publish(*reading("g", j, seq, float(gap[seq, j])))
+        pub.publish("sensors/g/ch/f9", b'{"seq": 3, "value": 1}')
+        got_g = [json.loads(p) for _, p, _ in preds.take(3)]
+        assert [p["seq"] for p in got_g] == [0, 2, 3]
+        assert got_g[1]["resets"] == ["seq_gap"] and "resets" not in got_g[2]
+        got = np.array([list(p["probs"].values()) for p in got_g[1:]])
+        np.testing.assert_allclose(got, after_gap, atol=1e-5, rtol=0)
+        reasons = sorted(json.loads(p)["reason"] for _, p, _ in errors.take(2))
+        assert reasons == ["incomplete_step", "unknown_channel"]
+        assert (
+            metric(daemon, "seqstream_messages_rejected_total", {"reason": "incomplete_step"}) == 5
+        )
+        assert (
+            metric(daemon, "seqstream_messages_rejected_total", {"reason": "unknown_channel"}) == 1
+        )
+        # every reading counted once: queued with its step, or rejected
+        queued = metric(daemon, "seqstream_messages_queued_total")
+        assert metric(daemon, "seqstream_messages_received_total") == queued + 6 == 2 * 48 + 24
+    for c in (preds, errors):
+        c.close()

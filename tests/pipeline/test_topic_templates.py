@@ -82,3 +82,23 @@ def test_a_reset_template_beside_a_nested_one_is_accepted(tmp_path: Path) -> Non
     topic = "fleet/gw/site/a/dev/7/reset"
     assert paho.topic_matches_sub(reset, topic) and not paho.topic_matches_sub(data, topic)
     assert stream_id(topic, reset_levels) == "a/7" == stream_id(topic, levels)
+
+
+def test_a_channel_template_is_checked_like_the_others(tmp_path: Path) -> None:
+    cfg = parse_input(tmp_path, channel_topic="site/+/{stream}/ch/{channel}", reset_topic="")
+    assert cfg.channel_topic == "site/+/{stream}/ch/{channel}" and cfg.channel_max_pending == 16
+    assert parse_input(tmp_path, channel_topic="").channel_topic is None
+    refused = {
+        "sensors/{stream}/ch": "must contain {channel} once",
+        "sensors/{stream}/ch{channel}": "must contain {channel} once",
+        "sensors/{stream}/{channel}": "must differ from 'sensors/{stream}/data'",
+        "s/{stream}/{stream}/{channel}": "must have as many {stream} levels as reset_topic",
+        "s/#/{stream}/{channel}": "must not contain MQTT wildcards",
+    }
+    for template, message in refused.items():
+        with pytest.raises(ConfigError, match="input.channel_topic: " + _literal(message)):
+            parse_input(tmp_path, channel_topic=template)
+
+
+def _literal(text: str) -> str:
+    return text.replace("{", r"\{").replace("}", r"\}").replace("+", r"\+")
