@@ -363,10 +363,8 @@ class Member:
         await asyncio.gather(*(self._lose(o) for o in expired))
         unwanted = [o for p, o in self.owned.items() if p not in want]
         await asyncio.gather(*(self._release(o, REBALANCE) for o in unwanted))
-        for p in sorted(want - self.owned.keys()):
-            if self.should_exit.is_set():
-                return
-            await self._acquire(p)
+        if not self.should_exit.is_set():  # in parallel: one slow takeover delays no other
+            await asyncio.gather(*(self._acquire(p) for p in sorted(want - self.owned.keys())))
 
     def _valid(self, o: Owned) -> bool:
         return self.clock() - o.renewed_at < self.cfg.lease_ttl_s * (1 - LEASE_MARGIN)
@@ -590,15 +588,16 @@ class Member:
                 await self._process(o, msgs)
 
     async def _check_consumer(self, o: Owned, *, force: bool = False) -> None:
-        """Re-create the consumer from ``applied + 1`` when it is gone."""
+        """Re-create the consumer from ``applied + 1`` when it is gone or stalled."""
         if not force and o.sub is not None:
             try:
-                await o.sub.consumer_info()
-                return
-            except nats.js.errors.NotFoundError:
+                info = await o.sub.consumer_info()
+                if not info.num_pending:
+                    return  # idle because there is no input
+                # Input waits, yet fetches came back empty: the consumer is stalled (its
+                # placement lost quorum when a server died).
+            except Exception:  # gone (its server died) or unreachable: make a new one
                 pass
-            except Exception:
-                return  # cannot tell now; try again later
         try:
             await self._subscribe(o)
             log.info("partition %d: consumer re-created at %d", o.partition, o.applied + 1)

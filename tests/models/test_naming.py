@@ -113,7 +113,7 @@ def test_info_prints_what_training_recorded(named_model: Path) -> None:
     assert "mase" in proc.stdout.lower()
 
     text = seqstream("info", str(named_model)).stdout
-    assert "sample rate: 10 Hz" in text
+    assert "sample rate: 10 Hz (a step every 0.1 s)" in text
     rows = [ln.split() for ln in text.splitlines() if ln.startswith("  ")]
     assert rows == [["0", "temp", "[C]"], ["1", "hum", "[%]"]]  # payload order, with units
     assert "horizon:     2 steps" in text
