@@ -154,6 +154,7 @@ def build(
             spec.features,
             max_pending=settings.input.channel_max_pending,
             max_streams=settings.engine.max_streams,
+            max_seq_jump=settings.engine.max_seq_jump,
         )
     source = MqttSource(
         link,

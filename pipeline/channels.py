@@ -17,9 +17,14 @@ prediction on data that never existed. So one lost reading delays its stream by
 counted, until it comes back.
 
 A reading for a step already emitted (or dropped), or the same channel twice for one
-step, is a ``duplicate``. Runs on the MQTT network thread only (no locks). Memory is
-bounded: ``max_pending`` steps for each of at most ``max_streams`` streams, the least
-recently heard stream's waiting steps dropped (counted) for a new one.
+step, is a ``duplicate``; one more than ``max_seq_jump`` ahead of the stream's last
+step is a ``seq_jump``, refused without touching the stream (as the engine does), so a
+forged far-ahead reading cannot make the real sender's readings duplicates. A sensor
+that restarts its ``seq`` at 0 sends a reset first, as for whole-step messages.
+
+Runs on the MQTT network thread only (no locks). Memory is bounded: ``max_pending``
+steps for each of at most ``max_streams`` streams, the least recently heard stream's
+waiting steps dropped (counted) for a new one.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.engine import Step
+from pipeline.state import REJECT_SEQ_JUMP
 
 INCOMPLETE_STEP = "incomplete_step"
 UNKNOWN_CHANNEL = "unknown_channel"
@@ -71,8 +77,17 @@ NOTHING = Outcome()
 class Assembler:
     """Joins per-channel readings of each stream into steps (see module doc)."""
 
-    def __init__(self, features: Sequence[str], *, max_pending: int, max_streams: int) -> None:
+    def __init__(
+        self,
+        features: Sequence[str],
+        *,
+        max_pending: int,
+        max_streams: int,
+        max_seq_jump: int | None = None,
+    ) -> None:
+        """``max_seq_jump``: ``engine.max_seq_jump`` (None: off)."""
         self._index = {name: i for i, name in enumerate(features)}
+        self._max_jump = max_seq_jump
         self._n = len(features)
         self._max_pending = max_pending
         self._max_streams = max_streams
@@ -97,6 +112,8 @@ class Assembler:
             self._streams.move_to_end(stream)
         if seq <= state.done:  # never for a new stream (done is -1, seq >= 0)
             return Outcome(dropped=1, dropped_as=DUPLICATE)
+        if self._max_jump is not None and state.done >= 0 and seq > state.done + self._max_jump:
+            return Outcome(dropped=1, dropped_as=REJECT_SEQ_JUMP)
         step = state.pending.get(seq)
         if step is None:
             step = state.pending[seq] = _Pending(

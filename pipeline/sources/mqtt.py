@@ -1,7 +1,10 @@
 """Sensor messages from MQTT into the engine's queue.
 
-Runs on paho's network thread: take the stream id from the topic, decode the payload
-(:mod:`pipeline.codecs`), hand the step to the worker, acknowledge the message. A bad
+Runs on paho's network thread: take the stream id from the topic (its ``{stream}``
+levels, joined by ``/`` when there are several), decode the payload
+(:mod:`pipeline.codecs`), hand the step to the worker, acknowledge the message.
+Per-channel readings (``input.channel_topic``) are joined into steps by
+:mod:`pipeline.channels` first, and acknowledged on arrival. A bad
 message is counted by reason and reported on the error topic; it never reaches the
 queue or any stream's state. With ``overflow = "block"`` a full queue blocks this
 thread, which stops reading the socket, so the broker holds the backlog (TCP

@@ -95,6 +95,17 @@ def test_a_dead_channel_keeps_at_most_max_pending_steps() -> None:
     assert [s.seq for s in a.add("s", 1, 7, None, 1.0, 0).steps] == [7, 8, 9]
 
 
+def test_a_forged_far_ahead_reading_is_refused_without_touching_the_stream() -> None:
+    a = Assembler(NAMES, max_pending=4, max_streams=8, max_seq_jump=100)
+    a.add("s", 0, 0, None, 1.0, 0)
+    a.add("s", 1, 0, None, 1.0, 0)
+    for j in range(2):  # a whole forged step far ahead
+        out = a.add("s", j, 10**9, None, 1.0, 0)
+        assert out.steps == () and (out.dropped, out.dropped_as) == (1, "seq_jump")
+    a.add("s", 0, 1, None, 1.0, 0)
+    assert [s.seq for s in a.add("s", 1, 1, None, 1.0, 0).steps] == [1]  # the real sender
+
+
 def test_streams_beyond_max_streams_evict_the_least_recent_with_a_count() -> None:
     a = assembler(max_streams=2)
     a.add("a", 0, 0, None, 1.0, 0)
