@@ -150,6 +150,11 @@ class Assembler:
             out.append(Step(stream, step.values, head, step.ts, step.received))
         return tuple(out)
 
+    @property
+    def waiting(self) -> int:
+        """Readings held for steps not yet complete (neither queued nor rejected yet)."""
+        return sum(p.count for st in self._streams.values() for p in st.pending.values())
+
     def reset(self, stream: str) -> int:
         """Forget a stream (its reset topic): the readings dropped with its waiting steps."""
         state = self._streams.pop(stream, None)

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import paho.mqtt.client as paho
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
-from pipeline import codecs
-from pipeline.channels import DUPLICATE, INCOMPLETE_STEP, Assembler
+from pipeline import app, codecs
+from pipeline.channels import DUPLICATE, INCOMPLETE_STEP, REASONS, Assembler
 from pipeline.codecs import Decoder
+from pipeline.config import InputConfig, MqttConfig
+from pipeline.engine import Engine, EngineSettings, Rejected, Result
 from pipeline.errors import PayloadError
+from pipeline.metrics import Metrics
+from pipeline.model import StepModel
+from pipeline.mqtt import Link
+from pipeline.sinks.mqtt import ErrorReporter
+from pipeline.sources import mqtt as source_mqtt
+from pipeline.sources.mqtt import MqttSource
+from pipeline.state import RESET_REASONS
+from pipeline.worker import Worker
 
 NAMES = ("temp", "hum")
 
@@ -169,3 +184,116 @@ def test_any_channel_json_decodes_or_is_refused_with_a_reason(doc: dict[str, obj
         return
     assert type(seq) is int and seq >= 0 and type(value) is float
     assert ts is None or type(ts) is float
+
+
+# -- hostile readings through the source ----------------------------------------------------
+
+F = 6
+FEATURES = tuple(f"f{i}" for i in range(F))  # what export_random names them
+VICTIMS = {
+    f"v{k}": np.random.default_rng(k).normal(size=(5, F)).astype(np.float32) for k in range(2)
+}
+CHANNEL_TOPIC = "sensors/{stream}/ch/{channel}"
+LEVEL = st.sampled_from(["", "v0", "v1", "x", "f0", "f5", "f6", "ch", "sensors", "é"])
+HOSTILE_TOPICS = st.builds("sensors/{}/ch/{}".format, LEVEL, LEVEL) | st.lists(
+    LEVEL, min_size=1, max_size=5
+).map("/".join)
+HOSTILE_PAYLOADS = st.binary(max_size=40) | st.builds(
+    lambda seq, v: json.dumps({"seq": seq, "value": v}).encode(),
+    st.integers(-1, 12) | st.just(10**9),
+    st.floats() | st.integers() | st.booleans() | st.none(),
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    hostile=st.lists(st.tuples(HOSTILE_TOPICS, HOSTILE_PAYLOADS, st.booleans()), max_size=30),
+    order=st.randoms(use_true_random=False),
+)
+def test_hostile_channel_readings_are_counted_and_leave_other_streams_alone(
+    random_model_path: Any, hostile: list[tuple[str, bytes, bool]], order: Any
+) -> None:
+    """Readings in any order, garbage among them: nothing escapes the source, every
+    reading is counted once (rejected, queued with its step, or still waiting), and
+    the victims' steps come out of the engine exactly as their offline run."""
+    for topic, payload, retain in hostile:  # garbage may go to a victim's topic, data not
+        levels = topic.split("/")
+        if len(levels) == 4 and levels[1] in VICTIMS and levels[0] == "sensors" and not retain:
+            assume(_channel_reason(payload) is not None)
+    model = StepModel.load(random_model_path("lstm", "classify"))
+    assert model.spec.features == FEATURES
+    link = Link(MqttConfig(client_id="fuzz"))  # never connected: acks and reports go nowhere
+    metrics = Metrics(
+        CollectorRegistry(), reject_reasons=app.REJECT_REASONS, reset_reasons=RESET_REASONS
+    )
+    errors = ErrorReporter(link, "errors", rate_per_s=1000.0, burst=1000, metrics=metrics)
+    results: list[Result | Rejected] = []
+    cv = threading.Condition()
+
+    def sink(batch: Sequence[Result | Rejected]) -> None:
+        with cv:
+            results.extend(batch)
+            cv.notify_all()
+
+    worker = Worker(Engine(model, EngineSettings(max_chunk=8)), sink, max_queue=1000)
+    # room for all five victim steps to wait: shuffled as they are, none is dropped
+    assembler = Assembler(FEATURES, max_pending=5, max_streams=100, max_seq_jump=100)
+    cfg = InputConfig(channel_topic=CHANNEL_TOPIC, reset_topic=None)
+    MqttSource(link, DEC6, worker, cfg, metrics=metrics, errors=errors, channels=assembler)
+    good = [
+        (f"sensors/{k}/ch/{FEATURES[j]}", json.dumps({"seq": t, "value": float(v[t, j])}), False)
+        for k, v in VICTIMS.items()
+        for t in range(len(v))
+        for j in range(F)
+    ]
+    arrivals = [(t, p if isinstance(p, bytes) else p.encode(), r) for t, p, r in good + hostile]
+    order.shuffle(arrivals)  # channels and steps interleave at will
+    worker.start()
+    try:
+        for mid, (topic, payload, retain) in enumerate(arrivals, 1):
+            msg = paho.MQTTMessage(mid=mid, topic=topic.encode())
+            msg.payload, msg.qos, msg.retain = payload, 1, retain
+            link.client._handle_on_message(msg)  # paho's own routing to the source
+        queued_steps = int(_value(metrics.queued)) // F
+        with cv:
+            assert cv.wait_for(lambda: len(results) >= queued_steps, timeout=20)
+    finally:
+        worker.stop(drain=True, timeout=10)
+    at_source = sum(
+        s.value
+        for s in metrics.rejected.collect()[0].samples
+        if s.name.endswith("_total")
+        and s.labels["reason"] in {*codecs.REASONS, *source_mqtt.REASONS, *REASONS, "duplicate"}
+        and s.labels["reason"] != "non_finite"
+    )
+    assert _value(metrics.received) == len(arrivals)
+    assert _value(metrics.received) == at_source + _value(metrics.queued) + assembler.waiting
+    assert all(
+        s.labels["reason"] in app.REJECT_REASONS for s in metrics.rejected.collect()[0].samples
+    )
+    for key, values in VICTIMS.items():
+        got = [r for r in results if isinstance(r, Result) and r.step.stream == key]
+        assert [r.step.seq for r in got] == list(range(len(values)))
+        want, _ = model.run(values[None], model.initial_state(1))
+        np.testing.assert_allclose(
+            np.stack([r.outputs["probs"][-1] for r in got]), want["probs"][0], atol=1e-5
+        )
+
+
+DEC6 = Decoder(F, max_payload_bytes=4096, max_steps=8, features=FEATURES)
+
+
+def _channel_reason(payload: bytes) -> str | None:
+    try:
+        DEC6.channel(payload)
+    except PayloadError as exc:
+        return exc.reason
+    return None
+
+
+def _value(counter: Any) -> float:
+    return float(next(s.value for s in counter.collect()[0].samples if s.name.endswith("_total")))
