@@ -6,6 +6,9 @@ named ``values`` (one number per feature, and 8 rows as columns), as 8 positiona
 as binary, and as six per-channel messages joined by :class:`pipeline.channels.Assembler`
 (one step's worth); ``ratio`` is each against positional JSON of the same step count.
 The machine's noise moves the absolute numbers; the ratios are what to compare.
+``assembler_worst_mib``: memory (tracemalloc) of the assembler when every one of
+``engine.max_streams`` streams (ids of ``max_stream_id_bytes``) has the default
+``channel_max_pending`` steps waiting for a channel that never comes.
 
     python benchmarks/payload_shapes.py [--number 20000] [--repeat 7]
 """
@@ -15,12 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import timeit
+import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
 
 from pipeline.channels import Assembler
 from pipeline.codecs import Decoder, encode_binary, encode_json
+from pipeline.config import InputConfig
+from pipeline.engine import EngineSettings
 
 NAMES = ("ax", "ay", "az", "gx", "gy", "gz")
 
@@ -65,12 +71,23 @@ def main() -> None:
             assembler.add("s", j, s, ts, value, 0.0)
 
     out["per_channel_6_msgs"] = best_us(per_channel, args.number // 6, args.repeat)
+    worst = InputConfig().channel_max_pending, EngineSettings().max_streams
+    full = Assembler(NAMES, max_pending=worst[0], max_streams=worst[1])
+    tracemalloc.start()
+    for i in range(worst[1]):
+        sid = f"{i:0{InputConfig().max_stream_id_bytes}d}"
+        for s in range(worst[0]):
+            full.add(sid, 0, s, None, 1.0, 0.0)
+    held = tracemalloc.get_traced_memory()[0] / 2**20
+    tracemalloc.stop()
     base = {"named": "positional", "named_8_rows": "positional_8_rows"}
     ratio = {k: round(out[k] / out[base.get(k, "positional")], 3) for k in out}
     doc = {
         "unit": "us per message (per_channel: per step of 6 messages)",
         "us": {k: round(v, 3) for k, v in out.items()},
         "ratio": ratio,
+        "assembler_worst_mib": round(held, 1),
+        "assembler_worst_case": {"streams": worst[1], "max_pending": worst[0], "features": 6},
     }
     print(json.dumps(doc, indent=1))
 

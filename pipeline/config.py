@@ -156,7 +156,7 @@ class InputConfig:
     # One topic per feature (pipeline.channels): a template with {stream} and {channel};
     # None: off. Steps waiting for a channel, per stream, before the oldest is dropped.
     channel_topic: str | None = None
-    channel_max_pending: int = 16
+    channel_max_pending: int = 4
 
 
 @dataclass(frozen=True, slots=True)

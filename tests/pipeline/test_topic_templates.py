@@ -86,7 +86,7 @@ def test_a_reset_template_beside_a_nested_one_is_accepted(tmp_path: Path) -> Non
 
 def test_a_channel_template_is_checked_like_the_others(tmp_path: Path) -> None:
     cfg = parse_input(tmp_path, channel_topic="site/+/{stream}/ch/{channel}", reset_topic="")
-    assert cfg.channel_topic == "site/+/{stream}/ch/{channel}" and cfg.channel_max_pending == 16
+    assert cfg.channel_topic == "site/+/{stream}/ch/{channel}" and cfg.channel_max_pending == 4
     assert parse_input(tmp_path, channel_topic="").channel_topic is None
     refused = {
         "sensors/{stream}/ch": "must contain {channel} once",
