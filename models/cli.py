@@ -68,19 +68,38 @@ def register(sub: Any) -> None:
         help="steps per second, recorded for sensor authors (default: from the time "
         "column's median spacing, or the audio's rate)",
     )
+    c = p.add_argument_group("classification")
+    c.add_argument(
+        "--arch",
+        choices=["auto", "fcn", "rnn"],
+        help="auto (default unless --cell/--hidden/--layers is given): the best of a few "
+        "causal-conv candidates on the validation split, refit on all training cases; "
+        "fcn: the first candidate; rnn: the recurrent stack of --cell/--hidden/--layers",
+    )
+    c.add_argument(
+        "--budget",
+        type=float,
+        help="seconds the classifier search may take at most (default 300); a ceiling: "
+        "the steps trained never depend on the machine's speed",
+    )
+    c.add_argument(
+        "--steps",
+        type=int,
+        help="fcn/auto: optimiser steps of the final fit (default 1200; screening a quarter)",
+    )
     f = p.add_argument_group("forecasting (forecast, seq2seq) and anomaly")
     f.add_argument("--target", dest="targets", nargs="+", help="target columns")
     f.add_argument("--horizon", type=int, help="steps ahead forecast at each step")
     f.add_argument("--season", type=int, help="season length for seasonal-naive/MASE")
-    f.add_argument("--window", type=int, help="training window length (forecast, seq2seq)")
+    f.add_argument("--window", type=int, help="training window length (forecast, seq2seq, anomaly)")
     f.add_argument("--test-fraction", type=float, help="held-out tail")
     f.add_argument(
         "--context",
         type=int,
-        help="steps the model looks back over at every step: the window an anomaly "
-        "model rebuilds, the memory a seq2seq model attends to",
+        help="steps the model looks back over at every step: the steps an anomaly "
+        "model's score is averaged over (default: one period of the training data), "
+        "the memory a seq2seq model attends to",
     )
-    f.add_argument("--pool", type=int, help="anomaly: rebuild means of this many steps")
     f.add_argument(
         "--threshold-quantile",
         type=float,
@@ -143,13 +162,15 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         val_fraction=args.val_fraction,
         name=args.name,
+        arch=args.arch,
+        budget=args.budget,
+        steps=args.steps,
         targets=tuple(args.targets) if args.targets else None,
         horizon=args.horizon,
         season=args.season,
         window=args.window,
         test_fraction=args.test_fraction,
         context=args.context,
-        pool=args.pool,
         threshold_quantile=args.threshold_quantile,
         feature_names=tuple(args.feature_names) if args.feature_names else None,
         sample_rate_hz=args.sample_rate,

@@ -55,8 +55,9 @@ def spec_for(net: SeqNet, meta: dict[str, Any], opset: int = OPSET) -> ModelSpec
     meta = dict(meta)
     if cfg.task in ("anomaly", "seq2seq"):
         meta["window"] = cfg.window
-    if cfg.task == "anomaly":
-        meta["extra"] = {**meta.get("extra", {}), "pool": cfg.pool}
+    if cfg.arch != "rnn":
+        arch = {"arch": cfg.arch, "filters": list(cfg.filters), "kernels": list(cfg.kernels)}
+        meta["extra"] = {**meta.get("extra", {}), **arch}
     return ModelSpec(
         task=cfg.task,
         cell=cfg.cell,
@@ -185,7 +186,6 @@ def export_random(
     n_classes: int = 4,
     horizon: int = 1,
     window: int = 8,
-    pool: int = 1,
     seed: int = 0,
 ) -> ModelSpec:
     """An untrained model under the contract, for tests and benchmarks of the runtime."""
@@ -203,7 +203,6 @@ def export_random(
         mean=tuple(0.1 * i for i in range(n_features)),
         std=tuple(1.0 + 0.1 * i for i in range(n_features)),
         window=window if task in ("anomaly", "seq2seq") else 0,
-        pool=pool if task == "anomaly" else 1,
     )
     net = build(config, seed=seed)
     features = tuple(f"f{i}" for i in range(n_features))

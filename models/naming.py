@@ -5,8 +5,10 @@ A sensor author reads these with ``seqstream info``: ``dim_0 .. dim_5`` says not
 ``.ts`` reader's ``dim_i``) unless ``--feature-names`` gives them; a unit rides in the
 name as ``name[unit]`` either way (``temp[C]``, ``ax [m/s^2]``) and is split off, so
 the model's features are plain names (what ``--target`` refers to) and the units go to
-``extra.units``. The sample rate is the median spacing of the data's time column unless
-``--sample-rate`` gives it; audio data carry theirs in the front end.
+``extra.units``. When a feature's name differs from the CSV column it was read from,
+``extra.columns`` keeps the columns, so ``seqstream eval`` reads the same file again.
+The sample rate is the median spacing of the data's time column unless ``--sample-rate``
+gives it; audio data carry theirs in the front end.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from pipeline.commands.info import COLUMNS_KEY, UNITS_KEY
 from pipeline.datasets import Dataset
 from pipeline.errors import ConfigError, DataError
 
@@ -32,8 +36,9 @@ def split_unit(label: str) -> tuple[str, str | None]:
     return m.group("name"), unit or None
 
 
-def name_features(data: Dataset, given: Sequence[str] = ()) -> tuple[Dataset, dict[str, str]]:
-    """``data`` with plain feature names, and the units found (``{}`` when none).
+def name_features(data: Dataset, given: Sequence[str] = ()) -> tuple[Dataset, dict[str, Any]]:
+    """``data`` with plain feature names, and what ``ModelSpec.extra`` should record:
+    ``units`` (those found) and ``columns`` (the CSV columns, when the names differ).
 
     ``given`` (``--feature-names``) replaces the data's names one for one.
     """
@@ -55,7 +60,10 @@ def name_features(data: Dataset, given: Sequence[str] = ()) -> tuple[Dataset, di
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"feature names repeat once units are split off: {dupes}")
-    return dataclasses.replace(data, features=tuple(names)), units
+    extra: dict[str, Any] = {UNITS_KEY: units} if units else {}
+    if tuple(names) != tuple(data.features) and data.path.suffix.lower() == ".csv":
+        extra[COLUMNS_KEY] = list(data.features)
+    return dataclasses.replace(data, features=tuple(names)), extra
 
 
 def sample_rate(data: Dataset, given: float | None = None) -> float | None:

@@ -8,8 +8,8 @@ training/serving cannot drift apart. Each network also names its state tensors
 (:meth:`SeqNet.state_specs`): the runtime carries them generically, whatever they hold.
 
 * :class:`StepNet` (classify, forecast): core -> linear head at every step.
-* :class:`AnomalyNet` (anomaly): the window of the last W inputs is the carried state;
-  at every step an encoder-decoder reconstructs it and the score is the error.
+* :class:`AnomalyNet` (anomaly): a carried core predicts each next input as a Gaussian;
+  the score is the error in predicted standard deviations, averaged over the last W steps.
 * :class:`Seq2SeqNet` (seq2seq): a carried encoder; the last W encoder outputs are the
   carried state; a decoder with additive attention over them emits H values per step.
 """
@@ -26,6 +26,12 @@ from torch import Tensor, nn
 from pipeline.contract import BATCH, CELLS, TASKS, StateSpec, recurrent_state
 
 State = tuple[Tensor, ...]
+
+# Anomaly: bounds of the predicted log-variance (normalised units; a std of 0.02 to 55)
+# and the cap on one step's raw score, so one wild step cannot outweigh a whole
+# stretch of surprising ones in the smoothed score.
+LOGVAR_MIN, LOGVAR_MAX = -8.0, 8.0
+RAW_CAP = 100.0
 
 _RNNS: dict[str, Callable[..., nn.Module]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 _CELLS: dict[str, Callable[..., nn.Module]] = {
@@ -50,8 +56,12 @@ class NetConfig:
     dropout: float = 0.0
     mean: tuple[float, ...] = field(default_factory=tuple)
     std: tuple[float, ...] = field(default_factory=tuple)
-    window: int = 0  # anomaly: steps reconstructed; seq2seq: steps attended to
-    pool: int = 1  # anomaly: the window is reconstructed as means of `pool` steps
+    window: int = 0  # anomaly: steps the score is averaged over; seq2seq: steps attended to
+    # classify: "rnn" (StepNet) or "fcn" (models.fcn.FCNNet: causal conv blocks of these
+    # filters/kernels, running mean, beside a recurrent branch of `layers` x `hidden`)
+    arch: str = "rnn"
+    filters: tuple[int, ...] = ()
+    kernels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -64,8 +74,10 @@ class NetConfig:
             raise ValueError("a forecaster needs target channels and a horizon >= 1")
         if self.task in ("anomaly", "seq2seq") and self.window < 1:
             raise ValueError(f"task {self.task} needs a window >= 1")
-        if self.pool < 1 or (self.task == "anomaly" and self.window % self.pool):
-            raise ValueError(f"pool must be >= 1 and divide the window ({self.window})")
+        if self.arch not in ("rnn", "fcn") or (self.arch == "fcn") != bool(self.filters):
+            raise ValueError(f"arch {self.arch!r}: 'fcn' needs filters, 'rnn' none")
+        if len(self.filters) != len(self.kernels) or min(self.kernels, default=1) < 1:
+            raise ValueError("filters and kernels must pair up, kernels >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +85,8 @@ class NetConfig:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> NetConfig:
         doc = dict(doc)
-        for key in ("targets", "mean", "std"):
+        doc.pop("pool", None)  # written by the reconstructing anomaly model (before 2026-12)
+        for key in ("targets", "mean", "std", "filters", "kernels"):
             doc[key] = tuple(doc.get(key, ()))
         return cls(**doc)
 
@@ -206,52 +219,60 @@ def sliding(memory: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class AnomalyNet(SeqNet):
-    """Reconstruction of the last W steps at every step; the error is the score.
+    """Predicts each next input as a Gaussian; the score is the surprise, smoothed.
 
-    The window buffer ``win[B, W, F]`` (normalised inputs, 0 = the training mean before
-    a stream has W steps) is the only carried state, so a stream's score depends on its
-    last W inputs alone. At each step the window is averaged over ``pool`` steps (W/pool
-    rows, which keeps the per-step cost and the sharp, jittery detail down), encoded by a
-    recurrent encoder from a zero state, and rebuilt, most recent row first, by a
-    recurrent decoder fed the encoder's last output. ``score`` is the mean squared error
-    in normalised units; the anomaly threshold lives in the metadata, not the graph.
+    A carried recurrent core reads the normalised inputs and at every step predicts the
+    next input's mean and log-variance. When step t arrives, its raw score is the
+    squared error of the prediction made at t-1 in units of the predicted variance
+    (mean over features, capped at :data:`RAW_CAP`), so the steps a normal series makes
+    hard to predict (an ECG's QRS upstroke) count little and a beat where the rhythm
+    says "flat" counts a lot. ``score`` is the mean raw score of the last W steps (W =
+    ``window``, by default one period of the training data): a labelled anomaly is a
+    stretch of rows, and one cycle's mean lets a normal cycle's peaks average out.
+
+    State: the core's ``h`` (``c``), ``pred [B, 1, 2F]`` (the last prediction: mean and
+    log-variance) and ``win [B, W, 1]`` (the last W raw scores, 0 before a stream has
+    W steps); all zeros initially, so a stream's first step is judged against the
+    training mean. The threshold lives in the metadata, not the graph.
     """
-
-    rev: Tensor
 
     def __init__(self, config: NetConfig) -> None:
         super().__init__(config)
         n, h = config.n_features, config.hidden
-        self.rows = config.window // config.pool
-        self.encoder = RecurrentCore(config.cell, n, h, config.layers, config.dropout)
-        self.decoder = RecurrentCore(config.cell, h, h, config.layers, config.dropout)
-        self.head = nn.Linear(h, n)
-        self.register_buffer("rev", torch.arange(self.rows - 1, -1, -1))
+        self.core = RecurrentCore(config.cell, n, h, config.layers, config.dropout)
+        self.head = nn.Linear(h, 2 * n)
 
     def state_specs(self) -> tuple[StateSpec, ...]:
-        shape = (BATCH, self.config.window, self.config.n_features)
-        return (StateSpec("win", "win_out", shape),)
+        cfg = self.config
+        return (
+            *recurrent_state(cfg.cell, cfg.layers, cfg.hidden),
+            StateSpec("pred", "pred_out", (BATCH, 1, 2 * cfg.n_features)),
+            StateSpec("win", "win_out", (BATCH, cfg.window, 1)),
+        )
 
-    def pooled(self, windows: Tensor) -> Tensor:
-        """``[..., W, F]`` -> ``[N, W/pool, F]`` (N = all leading dims)."""
-        f, k = self.config.n_features, self.config.pool
-        return windows.reshape(-1, self.rows, k, f).mean(dim=2)
+    def predict(self, z: Tensor, state: State) -> tuple[Tensor, State]:
+        """Next-step predictions ``[B, T, 2F]`` (mean, clamped log-variance) of normalised
+        inputs ``z``, from the core's state (``state`` without ``pred``/``win``)."""
+        y, new_state = self.core(z, state)
+        out = self.head(y)
+        n = self.config.n_features
+        return torch.cat([out[..., :n], out[..., n:].clamp(LOGVAR_MIN, LOGVAR_MAX)], -1), new_state
 
-    def reconstruct(self, pooled: Tensor) -> Tensor:
-        y, _ = self.encoder.rnn(pooled)
-        latent = y[:, -1:].expand(-1, self.rows, -1)
-        d, _ = self.decoder.rnn(latent)
-        out: Tensor = self.head(d)
-        return out.index_select(1, self.rev)
-
-    def window_errors(self, pooled: Tensor) -> Tensor:
-        """Mean squared reconstruction error of each pooled window ``[N]``."""
-        return (self.reconstruct(pooled) - pooled).pow(2).mean(dim=(1, 2))
+    def raw_scores(self, z: Tensor, previous: Tensor) -> Tensor:
+        """``[B, T, 1]``: each step's squared error against the prediction made the step
+        before (``previous[B, T, 2F]``), in predicted standard deviations, capped."""
+        n = self.config.n_features
+        err = (z - previous[..., :n]).pow(2) * torch.exp(-previous[..., n:])
+        return err.mean(dim=-1, keepdim=True).clamp(max=RAW_CAP)
 
     def outputs(self, x: Tensor, state: State) -> tuple[tuple[Tensor, ...], State]:
-        windows, win = sliding(state[0], self.normalise(x))
-        score = self.window_errors(self.pooled(windows)).reshape(x.shape[0], x.shape[1])
-        return (score,), (win,)
+        *rec, pred, win = state
+        z = self.normalise(x)
+        now, new_rec = self.predict(z, tuple(rec))
+        raw = self.raw_scores(z, torch.cat([pred, now[:, :-1]], dim=1))
+        windows, new_win = sliding(win, raw)
+        score = windows.mean(dim=(2, 3))
+        return (score,), (*new_rec, now[:, -1:], new_win)
 
     def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         (score,), new_state = self.outputs(x, state)
@@ -364,6 +385,10 @@ _NETS: dict[str, Callable[[NetConfig], SeqNet]] = {
 def build(config: NetConfig, seed: int | None = None) -> SeqNet:
     if seed is not None:
         torch.manual_seed(seed)
+    if config.arch == "fcn":
+        from models.fcn import FCNNet  # imports this module
+
+        return FCNNet(config)
     return _NETS[config.task](config)
 
 

@@ -9,14 +9,18 @@ Streaming shapes the losses: a classifier is scored at every step (mostly at the
 so its running prediction is useful before a sequence ends; a forecaster is trained on
 windows with carried context and scored only after a short warm-up; a seq2seq model
 likewise, decoding a sample of positions per window once its attention memory is full;
-an anomaly model on the windows it will score, padded at a series' start exactly as
-the runtime's initial window is, skipping windows that hold labelled anomalies.
-An anomaly model's threshold is a high quantile of its scores on the training part.
+an anomaly model predicts each next step as a Gaussian (negative log-likelihood on
+chunks of the training part free of labelled anomalies, after a warm-up), its score
+averaged over one period of the training data (:func:`dominant_period`) unless
+``--context`` says otherwise. An anomaly model's threshold is a high quantile of its
+scores on the training part.
 
 Defaults differ by task (:data:`TASK_DEFAULTS`, applied by :meth:`TrainConfig.for_task`):
-those of classify/forecast reach 1.0 on BasicMotions and MASE ~0.5 on water flow; the
-anomaly and seq2seq ones are sized for ECG at 360 Hz and hourly data with a daily
-season, and train in well under a minute on 2 cores.
+a classifier is chosen by :mod:`models.search` (causal FCN candidates, ``arch="auto"``)
+unless the recurrent stack is named; the forecaster reaches MASE ~0.5 on water flow; the
+anomaly ones beat the difference baseline on two ECG sets (``docs/models/README.md``)
+and the seq2seq ones are sized for hourly data with a daily season; both train in
+about a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from models import checkpoint, naming
 from models.export import spec_for
@@ -47,8 +50,8 @@ from models.nets import (
     build,
     normalisation,
 )
+from models.progress import progress
 from pipeline import datasets, evaluation, scoring
-from pipeline.commands.info import UNITS_KEY
 from pipeline.contract import TASKS
 from pipeline.errors import ConfigError, DataError
 
@@ -81,9 +84,14 @@ class TrainConfig:
     window: int = 96
     warmup: int = 8
     test_fraction: float = 0.2
-    # anomaly (window reconstructed) and seq2seq (attention memory): the model's window
+    # anomaly (steps the score is averaged over; 0 = one period of the training data)
+    # and seq2seq (attention memory): the model's window
     context: int = 0
-    pool: int = 1  # anomaly: reconstruct means of this many steps
+    # classify: "rnn" (the recurrent stack above), "fcn" or "auto" (models.search: the
+    # best of a few causal-conv candidates within `budget` seconds, a ceiling)
+    arch: str = "rnn"
+    budget: float = 300.0
+    steps: int = 0  # fcn/auto: optimiser steps of the final fit (0: models.search's)
     threshold_quantile: float = 0.99  # anomaly: of the training part's scores
     # metadata for sensor authors (models.naming): names[unit] and the rate, else the data's
     feature_names: tuple[str, ...] = ()
@@ -95,6 +103,10 @@ class TrainConfig:
     def for_task(cls, **given: Any) -> TrainConfig:
         """A config from the options given (``None`` = not given) over the task's defaults."""
         chosen = {k: v for k, v in given.items() if v is not None}
+        if chosen.get("task") == "classify" and "arch" not in chosen:
+            # naming the recurrent stack asks for it; otherwise the search decides
+            named = any(k in chosen for k in ("cell", "hidden", "layers"))
+            chosen["arch"] = "rnn" if named else "auto"
         return cls(**{**TASK_DEFAULTS.get(chosen.get("task", ""), {}), **chosen})
 
     def __post_init__(self) -> None:
@@ -113,8 +125,16 @@ class TrainConfig:
             (self.season >= 1, "season", "must be >= 1"),
             (self.window >= 2, "window", "must be >= 2"),
             (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
-            (not sized or self.context >= 1, "context", "must be >= 1"),
-            (self.pool >= 1 and (self.context % self.pool == 0), "pool", "must divide --context"),
+            (
+                not sized or self.context >= 1 or (self.task == "anomaly" and self.context == 0),
+                "context",
+                "must be >= 1 (anomaly: or 0, one period of the training data)",
+            ),
+            (self.warmup >= 0 and self.warmup < self.window, "warmup", "must be in [0, --window)"),
+            (self.arch in ("rnn", "fcn", "auto"), "arch", "must be rnn, fcn or auto"),
+            (self.arch == "rnn" or self.task == "classify", "arch", "fcn/auto classify only"),
+            (self.budget > 0, "budget", "must be > 0 seconds"),
+            (self.steps >= 0, "steps", "must be >= 0"),
             (0 < self.threshold_quantile <= 1, "threshold-quantile", "must be in (0, 1]"),
             (
                 self.task != "seq2seq" or self.window > self.context,
@@ -131,11 +151,11 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "anomaly": {
         "hidden": 32,
         "layers": 1,
-        "epochs": 15,
-        "patience": 4,
+        "epochs": 30,
+        "patience": 10,
         "batch_size": 64,
-        "context": 256,
-        "pool": 4,
+        "window": 256,
+        "warmup": 32,
     },
     "seq2seq": {
         "hidden": 16,
@@ -149,6 +169,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # seq2seq: decoder positions sampled per training window (all of them cost T x H steps)
 _POSITIONS = 16
+# anomaly: batches of random chunks per epoch
+_ANOMALY_BATCHES = 8
 
 
 def seed_everything(seed: int) -> None:
@@ -218,7 +240,7 @@ def _fit(
     hist = History()
     best = math.inf
     best_state = {k: v.clone() for k, v in net.state_dict().items()}
-    bar = tqdm(range(cfg.epochs), desc=f"train {cfg.cell}", unit="epoch", mininterval=0.5)
+    bar = progress(range(cfg.epochs), desc=f"train {cfg.cell}")  # plain lines off a terminal
     for epoch in bar:
         net.train()
         total = 0.0
@@ -250,11 +272,16 @@ def _fit(
 
 def _train_classifier(
     cfg: TrainConfig, data: datasets.Dataset
-) -> tuple[StepNet, History, dict[str, Any]]:
+) -> tuple[SeqNet, History, dict[str, Any]]:
     if data.labels is None:
         raise DataError(f"{data.path}: classification needs class labels (for CSV: --label-column)")
     classes = list(data.classes) or sorted(set(data.labels))
     y_all = [classes.index(label) for label in data.labels]
+    if cfg.arch != "rnn":
+        from models import search
+
+        fcn, losses, extra = search.train_classifier(cfg, data.cases, y_all, len(classes))
+        return fcn, History(train_loss=losses, val_loss=losses), extra
     tr, va = _split_cases(len(data.cases), data.labels, cfg.val_fraction, cfg.seed)
     if not va:
         va = tr  # too few cases to hold any out: validate on training data (said in metrics)
@@ -298,7 +325,7 @@ def _train_classifier(
     return net, hist, extra
 
 
-def predict_labels(net: StepNet, cases: Sequence[np.ndarray]) -> list[int]:
+def predict_labels(net: SeqNet, cases: Sequence[np.ndarray]) -> list[int]:
     """Label at each case's last step, from one full-sequence call per case."""
     with torch.no_grad():
         x, lengths = _pad(cases)
@@ -419,15 +446,51 @@ def _row_anomalies(data: datasets.Dataset) -> list[np.ndarray]:
         raise DataError(f"{data.path}: {exc}") from None
 
 
+def dominant_period(cases: Sequence[np.ndarray], most: int = 1024) -> int | None:
+    """The lag of the highest autocorrelation after its first zero crossing, up to
+    ``most``: one cycle of a periodic series (an ECG's beat), ``None`` if it has none.
+
+    Autocorrelations are averaged over features and cases (weighted by length).
+    """
+    curves: list[tuple[np.ndarray, int]] = []
+    for c in cases:
+        x = np.asarray(c, dtype=np.float64)
+        x = x - x.mean(axis=0)
+        n = len(x)
+        energy = (x * x).sum(axis=0)
+        if n < 4 or not (energy > 0).any():
+            continue
+        spectrum = np.fft.rfft(x[:, energy > 0], 2 * n, axis=0)
+        ac = np.fft.irfft(spectrum * np.conj(spectrum), 2 * n, axis=0)[: min(n // 2, most + 1)]
+        curves.append(((ac / energy[energy > 0]).mean(axis=1), n))
+    if not curves:
+        return None
+    m = min(len(a) for a, _ in curves)
+    total = np.sum([a[:m] * n for a, n in curves], axis=0)
+    below = np.flatnonzero(total < 0)
+    if not len(below):
+        return None
+    return int(below[0] + np.argmax(total[below[0] :]))
+
+
+def _anomaly_window(cfg: TrainConfig, cases: Sequence[np.ndarray]) -> int:
+    """``--context`` if given, else one period of the training part, else 32 steps."""
+    if cfg.context:
+        return cfg.context
+    period = dominant_period(cases)
+    return min(max(period or 32, 8), 1024)
+
+
 def _train_anomaly(
     cfg: TrainConfig, data: datasets.Dataset
 ) -> tuple[AnomalyNet, History, dict[str, Any]]:
-    w = cfg.context
-    bounds = _split(data, cfg, least=2)
+    length, warm = cfg.window, cfg.warmup
+    bounds = _split(data, cfg, least=length + 1)
     bad = _row_anomalies(data)
     mean, std = normalisation(
         [c[:vs][~b[:vs]] for c, b, (vs, _) in zip(data.cases, bad, bounds, strict=True)]
     )
+    window = _anomaly_window(cfg, [c[:vs] for c, (vs, _) in zip(data.cases, bounds, strict=True)])
     config = NetConfig(
         task="anomaly",
         cell=cfg.cell,
@@ -437,54 +500,53 @@ def _train_anomaly(
         dropout=cfg.dropout,
         mean=mean,
         std=std,
-        window=w,
-        pool=cfg.pool,
+        window=window,
     )
     net = build(config, seed=cfg.seed)
     assert isinstance(net, AnomalyNet)
-    # Each case padded with the runtime's initial window (zeros = the mean), so the
-    # window ending at row t is padded[t : t + w].
-    padded = [
-        torch.cat([torch.zeros(w - 1, c.shape[1]), net.normalise(torch.from_numpy(c))])
-        for c in (np.asarray(c, dtype=np.float32) for c in data.cases)
-    ]
+    z = [net.normalise(torch.from_numpy(np.asarray(c, dtype=np.float32))) for c in data.cases]
+    n = config.n_features
 
-    def clean_ends(ci: int, lo: int, hi: int) -> list[tuple[int, int]]:
-        hits = np.concatenate([np.zeros(w, dtype=np.int64), np.cumsum(bad[ci])])
-        ends = np.arange(lo, hi)
-        ok = hits[ends + w] - hits[ends] == 0  # no labelled anomaly in the window
-        return [(ci, int(t)) for t in ends[ok]]
+    def nll(pred: Tensor, target: Tensor, keep: Tensor) -> Tensor:
+        """Gaussian negative log-likelihood (constant dropped) of ``target`` rows in ``keep``."""
+        mu, logvar = pred[..., :n], pred[..., n:]
+        every = 0.5 * ((target - mu).pow(2) * torch.exp(-logvar) + logvar).mean(dim=-1)
+        return every[keep].mean()
 
-    train_ends = [e for ci, (vs, _) in enumerate(bounds) for e in clean_ends(ci, 0, vs)]
-    val_ends = [e for ci, (vs, ts) in enumerate(bounds) for e in clean_ends(ci, vs, ts)]
-    if not train_ends:
+    # Training chunks: `length` + 1 rows (inputs, then the next row as target) of the
+    # training part with no labelled anomaly, each from a zero state; the first `warm`
+    # predictions are not scored (the state has seen too little).
+    starts = []
+    for ci, (vs, _) in enumerate(bounds):
+        hits = np.concatenate([[0], np.cumsum(bad[ci])])
+        s = np.arange(0, vs - length)
+        starts += [(ci, int(a)) for a in s[hits[s + length + 1] - hits[s] == 0]]
+    if not starts:
         raise DataError(f"{data.path}: no window of the training part is free of anomalies")
-    if not val_ends:
-        val_ends = train_ends  # nothing to hold out: validate on training windows
-    val_ends = val_ends[:: max(1, len(val_ends) // 2048)]
-    offsets = torch.arange(w)
-
-    def windows(ends: Sequence[tuple[int, int]]) -> Tensor:
-        by_case: dict[int, list[int]] = {}
-        for ci, t in ends:
-            by_case.setdefault(ci, []).append(t)
-        parts = [padded[ci][torch.tensor(ts)[:, None] + offsets] for ci, ts in by_case.items()]
-        return net.pooled(torch.cat(parts))
-
     gen = torch.Generator().manual_seed(cfg.seed)
-    n_batches = math.ceil(len(train_ends) / cfg.batch_size)
-    order: list[int] = []
-    val_windows = windows(val_ends)
+    n_batches = _ANOMALY_BATCHES
 
     def train_step(b: int, epoch: int) -> Tensor:
-        nonlocal order
-        if b == 0:
-            order = torch.randperm(len(train_ends), generator=gen).tolist()
-        pick = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        return net.window_errors(windows([train_ends[i] for i in pick])).mean()
+        pick = torch.randint(len(starts), (cfg.batch_size,), generator=gen).tolist()
+        chunk = torch.stack([z[ci][a : a + length + 1] for ci, a in (starts[p] for p in pick)])
+        pred, _ = net.predict(chunk[:, :-1], net.core.initial_state(len(pick)))
+        keep = torch.zeros(pred.shape[:2], dtype=torch.bool)
+        keep[:, warm:] = True
+        return nll(pred, chunk[:, 1:], keep)
+
+    val_keep = []
+    for ci, (vs, ts) in enumerate(bounds):
+        keep = torch.zeros(ts - 1, dtype=torch.bool)
+        keep[max(vs - 1, warm) :] = True  # predictions of rows vs .. ts-1
+        keep &= torch.from_numpy(~bad[ci][1:ts])
+        val_keep.append(keep[None])
 
     def val_loss() -> Tensor:
-        return net.window_errors(val_windows).mean()
+        losses = []
+        for ci, (_, ts) in enumerate(bounds):
+            pred, _ = net.predict(z[ci][None, : ts - 1], net.core.initial_state(1))
+            losses.append(nll(pred, z[ci][None, 1:ts], val_keep[ci]))
+        return torch.stack(losses).mean()
 
     hist = _fit(net, cfg, train_step, val_loss, n_batches)
     scores = anomaly_scores(net, data.cases)
@@ -492,7 +554,12 @@ def _train_anomaly(
         [s[:ts][~b[:ts]] for s, b, (_, ts) in zip(scores, bad, bounds, strict=True)]
     )
     threshold = float(np.quantile(calib, cfg.threshold_quantile))
-    extra = {"threshold": threshold, "scores": scores, "calibration_rows": int(calib.size)}
+    extra = {
+        "threshold": threshold,
+        "scores": scores,
+        "calibration_rows": int(calib.size),
+        "window": window,
+    }
     return net, hist, extra
 
 
@@ -634,11 +701,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.monotonic()
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    data, units = naming.name_features(
+    data, named = naming.name_features(
         datasets.load(Path(cfg.data), **cfg.data_options), cfg.feature_names
     )
     rate = naming.sample_rate(data, cfg.sample_rate_hz)
-    name = cfg.name or f"{Path(cfg.data).stem.lower()}-{cfg.cell}-{cfg.task}"
+    kind = cfg.cell if cfg.arch == "rnn" else "fcn"
+    name = cfg.name or f"{Path(cfg.data).stem.lower()}-{kind}-{cfg.task}"
     metrics: dict[str, Any] = {}
     meta: dict[str, Any] = {
         "name": name,
@@ -671,13 +739,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             }
         metrics.update(extra)
     elif cfg.task == "anomaly":
-        net, hist, extra = _train_anomaly(cfg, data)
+        threads = torch.get_num_threads()
+        # One thread: a 32-unit core's ops are too small to split, and on a busy 2-core
+        # box two threads made this training 10x slower (59 s vs 4.6 s for 3 epochs).
+        torch.set_num_threads(1)
+        try:
+            net, hist, extra = _train_anomaly(cfg, data)
+        finally:
+            torch.set_num_threads(threads)
         meta["threshold"] = extra["threshold"]
         meta["extra"] = {
             "test_fraction": cfg.test_fraction,
             "threshold_quantile": cfg.threshold_quantile,
         }
         metrics["train"] = {
+            "window": extra["window"],
             "threshold": extra["threshold"],
             "threshold_quantile": cfg.threshold_quantile,
             "calibration_rows": extra["calibration_rows"],
@@ -694,12 +770,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics["test"] = _forecast_test_metrics(
             net, data, extra["bounds"], extra["target_idx"], cfg
         )
-    metrics["epochs_run"] = len(hist.train_loss)
-    metrics["best_epoch"] = hist.best_epoch + 1
-    metrics["best_val_loss"] = min(hist.val_loss)
+    if "search" not in metrics:  # the search reports its own (models.search)
+        metrics["epochs_run"] = len(hist.train_loss)
+        metrics["best_epoch"] = hist.best_epoch + 1
+        metrics["best_val_loss"] = min(hist.val_loss)
     metrics["seconds"] = round(time.monotonic() - started, 2)
-    if units:
-        meta["extra"] = {**meta.get("extra", {}), UNITS_KEY: units}
+    meta["extra"] = {**meta.get("extra", {}), **named}  # units; CSV columns if renamed
     meta["metrics"] = {k: v for k, v in metrics.items() if k in ("test", "train")}
     out.mkdir(parents=True, exist_ok=True)
     resolved = asdict(cfg)

@@ -14,15 +14,16 @@ from concurrent.futures import Future
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
+from pipeline import channels as channels_module
 from pipeline import codecs, config, keywords_service
 from pipeline import engine as engine_module
 from pipeline.acks import AckLedger
+from pipeline.channels import Assembler
 from pipeline.codecs import Decoder, PredictionEncoder
 from pipeline.config import Settings
 from pipeline.daemon import Daemon, Service
-from pipeline.datasets import file_sha256
 from pipeline.engine import Engine
-from pipeline.errors import ConfigError, ModelError
+from pipeline.errors import ConfigError
 from pipeline.metrics import Exporter, Metrics
 from pipeline.model import StepModel
 from pipeline.mqtt import Link
@@ -52,6 +53,7 @@ REJECT_REASONS: tuple[str, ...] = tuple(
         (
             *codecs.REASONS,
             *source_mqtt.REASONS,
+            *channels_module.REASONS,
             sink_mqtt.NON_FINITE_OUTPUT,
             *engine_module.REJECT_REASONS,
         )
@@ -60,15 +62,9 @@ REJECT_REASONS: tuple[str, ...] = tuple(
 
 
 def load_model(settings: Settings) -> StepModel:
-    """The configured model, its SHA-256 checked first when the config gives one."""
+    """The configured model; with ``model.sha256`` the bytes loaded are the bytes hashed."""
     cfg = settings.model
-    if cfg.sha256 is not None and cfg.path.is_file():
-        actual = file_sha256(cfg.path)
-        if actual != cfg.sha256:
-            raise ModelError(
-                f"{cfg.path}: SHA-256 is {actual}, config model.sha256 expects {cfg.sha256}"
-            )
-    return StepModel.load(cfg.path, cfg.providers, cfg.threads)
+    return StepModel.load(cfg.path, cfg.providers, cfg.threads, sha256=cfg.sha256)
 
 
 def check_model(settings: Settings, model: StepModel) -> None:
@@ -148,9 +144,18 @@ def build(
         spec.n_features,
         max_payload_bytes=settings.input.max_payload_bytes,
         max_steps=settings.engine.max_chunk,
+        features=spec.features,
     )
     ckpt = settings.checkpoint
     acks = AckLedger(link, ckpt.max_unacked) if ckpt.ack_after_checkpoint else None
+    channels = None
+    if settings.input.channel_topic is not None:  # one topic per feature
+        channels = Assembler(
+            spec.features,
+            max_pending=settings.input.channel_max_pending,
+            max_streams=settings.engine.max_streams,
+            max_seq_jump=settings.engine.max_seq_jump,
+        )
     source = MqttSource(
         link,
         decoder,
@@ -160,6 +165,7 @@ def build(
         errors=errors,
         acks=acks,
         max_tracked=settings.engine.max_streams,
+        channels=channels,
     )
     services: list[Service] = []
     if settings.audio is not None:  # keyword spotting: its own model, engine and sources

@@ -18,6 +18,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import NoReturn
 
 from pipeline import __version__
 from pipeline.errors import SeqstreamError
@@ -55,8 +56,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``seqstream: error: ...``), exit 2, like every
+    other error of the CLI; ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="seqstream",
         description="Train, export and serve stateful streaming sequence models.",
     )

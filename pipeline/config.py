@@ -16,19 +16,30 @@ Topic templates use one notation everywhere: ``{stream}`` marks the topic level 
 carries the stream id, e.g. ``sensors/{stream}/data``. An input template is subscribed
 with that level replaced by ``+``; an output template is filled with the stream id.
 ``{client_id}`` may appear in the status and error topics.
+
+An input template may also hold ``+`` levels, matched but not part of the id
+(``site/+/dev/{stream}/telemetry``), and ``{stream}`` at several levels, whose values
+joined by ``/`` make the id (``site/{stream}/dev/{stream}/telemetry`` reads
+``site/s1/dev/7/telemetry`` as stream ``s1/7``, predicted on ``predictions/s1/7``), so
+ids stay unique when device names repeat across sites. The reset template has as many
+``{stream}`` levels (the same ids) and matches no topic the data template matches.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
+import re
+import socket
 import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 from pipeline.engine import EngineSettings
 from pipeline.errors import ConfigError
@@ -42,6 +53,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 STREAM = "{stream}"
+CHANNEL = "{channel}"  # per-channel input: the level naming one of the model's features
 CLIENT_ID = "{client_id}"
 PROTOCOLS: tuple[str, ...] = ("3.1.1", "5")
 OVERFLOW: tuple[str, ...] = ("block", "drop")
@@ -141,6 +153,10 @@ class InputConfig:
     max_stream_id_bytes: int = 128
     # A stream's reset requests closer together than this are refused (reset_rate_limited).
     reset_min_interval_s: float = 1.0
+    # One topic per feature (pipeline.channels): a template with {stream} and {channel};
+    # None: off. Steps waiting for a channel, per stream, before the oldest is dropped.
+    channel_topic: str | None = None
+    channel_max_pending: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +180,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``[cluster]``: share the streams with other daemons over NATS JetStream
+    (:mod:`pipeline.cluster`). ``partitions`` must equal the servers' subject mapping
+    and never change once data flows: a stream's partition is a hash mod this number."""
+
+    servers: tuple[str, ...]
+    member: str
+    group: str = "seqstream"
+    partitions: int = 64
+    replicas: int = 3  # of the input stream and the key-value buckets
+    lease_ttl_s: float = 3.0
+    checkpoint_interval_s: float = 5.0
+    fetch_batch: int = 256
+    input_max_age_s: float = 86_400.0  # input older than this is dropped by JetStream
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     source: Path
     model: ModelConfig
@@ -175,6 +208,7 @@ class Settings:
     output: OutputConfig
     metrics: MetricsConfig
     audio: AudioSettings | None = None  # [audio]: keyword spotting on microphones
+    cluster: ClusterConfig | None = None  # [cluster]: many daemons over NATS (else MQTT)
 
     def error_topic(self) -> str | None:
         topic = self.output.error_topic
@@ -214,6 +248,7 @@ def parse(doc: dict[str, Any], *, base: Path, source: Path) -> Settings:
         output=_output(root.table("output")),
         metrics=_metrics(root.table("metrics")),
         audio=_audio(root.table("audio")) if "audio" in doc else None,
+        cluster=_cluster(root.table("cluster")) if "cluster" in doc else None,
     )
     if settings.checkpoint.ack_after_checkpoint and settings.input.qos != 1:
         qos = settings.input.qos
@@ -298,11 +333,48 @@ def _queue(t: _Table) -> QueueConfig:
     return cfg
 
 
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name or an IP address (``None`` when it is one).
+
+    A URL or a ``host:port`` here would reach the network layer as a name that never
+    resolves (``mqtt://127.0.0.1:1883`` became ``...:1883:1883`` in logs): say so at
+    parse time, with the fix.
+    """
+    if not host:
+        return "must not be empty"
+    if "://" in host:
+        url = urlsplit(host)
+        try:
+            port = f"port = {url.port}" if url.port else "port = N"
+        except ValueError:
+            port = "port = N"
+        return (
+            f"{host!r} is a URL; give the host alone, host = {url.hostname or '...'!r}, "
+            f"and {port} (for mqtts://, add [mqtt.tls])"
+        )
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if ":" in host:
+        name, _, port = host.rpartition(":")
+        return f"{host!r} includes a port; give host = {name!r} and port = {port}"
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        return f"{host!r} is not a host name or IP address"
+    return None
+
+
 def _mqtt(t: _Table) -> MqttConfig:
     d = MqttConfig()
     host = t.text("host", d.host)
-    if not host:
-        t.fail("host", "must not be empty")
+    problem = host_problem(host)
+    if problem:
+        t.fail("host", problem)
     client_id = t.text("client_id", d.client_id)
     if not client_id or len(client_id.encode()) > 65_535:
         t.fail("client_id", "must be a non-empty string")
@@ -386,11 +458,26 @@ def _input(t: _Table) -> InputConfig:
         reset = None  # "" disables resets, as TOML has no null
     if reset is not None:
         _check_input_topic(t, "reset_topic", reset)
-        if reset == topic:
-            t.fail("reset_topic", "must differ from topic")
+        if _filters_overlap(reset, topic):
+            t.fail("reset_topic", f"must differ from topic: both match some topics ({topic!r})")
+        if reset.split("/").count(STREAM) != topic.split("/").count(STREAM):
+            t.fail("reset_topic", f"must have as many {STREAM} levels as topic ({topic!r})")
+    channels = t.opt_text("channel_topic", d.channel_topic) or None  # "": off
+    if channels is not None:
+        levels = channels.split("/")
+        if levels.count(CHANNEL) != 1 or channels.count(CHANNEL) != 1:
+            t.fail("channel_topic", f"must contain {CHANNEL} once, as a whole level")
+        _check_input_topic(t, "channel_topic", channels.replace(CHANNEL, "+"))
+        for other in (topic, reset):
+            if other is not None and _filters_overlap(channels.replace(CHANNEL, "+"), other):
+                t.fail("channel_topic", f"must differ from {other!r}: both match some topics")
+        if reset is not None and channels.count(STREAM) != reset.split("/").count(STREAM):
+            t.fail("channel_topic", f"must have as many {STREAM} levels as reset_topic")
     cfg = InputConfig(
         topic=topic,
         reset_topic=reset,
+        channel_topic=channels,
+        channel_max_pending=t.integer("channel_max_pending", d.channel_max_pending, lo=1, hi=4096),
         qos=t.integer("qos", d.qos, lo=0, hi=2),
         max_payload_bytes=t.integer("max_payload_bytes", d.max_payload_bytes, lo=16, hi=256 << 20),
         max_stream_id_bytes=t.integer(
@@ -420,6 +507,31 @@ def _output(t: _Table) -> OutputConfig:
         error_topic=errors,
         error_rate_per_s=t.number("error_rate_per_s", d.error_rate_per_s, lo=0.0),
         error_burst=t.integer("error_burst", d.error_burst, lo=1),
+    )
+    t.done()
+    return cfg
+
+
+def _cluster(t: _Table) -> ClusterConfig:
+    servers = t.strings("servers", ())
+    if not servers or not all(s.startswith(("nats://", "tls://")) for s in servers):
+        t.fail("servers", f"must list nats:// or tls:// URLs, got {list(servers)!r}")
+    member = t.text("member", socket.gethostname())
+    group = t.text("group", "seqstream")
+    for key, name in (("member", member), ("group", group)):
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            t.fail(key, f"must be letters, digits, '-' or '_', got {name!r}")
+    ttl = t.number("lease_ttl_s", 3.0, lo=1.0, hi=300.0)
+    cfg = ClusterConfig(
+        servers=servers,
+        member=member,
+        group=group,
+        partitions=t.integer("partitions", 64, lo=1, hi=4096),
+        replicas=t.integer("replicas", 3, lo=1, hi=5),
+        lease_ttl_s=ttl,
+        checkpoint_interval_s=t.number("checkpoint_interval_s", 5.0, lo=0.1),
+        fetch_batch=t.integer("fetch_batch", 256, lo=1, hi=65_536),
+        input_max_age_s=t.number("input_max_age_s", 86_400.0, lo=ttl * 10),
     )
     t.done()
     return cfg
@@ -529,12 +641,22 @@ def _wavfile(t: _Table) -> WavFileSettings:
 
 def _check_input_topic(t: _Table, key: str, topic: str) -> None:
     levels = topic.split("/")
-    if levels.count(STREAM) != 1 or topic.count(STREAM) != 1:
-        t.fail(key, f"must contain {STREAM} once, as a whole topic level, got {topic!r}")
-    if "+" in topic or "#" in topic or "\0" in topic:
-        t.fail(key, f"must not contain MQTT wildcards (use {STREAM}), got {topic!r}")
+    n = levels.count(STREAM)
+    if n == 0 or topic.count(STREAM) != n:
+        t.fail(key, f"must contain {STREAM} once or more, each a whole topic level, got {topic!r}")
+    if "#" in topic or "\0" in topic or any("+" in x and x != "+" for x in levels):
+        t.fail(key, f"must not contain MQTT wildcards but whole + levels, got {topic!r}")
     if "{" in topic.replace(STREAM, "") or "}" in topic.replace(STREAM, ""):
         t.fail(key, f"only {STREAM} may appear in braces, got {topic!r}")
+
+
+def _filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both input templates (it would be taken twice)."""
+    la, lb = a.split("/"), b.split("/")
+    wild = ("+", STREAM)
+    if len(la) != len(lb):
+        return False
+    return all(x == y or x in wild or y in wild for x, y in zip(la, lb, strict=True))
 
 
 def _check_publish_topic(t: _Table, key: str, topic: str, *, stream: bool) -> None:

@@ -22,8 +22,9 @@ Task outputs (schema version 1):
   at step t, the values of the target channels at t+1 .. t+horizon.
 * ``seq2seq``: the same ``forecast`` output, from an encoder-decoder whose attention
   reads the last ``window`` steps (carried as a state tensor, e.g. ``mem``).
-* ``anomaly``: ``score`` ``[batch, time]``, the reconstruction error of the last
-  ``window`` steps (carried as a state tensor, e.g. ``win``). A step is anomalous when
+* ``anomaly``: ``score`` ``[batch, time]``, how surprising the last ``window`` steps
+  were (what it carries is the model's business: the reference model's ``h``/``c``,
+  last prediction and raw scores, ``win``). A step is anomalous when
   ``score > threshold``; ``threshold`` (calibrated on training data) lives only in the
   metadata, and :meth:`ModelSpec.flags` is the one place that applies it, so it can be
   re-tuned without re-exporting the graph.

@@ -123,6 +123,8 @@ class Daemon:
             log.info("restored %d streams from %s", n, path)
         if self._make_exporter is not None:
             self.exporter = self._make_exporter()
+            url = self.exporter.url
+            log.info("http: %s (status page), /metrics, /healthz, /readyz, /status", url)
         self.worker.start()
         for service in self.services:
             service.start()
@@ -230,6 +232,7 @@ class Daemon:
             acks.keep(cut)
             if acks.held >= 2 * acks.max_held:  # the broker's 65535 packet ids would run out
                 n = acks.release(acks.cut())
+                self.metrics.acks_uncovered.inc(n)
                 log.error("checkpoints keep failing: acknowledged %d messages none covers", n)
 
     def _save_confirmed(self, engine: Engine, path: Path) -> int:

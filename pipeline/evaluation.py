@@ -11,10 +11,12 @@ the engine). Nothing here needs torch, so the numbers come from the ONNX file al
   are scored, against the seasonal-naive forecast with the model's ``season`` (see
   :mod:`pipeline.scoring`), and optionally against a one-step forecaster iterated over
   the horizon (:func:`iterated_forecasts`) on the same points.
-* anomaly: the whole series is fed; the scores of the tail's rows are judged against
-  the data's per-row labels (ROC AUC, best F1, point-adjusted F1, where the highest
-  score falls), beside a simple baseline computed in the same run: the z-score of
-  first differences (:func:`pipeline.scoring.diff_zscore`).
+* anomaly: the whole series is fed; the scores of the tail's rows (on a file the model
+  was not trained on: of every row) are judged against the data's per-row labels (ROC
+  AUC, best F1, point-adjusted F1, where the highest score falls and whether it is a
+  hit under the UCR anomaly archive's protocol: within :data:`scoring.UCR_MARGIN` rows
+  of a labelled region), beside a simple baseline computed in the same run: the
+  z-score of first differences (:func:`pipeline.scoring.diff_zscore`).
 
 The report's shape follows the model's outputs (``probs``, ``forecast``, ``score``),
 so a new task with an existing output needs nothing here. ``reference`` scores a second
@@ -82,8 +84,9 @@ def evaluate(
     """Score ``model`` on ``data`` step by step; returns a JSON-ready report.
 
     ``tail`` (forecasting and anomaly models) is the held-out fraction of each series;
-    by default the ``test_fraction`` the model was trained with, else 1 (score the
-    whole series). ``baseline`` (forecasting) is a one-step forecaster scored iterated
+    by default the ``test_fraction`` the model was trained with when ``data`` is the
+    file it was trained on, else 1 (score the whole series; :func:`resolve_tail`).
+    ``baseline`` (forecasting) is a one-step forecaster scored iterated
     over the model's horizon on the same points; ``reference`` is a model scored the
     same way whose headline metrics are subtracted (``change``).
     """
@@ -110,11 +113,11 @@ def evaluate(
         body = classification_report(spec, data, [o["probs"] for o in outputs])
     elif "score" in spec.outputs:
         body = anomaly_evaluation(
-            spec, data, [o["score"] for o in outputs], tail=resolve_tail(spec, tail)
+            spec, data, [o["score"] for o in outputs], tail=resolve_tail(spec, tail, data)
         )
     else:
         body = forecast_evaluation(
-            spec, data, [o["forecast"] for o in outputs], tail=resolve_tail(spec, tail)
+            spec, data, [o["forecast"] for o in outputs], tail=resolve_tail(spec, tail, data)
         )
         if baseline is not None:
             body["iterated_one_step"] = iterated_baseline_report(
@@ -164,12 +167,16 @@ def headline(report: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
-def resolve_tail(spec: ModelSpec, tail: float | None) -> float:
-    """The explicit fraction, else the model's ``extra["test_fraction"]``, else 1."""
+def resolve_tail(spec: ModelSpec, tail: float | None, data: Dataset | None = None) -> float:
+    """The explicit fraction; else, on the very file the model was trained on (same
+    SHA-256 as the metadata's ``data_sha256``), the held-out tail it was trained
+    without (``extra["test_fraction"]``); else 1, the whole series: a file the model
+    never saw is all test data. ``data=None`` asks about the training file."""
     if tail is not None:
         return tail
     stored = spec.extra.get("test_fraction")
-    if stored is None:
+    trained_on_it = data is None or (bool(spec.data_sha256) and spec.data_sha256 == data.sha256)
+    if stored is None or not trained_on_it:
         return 1.0
     if isinstance(stored, bool) or not isinstance(stored, int | float):
         raise ModelError(f"model metadata extra.test_fraction is {stored!r}, not a number")
@@ -300,6 +307,8 @@ def _anomaly_figures(scores: np.ndarray, labels: np.ndarray, where: Any) -> dict
     top = scoring.highest_score(scores, labels)
     case, row = where(top["row"])
     top = {"case": case, "row": row} | {k: v for k, v in top.items() if k != "row"}
+    near = top["rows_from_anomaly"]
+    top["ucr_hit"] = near is not None and near <= scoring.UCR_MARGIN
     if not labels.any() or labels.all():
         return {"roc_auc": None, "highest_score": top}
     return {

@@ -127,6 +127,11 @@ class Metrics:
         self.checkpoint_failures = counter(
             "checkpoint_failures", "State checkpoints that could not be written."
         )
+        self.acks_uncovered = counter(
+            "acks_uncovered",
+            "Sensor messages acknowledged to the broker with no checkpoint covering their "
+            "step (ack_after_checkpoint while checkpoints keep failing): a crash now loses them.",
+        )
         self.inference = Histogram(
             "inference_seconds",
             "Wall time of one engine batch (gather, session.run, scatter).",
@@ -336,6 +341,12 @@ class Exporter:
     def port(self) -> int:
         """The bound port (the real one when configured as 0)."""
         return int(self._server.server_port)
+
+    @property
+    def url(self) -> str:
+        """Where to point a browser or a scraper (the bound address and port)."""
+        host = str(self._server.server_address[0])
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
 
     def close(self) -> None:
         self._server.shutdown()

@@ -8,6 +8,7 @@ mismatched model is refused at start, not at the first message.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -73,23 +74,41 @@ class StepModel:
 
     @classmethod
     def load(
-        cls, path: str | Path, providers: Sequence[str] = ("cpu",), threads: int = 1
+        cls,
+        path: str | Path,
+        providers: Sequence[str] = ("cpu",),
+        threads: int = 1,
+        *,
+        sha256: str | None = None,
     ) -> StepModel:
         """Load and check a model; ``threads`` bounds onnxruntime's intra-op pool.
 
         One thread is the right default on an edge box: step models are tiny, and the
         daemon batches across streams instead of splitting one matmul across cores.
+
+        The file is read once and onnxruntime loads those very bytes, so a ``sha256`` pin
+        checks what runs: a file swapped between the check and the load cannot slip in.
         """
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read model ({exc.strerror or exc})") from None
+        if sha256 is not None:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != sha256:
+                raise ModelError(
+                    f"{path}: SHA-256 is {actual}, config model.sha256 expects {sha256}"
+                )
         chosen, why = resolve_providers(providers)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         try:
-            session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+            session = ort.InferenceSession(data, sess_options=opts, providers=chosen)
         except Exception as exc:  # onnxruntime raises several unrelated types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{path}: not a loadable ONNX model ({first})") from None

@@ -239,10 +239,11 @@ class Link:
             log.info("mqtt: reconnected to %s:%d", self.cfg.host, self.cfg.port)
         else:
             log.info(
-                "mqtt: connected to %s:%d (session present: %s)",
+                "mqtt: connected to %s:%d (session present: %s); subscribed to %s",
                 self.cfg.host,
                 self.cfg.port,
                 flags.session_present,
+                ", ".join(f"{t!r} (QoS {q})" for t, q in self._subs) or "nothing",
             )
         if self._observer is not None:
             self._observer.on_connected(first)

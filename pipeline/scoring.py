@@ -273,6 +273,11 @@ def _best(thresholds: np.ndarray, tp: np.ndarray, fp: np.ndarray, pos: int) -> d
     }
 
 
+# The UCR anomaly archive's protocol (Wu & Keogh, 2021): a detector's answer is the
+# row of its single highest score, correct when within this many rows of the anomaly.
+UCR_MARGIN = 100
+
+
 def highest_score(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Where the highest score falls relative to the labelled segments."""
     s = np.asarray(scores, dtype=np.float64)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.errors import ModelError, SeqstreamError
+from pipeline.errors import ConfigError, ModelError, SeqstreamError
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -62,7 +62,8 @@ EXIT_RESULTS: tuple[str, ...] = (
 )
 LAST_EXIT = "last-exit"  # written by ExecStopPost, read and removed at start
 EXIT_COUNTS = "exits.json"
-RELOAD_RESULTS: tuple[str, ...] = ("ok", "failed")
+# "bad_config": the config file itself was refused (nothing about the model was tried).
+RELOAD_RESULTS: tuple[str, ...] = ("ok", "failed", "bad_config")
 _STATUS_MAX = 200  # characters of an error shown in STATUS=
 
 
@@ -240,7 +241,8 @@ class Reloader:
     Only ``[model]`` takes effect on a reload; changes to other sections are logged as
     needing a restart (they shape the broker connection, topics and queues). ``check``
     applies the daemon's own rules (:func:`pipeline.app.check_model`); the input width
-    must stay the same because the decoder already validates payloads against it.
+    and feature names must stay the same because the decoder already validates payloads
+    against them (and maps named ``values`` by the names).
     ``swap`` queues the swap on the engine's thread and returns its future (True when
     streams kept their state).
     """
@@ -274,12 +276,21 @@ class Reloader:
         old = self.model
         try:
             settings = self._load_settings(self.settings.source)
+        except ConfigError as exc:  # an operator's typo, not a model that failed to load
+            return self._failed(old, str(exc), result="bad_config")
+        try:
             model = self._load_model(settings)
             if model.spec.n_features != old.spec.n_features:
                 raise ModelError(
                     f"{settings.model.path}: takes {model.spec.n_features} features, the "
                     f"running model {old.spec.n_features}; restart the service to change "
                     "the input"
+                )
+            if model.spec.features != old.spec.features:  # named payloads map by these
+                raise ModelError(
+                    f"{settings.model.path}: features {list(model.spec.features)}, the "
+                    f"running model {list(old.spec.features)}; restart the service to "
+                    "change the input"
                 )
             self._check(settings, model)
             kept = self._wait(self._swap(model))
@@ -307,10 +318,11 @@ class Reloader:
         self._notifier.ready(f"serving {_describe(model)}")
         return True
 
-    def _failed(self, old: StepModel, why: str) -> bool:
-        self._metrics.reloads.labels("failed").inc()
-        log.error("reload failed; still serving %s: %s", _describe(old), why)
-        self._notifier.ready(f"reload failed, serving {_describe(old)}: {why}"[:_STATUS_MAX])
+    def _failed(self, old: StepModel, why: str, result: str = "failed") -> bool:
+        self._metrics.reloads.labels(result).inc()
+        what = "refused: the config is invalid" if result == "bad_config" else "failed"
+        log.error("reload %s; still serving %s: %s", what, _describe(old), why)
+        self._notifier.ready(f"reload {what}, serving {_describe(old)}: {why}"[:_STATUS_MAX])
         return False
 
     def _wait(self, future: Future[bool]) -> bool:

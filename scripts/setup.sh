@@ -23,6 +23,7 @@ if [ "$profile" = dev ]; then
   command -v npm >/dev/null || need+=(nodejs npm)  # Grafana's schema types (tests/deploy)
   dpkg -s libportaudio2 >/dev/null 2>&1 || need+=(libportaudio2)
   command -v chromium >/dev/null || need+=(chromium)  # headless: the status page's test
+  command -v nats-server >/dev/null || need+=(nats-server)  # cluster mode's tests (3 nodes)
 fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
@@ -52,5 +53,8 @@ if [ "$profile" = dev ]; then
     cp tests/deploy/grafana-schema/package.json "$lock" .cache/grafana-schema/
     (cd .cache/grafana-schema && npm ci --no-audit --no-fund --silent)
   fi
+  # The tests' data: ../shared/data where it exists, else fetched from the aeon, sktime
+  # and river wheels (pip download --no-deps) into .cache/testdata, checked by SHA-256.
+  .venv/bin/python -m tests.testdata fetch
 fi
 echo "setup: ready ($(.venv/bin/python --version))"

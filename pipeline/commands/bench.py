@@ -451,7 +451,6 @@ def _torch_eager(
         mean=spec.normalisation.mean,
         std=spec.normalisation.std,
         window=spec.window,
-        pool=int(spec.extra.get("pool", 1)) if spec.task == "anomaly" else 1,
     )
     net = build(config, seed=0).eval()
     inputs = [torch.from_numpy(x) for x in xs]

@@ -1,13 +1,19 @@
-"""``seqstream config check FILE``: validate a daemon config and nothing else.
+"""``seqstream config check FILE``: check a daemon config as ``run`` would, without connecting.
 
-Exit 0 and one line when the file is valid; otherwise the CLI prints the one-line
-:class:`~pipeline.errors.ConfigError` naming the key. The model is not loaded: this
-runs on a machine that does not have it yet (CI, a deployment pipeline).
+Exit 0 and one line when ``run`` would accept it; otherwise the CLI prints the one-line
+:class:`~pipeline.errors.SeqstreamError` naming the key or the file. It checks what
+``run`` checks before it touches the network: the TOML and every key (types, ranges,
+``mqtt.host`` a host, ports), secrets and TLS files readable, the model file present,
+loadable and fitting the contract and the config (``model.sha256``, ``output.on_change``
+needs a classifier), the keyword model of ``[audio]``, and that the metrics bind address
+resolves. It binds nothing and connects to nothing, so it runs in CI or a deployment
+pipeline; ``--no-model`` skips the model files for a machine that does not have them.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +27,43 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     check = sub.add_parser(
         "check",
-        help="validate FILE (unknown keys, types, ranges, secrets readable) and exit",
-        description="Parse and validate a TOML config exactly as 'seqstream run' does, "
-        "without loading the model or connecting to the broker.",
+        help="check FILE as 'seqstream run' would (keys, secrets, model), without connecting",
+        description="Parse and validate a TOML config exactly as 'seqstream run' does and "
+        "load the model(s) it names, without binding a port or connecting to the broker.",
     )
     check.add_argument("file", type=Path, help="the TOML config")
+    check.add_argument(
+        "--no-model",
+        action="store_true",
+        help="do not load the model files (a machine that does not have them yet)",
+    )
     check.set_defaults(func=run_check)
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from pipeline import config
+    from pipeline import app, config
+    from pipeline.errors import ConfigError
 
     settings = config.load(args.file)
     mqtt = settings.mqtt
+    model = "not loaded (--no-model)"
+    if not args.no_model:
+        loaded = app.load_model(settings)
+        app.check_model(settings, loaded)
+        spec = loaded.spec
+        model = f"{spec.name} {spec.version}, {spec.task}, {spec.n_features} features"
+        if settings.audio is not None:
+            from pipeline.keywords_service import load_keyword_model
+
+            load_keyword_model(settings.audio)
+    m = settings.metrics
+    if m.enabled:
+        try:
+            socket.getaddrinfo(m.bind, m.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            raise ConfigError(f"metrics.bind: {m.bind!r} does not resolve ({exc})") from None
     print(
-        f"{args.file}: ok (model {settings.model.path}, broker {mqtt.host}:{mqtt.port}, "
+        f"{args.file}: ok (model {settings.model.path}: {model}; broker {mqtt.host}:{mqtt.port}, "
         f"MQTT {mqtt.protocol}{' over TLS' if mqtt.tls else ''}, input {settings.input.topic!r})"
     )
     return 0

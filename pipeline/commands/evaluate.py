@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands.data_args import add_data_arguments, data_options
+from pipeline.commands.info import COLUMNS_KEY
 
 
 def register(subparsers: Any) -> None:
@@ -34,8 +35,10 @@ def register(subparsers: Any) -> None:
         "--tail",
         type=float,
         metavar="FRACTION",
-        help="forecasting and anomaly models: held-out fraction of each series to score "
-        "(default: the model's training test fraction, else the whole series)",
+        help="forecasting and anomaly models: fraction of each series, at its end, to "
+        "score; 1 = the whole series (default: on the very file the model was trained "
+        "on, same SHA-256, the held-out tail it was trained without; on any other file "
+        "the whole series)",
     )
     p.add_argument(
         "--baseline-model",
@@ -73,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     model = StepModel.load(args.model, providers=providers, threads=args.threads)
     options = data_options(args)
     if args.data.suffix.lower() == ".csv" and not options["feature_columns"]:
-        options["feature_columns"] = list(model.spec.features)
+        # the columns training read (names may have had a unit split off), else the names
+        columns = model.spec.extra.get(COLUMNS_KEY)
+        options["feature_columns"] = list(columns or model.spec.features)
     data = datasets.load(args.data, **options)
     baseline = reference = None
     if args.baseline_model is not None:

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pipeline import codecs, datasets
-    from pipeline.config import STREAM, MqttConfig, Secret, TlsConfig
+    from pipeline.config import STREAM, MqttConfig, Secret, TlsConfig, host_problem
     from pipeline.errors import ConfigError
     from pipeline.mqtt import Link
 
@@ -69,10 +69,17 @@ def run(args: argparse.Namespace) -> int:
     if args.rate < 0 or args.chunk < 1:
         raise ConfigError("--rate must be >= 0 and --chunk >= 1")
     url = urlsplit(args.broker)
+    try:
+        port = url.port or SCHEMES.get(url.scheme, 0)
+    except ValueError:  # urllib's own: a port that is not a number in 0..65535
+        raise ConfigError(f"--broker: {args.broker!r} has no valid port (1..65535)") from None
     if url.scheme not in SCHEMES or not url.hostname:
         raise ConfigError(
             f"--broker: expected mqtt://host[:port] or mqtts://..., got {args.broker}"
         )
+    bad_host = host_problem(url.hostname)
+    if bad_host:
+        raise ConfigError(f"--broker: host {bad_host}")
     password = None
     if args.password_env:
         value = os.environ.get(args.password_env, "")
@@ -88,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = MqttConfig(
         host=url.hostname,
-        port=url.port or SCHEMES[url.scheme],
+        port=port,
         client_id=args.client_id or f"seqstream-replay-{os.getpid()}",
         clean_session=True,
         username=unquote(url.username) if url.username else None,

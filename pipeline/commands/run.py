@@ -41,4 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_root(args.allow_root)
     settings = config.load(args.config)
+    if settings.cluster is not None:  # many daemons over NATS JetStream
+        try:
+            from pipeline.cluster import app as cluster_app
+        except ImportError as exc:
+            raise ConfigError(
+                f"[cluster] needs nats-py ({exc}): pip install 'seqstream[cluster]'"
+            ) from None
+        return cluster_app.run(settings)
     return app.build(settings, env=service.ServiceEnv.from_environ()).run()

@@ -21,6 +21,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pipeline import app, config, service
+from pipeline.cluster.metrics import ClusterMetrics
 from pipeline.contract import TASKS
 from pipeline.metrics import Metrics
 
@@ -45,7 +46,7 @@ def test_promtool_accepts_the_scrape_config_and_the_rules() -> None:
     assert "1 rule files found" in checked.stdout
     rules = run("promtool", "check", "rules", str(PROM / "rules" / "seqstream.rules.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 11 rules found" in rules.stdout
+    assert "SUCCESS: 14 rules found" in rules.stdout
 
 
 def test_promtool_rule_unit_tests_pass() -> None:
@@ -71,6 +72,12 @@ def exported_names() -> set[str]:
         metrics.set_labels(("a", "b"))
         text = generate_latest(metrics.registry).decode()
         names |= {m.group(1) for m in re.finditer(r"^(\w+)[{ ]", text, re.MULTILINE)}
+    registry = CollectorRegistry()
+    cluster = ClusterMetrics(registry)  # a cluster member's own metrics (pipeline.cluster)
+    cluster.partition_owned.labels("0").set(1)
+    cluster.checkpoint_lag.labels("0").set(0)
+    text = generate_latest(registry).decode()
+    names |= {m.group(1) for m in re.finditer(r"^(\w+)[{ ]", text, re.MULTILINE)}
     return names
 
 
@@ -218,3 +225,44 @@ def test_dashboard_panels_cover_the_issue_and_do_not_overlap() -> None:
         cells |= mine
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))
+
+
+# -- mosquitto ------------------------------------------------------------------------------
+
+
+def _option(conf: Path, name: str) -> str:
+    values = [
+        line.split()[1]
+        for line in conf.read_text().splitlines()
+        if line.strip() and not line.startswith("#") and line.split()[0] == name
+    ]
+    assert len(values) == 1, f"{conf.name}: {name} set {len(values)} times"
+    return values[0]
+
+
+def test_broker_packet_limit_matches_the_daemons_payload_limit() -> None:
+    """The broker refuses what the daemon would refuse, with room for a topic: a payload
+    of max_payload_bytes on the longest topic a sensor may use fits, 1 KiB more does not."""
+    doc = tomllib.loads((DEPLOY / "seqstream.toml").read_text())
+    payload = doc["input"]["max_payload_bytes"]
+    assert payload == config.InputConfig().max_payload_bytes  # the example is the default
+    stream_id = doc["input"]["max_stream_id_bytes"]
+    longest = max(len(doc["input"]["topic"]), len(doc["input"]["reset_topic"]))
+    longest += stream_id - len("{stream}")
+    header = 1 + 4 + 2 + 2  # fixed header, remaining length, topic length, packet id
+    for name in ("mosquitto.conf", "mosquitto-tls.conf"):
+        limit = int(_option(DEPLOY / name, "max_packet_size"))
+        assert payload + longest + header <= limit <= payload + 1024, name
+
+
+def test_the_acl_gives_each_sensor_its_own_topics_only() -> None:
+    lines = [
+        line.split()
+        for line in (DEPLOY / "mosquitto.acl").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    patterns = [line[1:] for line in lines if line[0] == "pattern"]
+    assert patterns == [["write", "sensors/%u/data"], ["write", "sensors/%u/reset"]]
+    # no account writes every stream's topics
+    assert not [line for line in lines if line[:2] == ["topic", "write"] and "+" in line[2]
+                and line[2].startswith("sensors/")]  # fmt: skip

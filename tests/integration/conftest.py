@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline import app, config
 from pipeline.daemon import Daemon
+from pipeline.service import ServiceEnv
 from tests.integration.broker import HOST, Broker, free_port, make_tls, wait_until
 
 
@@ -233,10 +234,14 @@ def write_toml(path: Path, doc: dict[str, Any]) -> Path:
 
 
 @contextmanager
-def running_daemon(doc: dict[str, Any], tmp: Path) -> Iterator[Daemon]:
-    """The daemon of ``doc``, started in a thread; stopped (and checked) on exit."""
+def running_daemon(
+    doc: dict[str, Any], tmp: Path, env: ServiceEnv | None = None
+) -> Iterator[Daemon]:
+    """The daemon of ``doc``, started in a thread; stopped (and checked) on exit.
+
+    ``env``: what systemd would pass (e.g. a watchdog interval); none by default."""
     settings = config.parse(doc, base=tmp, source=tmp / "test.toml")
-    daemon = app.build(settings, registry=CollectorRegistry())
+    daemon = app.build(settings, registry=CollectorRegistry(), env=env)
     codes: list[int] = []
     errors: list[BaseException] = []
 

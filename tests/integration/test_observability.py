@@ -2,13 +2,15 @@
 
 * ``/metrics`` carries ``process_*``, no ``*_created`` series, and only the task metrics
   the loaded model can move (a classifier's labels, an anomaly model's scores).
-* ``--log-format json``: every line the real process writes is one JSON object.
+* ``--log-format json``: every line the real process writes is one JSON object, and
+  the start-up lines name the subscribed topics and the HTTP address.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,3 +132,7 @@ def test_json_log_format_writes_one_object_per_line(
     assert all(set(r) >= {"ts", "level", "logger", "msg"} for r in records)
     assert any(r["msg"] == "stopped" and r["logger"] == "pipeline.daemon" for r in records)
     assert all(r["ts"].endswith("+00:00") for r in records)
+    # the start-up log says where to look: the subscriptions and the HTTP address
+    msgs = [r["msg"] for r in records]
+    assert any("subscribed to 'sensors/+/data'" in m for m in msgs), msgs
+    assert any(re.match(r"http: http://127\.0\.0\.1:\d+/ \(status page\)", m) for m in msgs), msgs

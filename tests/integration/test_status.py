@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 
 from pipeline import codecs
 from pipeline.daemon import Daemon
+from pipeline.service import ServiceEnv
 from tests.integration.broker import HOST, Broker, wait_until
 from tests.integration.conftest import Collector, daemon_config, publisher, running_daemon
 
@@ -175,3 +177,28 @@ def test_status_page_shows_live_streams_in_headless_chromium(
     # a stream id is text: escaped in the DOM, never an element
     assert "<td>&lt;img src=x onerror=alert(1)&gt;</td>" in dom
     assert "<img" not in dom
+
+
+def test_a_stalled_engine_is_not_ready_and_status_does_not_wait_for_it(
+    broker: Broker, model_path: Path, tmp_path: Path
+) -> None:
+    doc = daemon_config(tmp_path, model_path, broker.port, "stall-test")
+    release = threading.Event()
+    # a 2 s watchdog: the engine counts as stalled once a probe waits over 1 s
+    with running_daemon(doc, tmp_path, ServiceEnv(watchdog_s=2.0)) as daemon:
+        wait_until(lambda: get_json(daemon, "/readyz")[0] == 200, 10, "ready")
+        daemon.worker.call(lambda engine: release.wait(30))  # a stuck session.run
+        try:
+            wait_until(lambda: get_json(daemon, "/readyz")[0] == 503, 10, "not ready")
+            ready = get_json(daemon, "/readyz")[1]
+            assert ready["checks"]["engine_progressing"] is False
+            assert ready["checks"]["broker_connected"] is True
+            assert ready["engine_stall_s"] >= 1.0  # rounded to 0.1 s
+            code, status = get_json(daemon, "/status")  # answers, without the streams
+            assert code == 200 and "did not answer" in status["streams"]["error"]
+            assert status["ready"] is False
+            assert get_json(daemon, "/healthz")[0] == 200
+        finally:
+            release.set()
+        wait_until(lambda: get_json(daemon, "/readyz")[0] == 200, 10, "ready again")
+        assert "items" in get_json(daemon, "/status")[1]["streams"]

@@ -23,13 +23,13 @@ from pipeline.model import StepModel
 CELLS = ["lstm", "gru", "rnn"]
 TASKS = ["classify", "forecast", "anomaly", "seq2seq"]
 NATIVE = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
-# Native recurrent operators per layer: the encoder's (and an anomaly model's decoder's).
+# Native recurrent operators per layer: the encoder's.
 # A seq2seq decoder steps through its fixed horizon inside the graph, as plain ops.
-NATIVE_PER_LAYER = {"classify": 1, "forecast": 1, "anomaly": 2, "seq2seq": 1}
+NATIVE_PER_LAYER = {"classify": 1, "forecast": 1, "anomaly": 1, "seq2seq": 1}
 STATE_NAMES = {
     "classify": ["h", "c"],
     "forecast": ["h", "c"],
-    "anomaly": ["win"],
+    "anomaly": ["h", "c", "pred", "win"],
     "seq2seq": ["h", "c", "mem"],
 }
 
@@ -77,7 +77,6 @@ def _small_net(task: str, cell: str, seed: int = 3) -> tuple[object, dict[str, o
         mean=(0.0, 5.0, -1.0, 2.0),
         std=(1.0, 3.0, 0.2, 7.0),
         window=8 if task in ("anomaly", "seq2seq") else 0,
-        pool=2 if task == "anomaly" else 1,
     )
     net = build(config, seed=seed)
     meta: dict[str, object] = {

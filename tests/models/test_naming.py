@@ -50,7 +50,7 @@ def test_names_and_rate_come_from_the_header_and_time_column(tmp_path: Path) -> 
     data = datasets.load(csv, time_column="time")
     named, units = name_features(data)
     assert named.features == ("temp", "hum")
-    assert units == {"temp": "C", "hum": "%"}
+    assert units == {"units": {"temp": "C", "hum": "%"}, "columns": ["temp [C]", "hum[%]"]}
     assert sample_rate(named) == pytest.approx(10.0)
     assert sample_rate(named, 50.0) == 50.0
     assert sample_rate(datasets.load(csv)) is None  # no time column: nothing says
@@ -106,8 +106,14 @@ def test_info_prints_what_training_recorded(named_model: Path) -> None:
     assert values.shape == (1, 2)
     assert 19 < values[0, 0] < 21.5 and 39 < values[0, 1] < 41.5
 
+    # eval reads the same CSV back: the model records the columns its names came from
+    csv = named_model.parent / "room.csv"
+    proc = seqstream("eval", str(named_model), "--data", str(csv), "--time-column", "time")
+    assert proc.returncode == 0, proc.stderr
+    assert "mase" in proc.stdout.lower()
+
     text = seqstream("info", str(named_model)).stdout
-    assert "sample rate: 10 Hz" in text
+    assert "sample rate: 10 Hz (a step every 0.1 s)" in text
     rows = [ln.split() for ln in text.splitlines() if ln.startswith("  ")]
     assert rows == [["0", "temp", "[C]"], ["1", "hum", "[%]"]]  # payload order, with units
     assert "horizon:     2 steps" in text
@@ -119,7 +125,8 @@ def test_train_takes_names_and_rate_from_flags(tmp_path: Path) -> None:
     proc = seqstream(
         "train", "--task", "anomaly", "--data", str(csv), "--time-column", "time",
         "--feature-names", "pressure[kPa]", "flow", "--sample-rate", "2.5",
-        "--hidden", "4", "--epochs", "1", "--context", "8", "--pool", "2", "--out", str(out),
+        "--hidden", "4", "--epochs", "1", "--context", "8", "--window", "48",
+        "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     model = tmp_path / "m.onnx"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.nets import AnomalyNet, NetConfig, Seq2SeqNet, StepNet, build, sliding
+from models.nets import RAW_CAP, AnomalyNet, NetConfig, Seq2SeqNet, StepNet, build, sliding
 from pipeline.contract import BATCH
 
 CELLS = ["lstm", "gru", "rnn"]
@@ -25,7 +25,6 @@ def _config(cell: str, task: str, layers: int) -> NetConfig:
         mean=(1.0, -2.0, 0.5),
         std=(2.0, 0.5, 1.0),
         window=6 if task in ("anomaly", "seq2seq") else 0,
-        pool=2 if task == "anomaly" else 1,
     )
 
 
@@ -58,7 +57,7 @@ def test_state_names_per_task() -> None:
     assert names == {
         "classify": ["h", "c"],
         "forecast": ["h", "c"],
-        "anomaly": ["win"],
+        "anomaly": ["h", "c", "pred", "win"],
         "seq2seq": ["h", "c", "mem"],
     }
     assert [s.name for s in build(_config("gru", "seq2seq", 1)).state_specs()] == ["h", "mem"]
@@ -77,9 +76,9 @@ def test_output_shapes_per_task() -> None:
     y, _ = s2s(x, s2s.initial_state(4))
     assert y.shape == (4, 7, 5, 2)
     ae = build(_config("lstm", "anomaly", 1)).eval()
-    score, (win,) = ae(x, ae.initial_state(4))
+    score, (_, _, pred, win) = ae(x, ae.initial_state(4))
     assert score.shape == (4, 7) and bool((score >= 0).all())
-    assert win.shape == (4, 6, 3)
+    assert pred.shape == (4, 1, 6) and win.shape == (4, 6, 1)
 
 
 def test_sliding_windows_carry_the_last_rows() -> None:
@@ -91,16 +90,41 @@ def test_sliding_windows_carry_the_last_rows() -> None:
     assert carried[0, :, 0].tolist() == [5, 6, 7]
 
 
-def test_anomaly_window_holds_normalised_inputs_and_scores_the_pooled_window() -> None:
+def test_anomaly_score_is_each_steps_surprise_averaged_over_the_window() -> None:
+    """Step t's raw score: its squared error against the prediction made at step t-1 (the
+    first step: against the zero state, i.e. the training mean with variance 1), in
+    predicted variances, capped; the score is the mean of the last W raw scores."""
     net = build(_config("gru", "anomaly", 1), seed=2).eval()
     assert isinstance(net, AnomalyNet)
     x = torch.randn(1, 9, 3) * 3
+    x[0, 7] = 1e4  # a wild step: its raw score is capped
     with torch.no_grad():
-        score, (win,) = net(x, net.initial_state(1))
-        torch.testing.assert_close(win[0], net.normalise(x[0, -6:]))
-        pooled = net.normalise(x[0, -6:]).reshape(3, 2, 3).mean(1)
-        expected = (net.reconstruct(pooled[None]) - pooled).pow(2).mean()
-    torch.testing.assert_close(score[0, -1], expected)
+        score, (_, pred, win) = net(x, net.initial_state(1))
+        z = net.normalise(x)
+        after, _ = net.predict(z, net.core.initial_state(1))  # after[t] predicts z[t + 1]
+        before = torch.cat([torch.zeros(1, 1, 6), after[:, :-1]], dim=1)
+        raw = ((z - before[..., :3]).pow(2) / before[..., 3:].exp()).mean(-1)[0]
+        raw = raw.clamp(max=RAW_CAP)
+        padded = torch.cat([torch.zeros(5), raw])
+        expected = torch.stack([padded[t : t + 6].mean() for t in range(9)])
+    assert float(raw[7]) == RAW_CAP
+    torch.testing.assert_close(score[0], expected)
+    torch.testing.assert_close(pred, after[:, -1:])
+    torch.testing.assert_close(win[0, :, 0], raw[-6:])
+
+
+def test_anomaly_score_at_a_step_describes_that_step() -> None:
+    """Changing input t changes the score from step t on, never before: a score shifted
+    by a step (judging t by t+1's input) would be caught here."""
+    net = build(_config("lstm", "anomaly", 2), seed=3).eval()
+    x = torch.randn(1, 12, 3)
+    moved = x.clone()
+    moved[0, 5] += 4.0
+    with torch.no_grad():
+        a, _ = net(x, net.initial_state(1))
+        b, _ = net(moved, net.initial_state(1))
+    assert torch.equal(a[0, :5], b[0, :5])
+    assert float(b[0, 5]) != float(a[0, 5])
 
 
 def test_seq2seq_is_level_invariant() -> None:
@@ -141,7 +165,5 @@ def test_config_rejects_impossible_architectures() -> None:
         NetConfig(task="forecast", cell="lstm", n_features=2)
     with pytest.raises(ValueError, match="window"):
         NetConfig(task="anomaly", cell="lstm", n_features=2)
-    with pytest.raises(ValueError, match="pool"):
-        NetConfig(task="anomaly", cell="lstm", n_features=2, window=6, pool=4)
     with pytest.raises(ValueError, match="window"):
         NetConfig(task="seq2seq", cell="gru", n_features=2, targets=(0,), horizon=3)

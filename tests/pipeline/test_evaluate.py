@@ -33,7 +33,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_random(d / "forecast.onnx", task="forecast", n_features=1, horizon=3, seed=2)
     export_random(d / "forecast-b.onnx", task="forecast", n_features=1, horizon=1, seed=7)
     export_random(d / "seq2seq.onnx", task="seq2seq", n_features=1, horizon=4, window=8, seed=3)
-    export_random(d / "anomaly.onnx", task="anomaly", n_features=1, window=16, pool=2, seed=4)
+    export_random(d / "anomaly.onnx", task="anomaly", n_features=1, window=16, seed=4)
     return d
 
 
@@ -164,16 +164,29 @@ def test_forecast_report_matches_definitions(
     assert rep["season"] == season and rep["horizon"] == 3 and rep["tail_fraction"] == 0.2
 
 
-def test_tail_defaults_to_the_training_fraction(models_dir: Path, waterflow: Path) -> None:
+def test_tail_defaults_to_the_training_fraction_on_the_training_file_only(
+    models_dir: Path, waterflow: Path
+) -> None:
+    """The held-out tail by default on the very file the model was trained on (same
+    SHA-256); the whole file on any other; ``tail`` overrides both."""
     model = StepModel.load(models_dir / "forecast.onnx")
     assert resolve_tail(model.spec, None) == 1.0
     assert resolve_tail(model.spec, 0.1) == 0.1
-    model.spec = dataclasses.replace(model.spec, extra={"test_fraction": 0.3})
     data = load(waterflow, feature_columns=[WATER])
+    series = data.cases[0]
+    model.spec = dataclasses.replace(
+        model.spec, extra={"test_fraction": 0.3}, data_sha256=data.sha256
+    )
     rep = evaluate(model, data)
-    tail_rows = len(series := data.cases[0]) - split_tail(len(series), 0.3)
-    assert rep["tail_fraction"] == 0.3
-    assert rep["per_horizon"][0]["n_points"] == tail_rows
+    assert rep["tail_fraction"] == 0.3 and rep["trained_on_this_file"] is True
+    assert rep["per_horizon"][0]["n_points"] == len(series) - split_tail(len(series), 0.3)
+    whole = evaluate(model, data, tail=1.0)["per_horizon"][0]["n_points"]
+    assert whole > len(series) - split_tail(len(series), 0.3)
+    model.spec = dataclasses.replace(model.spec, data_sha256="0" * 64)  # another file
+    rep = evaluate(model, data)
+    assert rep["tail_fraction"] == 1.0 and rep["trained_on_this_file"] is False
+    assert rep["per_horizon"][0]["n_points"] == whole
+    assert evaluate(model, data, tail=0.3)["tail_fraction"] == 0.3
 
 
 def test_forecast_over_several_cases(models_dir: Path, tmp_path: Path) -> None:
@@ -349,10 +362,40 @@ def test_anomaly_report_matches_definitions(models_dir: Path, mitdb: Path) -> No
     top = int(np.argmax(score))
     assert rep["highest_score"]["row"] == start + top and rep["highest_score"]["case"] == "0"
     assert rep["highest_score"]["in_anomaly"] == bool(labels[top])
+    first, last = np.flatnonzero(labels)[[0, -1]]  # mitdb's tail has one labelled region
+    near = max(first - top, top - last, 0)
+    assert rep["highest_score"]["rows_from_anomaly"] == near
+    assert rep["highest_score"]["ucr_hit"] is bool(near <= 100)
     series = data.cases[0][:, 0].astype(np.float64)
     base = scoring.diff_zscore(series, slice(0, start))[start:]
     assert rep["baseline"]["roc_auc"] == pytest.approx(scoring.roc_auc(base, labels))
     json.dumps(rep, allow_nan=False)
+
+
+def test_anomaly_model_scores_every_row_of_a_file_it_was_not_trained_on(
+    models_dir: Path, shared_data: Path
+) -> None:
+    """ecg-diff-count-3: a model trained on ``_TRAIN_NA`` (its SHA-256 in the metadata,
+    a held-out fraction of 0.2) scores all of ``_TEST`` by default, so its three labelled
+    regions count (its last 20 % has none: ``roc_auc`` was null)."""
+    folder = shared_data / "ecg-diff-count-3"
+    options = {"label_column": "is_anomaly", "time_column": "timestamp"}
+    trained_on = load(folder / "ecg-diff-count-3_TRAIN_NA.csv", **options)
+    test = load(folder / "ecg-diff-count-3_TEST.csv", **options)
+    model = StepModel.load(models_dir / "anomaly.onnx")
+    model.spec = dataclasses.replace(
+        model.spec, data_sha256=trained_on.sha256, extra={"test_fraction": 0.2}
+    )
+    rep = evaluate(model, test)
+    labels = test.row_labels[0] == "1"  # type: ignore[index]
+    assert rep["trained_on_this_file"] is False and rep["tail_fraction"] == 1.0
+    assert rep["n_points"] == len(labels) == 10_000 and rep["anomalous_rows"] == 300
+    score = _full(model, test.cases[0])["score"].astype(np.float64)
+    assert rep["roc_auc"] == pytest.approx(scoring.roc_auc(score, labels), rel=1e-4)
+    base = scoring.diff_zscore(test.cases[0][:, 0].astype(np.float64))
+    assert rep["baseline"]["roc_auc"] == pytest.approx(scoring.roc_auc(base, labels))
+    assert rep["point_adjusted_f1"]["segments"] == 3
+    assert evaluate(model, test, tail=0.2)["roc_auc"] is None  # the old default's rows
 
 
 def test_anomaly_without_labels_reports_the_score_distribution(

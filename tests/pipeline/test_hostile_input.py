@@ -37,7 +37,7 @@ from pipeline.model import StepModel
 from pipeline.mqtt import Link
 from pipeline.sinks.mqtt import ErrorReporter
 from pipeline.sources import mqtt as source_mqtt
-from pipeline.sources.mqtt import MqttSource, topic_filter
+from pipeline.sources.mqtt import MqttSource, stream_id, topic_filter
 from pipeline.state import RESET_REASONS
 from pipeline.worker import Worker
 
@@ -463,11 +463,14 @@ def test_an_accepted_input_template_subscribes_to_exactly_its_topics(
         cfg = config.parse(doc, base=base, source=base / "t.toml").input
     except ConfigError:
         return
-    pattern, level = topic_filter(cfg.topic)
-    topic = cfg.topic.replace("{stream}", "sensor-7")
+    pattern, levels = topic_filter(cfg.topic)
+    # the template's own + levels match anything and are not part of the id
+    topic = "/".join("any" if x == "+" else x for x in cfg.topic.split("/"))
+    topic = topic.replace("{stream}", "sensor-7")
     assert paho.topic_matches_sub(pattern, topic)
-    assert topic.split("/")[level] == "sensor-7"
-    assert pattern.count("+") == 1 and "#" not in pattern
+    assert stream_id(topic, levels) == "/".join(["sensor-7"] * len(levels))
+    assert pattern.count("+") == cfg.topic.split("/").count("+") + len(levels)
+    assert "#" not in pattern and "{" not in pattern and len(levels) >= 1
 
 
 VICTIMS = {
@@ -643,3 +646,36 @@ def test_nan_and_datetime_values_in_config_are_named(tmp_path: Path) -> None:
                 base=tmp_path,
                 source=tmp_path / "c",
             )
+
+
+class _BrokenIntake:
+    """An intake with a bug: what the source does when its own side raises."""
+
+    def submit(self, step: Any, timeout: float | None = None) -> bool:
+        raise RuntimeError("bug " + "x" * 5000)
+
+    def submit_reset(self, stream: str) -> None:
+        raise RuntimeError("bug")
+
+
+def test_a_bug_behind_the_source_is_counted_and_logged_once_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    link = Link(MqttConfig(client_id="bug"))  # never connected
+    metrics = Metrics(
+        CollectorRegistry(), reject_reasons=app.REJECT_REASONS, reset_reasons=RESET_REASONS
+    )
+    errors = ErrorReporter(link, "errors", rate_per_s=1.0, burst=1, metrics=metrics)
+    MqttSource(link, DEC, _BrokenIntake(), InputConfig(), metrics=metrics, errors=errors)
+    good = codecs.encode_json(np.ones(F, np.float32), 1)
+    with caplog.at_level("DEBUG", logger="pipeline.sources.mqtt"):
+        for mid in range(1, 51):
+            msg = paho.MQTTMessage(mid=mid, topic=f"sensors/s{mid}/data".encode())
+            msg.payload, msg.qos = good, 1
+            link.client._handle_on_message(msg)
+    internal = metrics.rejected.labels(source_mqtt.INTERNAL_ERROR)._value.get()
+    assert internal == 50 and _value(metrics.received) == 50
+    assert len(caplog.records) == 1  # one line a minute at most
+    record = caplog.records[0]
+    assert record.exc_info is None and "RuntimeError" in record.getMessage()
+    assert len(record.getMessage()) < 400  # the exception text is clipped
