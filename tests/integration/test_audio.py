@@ -73,6 +73,7 @@ DATA_RECIPE: dict[str, Any] = {
 KEYWORD_MODEL_TIMEOUT_S = 1800
 TRAIN_RECIPE: dict[str, Any] = {
     "task": "classify",
+    "arch": "rnn",  # the recurrent stack, not models.search's choice
     "cell": "lstm",
     "hidden": 64,
     "layers": 2,
