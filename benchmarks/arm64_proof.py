@@ -22,7 +22,7 @@ this). Prints one JSON document. The phases, each timed:
 
 The daemon batches streams and the two sides use different onnxruntime kernels (AVX
 here, NEON there, under qemu), so predictions agree within ``--atol`` (probabilities),
-not bit for bit; the labels must be identical. Mounts made inside the root (proc, sys,
+not bit for bit; the labels must be identical. Mounts made inside the root (proc,
 dev) and processes started here are undone in ``finally``; a stale mount from a killed
 run is undone at start. Timings under qemu on a shared 2-core box are noisy.
 
@@ -79,6 +79,7 @@ TRAIN_ARGS = [
     "--epochs", "40", "--seed", "0",
 ]  # fmt: skip
 NOBODY = 65534
+HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def sh(*cmd: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -164,11 +165,16 @@ def build_root(rebuild: bool) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def mounted(root: Path) -> Iterator[None]:
-    """proc, sys and dev inside the root while it runs; always unmounted afterwards."""
+    """proc and dev inside the root while it runs; always unmounted afterwards.
+
+    Not sysfs: under qemu-user 7.2 the guest's /proc/cpuinfo is the x86 host's, and with
+    the host's /sys/devices/system/cpu beside it ``import onnxruntime`` (its cpuinfo
+    library) dies with SIGSEGV; without sysfs it warns that it cannot read the CPU list
+    and runs. A real arm64 box has both, consistent.
+    """
     unmount_all(root)  # a previous run that was killed
     try:
         sh("mount", "-t", "proc", "proc", str(root / "proc"))
-        sh("mount", "-t", "sysfs", "sysfs", str(root / "sys"))
         sh("mount", "--bind", "/dev", str(root / "dev"))
         yield
     finally:
@@ -203,9 +209,12 @@ def install(wheel: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     shutil.copy2(wheel, work / wheel.name)
     shutil.copy2("/etc/resolv.conf", ROOT / "etc" / "resolv.conf")
+    # the host's CA bundle: it trusts what the host trusts (a TLS-inspecting proxy's CA)
+    shutil.copy2(HOST_CA, work / "host-ca.crt")
     if not (ROOT / VENV.lstrip("/") / "bin" / "python").exists():
         sh(*in_root("python3", "-m", "venv", VENV))
-    pip = [f"{VENV}/bin/pip", "--disable-pip-version-check", "install", "--index-url",
+    pip = [f"{VENV}/bin/pip", "--disable-pip-version-check", "install", "--cert",
+           f"{WORK}/host-ca.crt", "--index-url",
            "https://pypi.org/simple"]  # fmt: skip
     sh(*in_root(*pip, f"{WORK}/{wheel.name}"))  # the dependencies, when missing
     sh(*in_root(*pip, "--force-reinstall", "--no-deps", f"{WORK}/{wheel.name}"))
