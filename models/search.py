@@ -8,8 +8,9 @@ then trained from scratch on all training cases for the full steps (tiny data se
 such as ArrowHead's 36 cases cannot spare a fifth of them for good). The budget
 (``--budget``, CPU seconds of the training process, one torch thread) is a ceiling,
 never a knob: the number of steps does not depend on the machine's speed, so a seed
-gives the same model on a fast and a slow machine; when the budget runs out the search stops early (and the final fit may be skipped,
-keeping the screened model), and ``metrics.json`` says so.
+gives the same model on a fast and a slow machine. When the budget cannot hold the
+best candidate's final fit, the best one that fits is fit instead (or, if none, the
+screened model is kept), and ``metrics.json`` says ``stopped_by_budget``.
 
 The recipe, the same for every candidate: per-channel normalisation in the graph,
 AdamW with a one-cycle learning-rate schedule, gradient clipping, a loss at every step
@@ -261,7 +262,9 @@ def _search(
     tr, va = stratified_split(y, cfg.val_fraction, cfg.seed)
     scores: list[dict[str, Any]] = []
     best: tuple[float, float] | None = None
-    chosen, chosen_net, chosen_s = pool[0], None, 0.0
+    chosen = pool[0]
+    # (score, candidate, screened net, screening CPU seconds)
+    screened: list[tuple[tuple[float, float], Candidate, FCNNet, float]] = []
     stopped = False
     if len(pool) > 1 and va:
         for k, cand in enumerate(pool):
@@ -287,12 +290,17 @@ def _search(
                     "seconds": round(took, 1),
                 }
             )
+            screened.append(((acc, -loss), cand, net, took))
             if best is None or (acc, -loss) > best:
-                best, chosen, chosen_net, chosen_s = (acc, -loss), cand, net, took
-    # The final fit on every training case, if the budget allows it (judged from the
-    # chosen candidate's screening time); else the screened model stays (said so).
-    need = chosen_s * recipe.steps / screen.steps
-    final = chosen_net is None or clock() + need <= deadline
+                best, chosen = (acc, -loss), cand
+    # The final fit on every training case, of the best candidate whose fit the budget
+    # still allows (judged from its screening time); if none, the screened model stays.
+    ranked = sorted(screened, key=lambda e: e[0], reverse=True)
+    left = deadline - clock()
+    affordable = [e for e in ranked if e[3] * recipe.steps / screen.steps <= left]
+    final = not screened or bool(affordable)
+    if screened:
+        chosen = (affordable or ranked)[0][1]
     losses: list[float] = []
     final_done = 0
     if final:
@@ -304,13 +312,14 @@ def _search(
         losses = info["loss"]
         final_done = info["steps"]
     else:
-        assert chosen_net is not None
-        net = chosen_net
+        net = ranked[0][2]
         stopped = True
+    stopped = stopped or (bool(screened) and chosen is not ranked[0][1])
     extra = {
         "search": {
             "candidates": scores,
             "chosen": chosen.name,
+            "best_screened": ranked[0][1].name if ranked else chosen.name,
             "screen_steps": screen.steps,
             "final_fit_on_all_training_cases": final,
             "final_steps": recipe.steps,

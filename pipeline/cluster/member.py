@@ -13,6 +13,10 @@ after it stored it, so an owner stops using a lease before anyone else can take 
 A partition is processed, published and checkpointed only while its lease is held, and
 a checkpoint is written with compare-and-set on the checkpoint's revision, so a stale
 owner's write fails instead of overwriting its successor's.
+
+A lost connection to NATS may have swallowed predictions already handed to the client,
+so no checkpoint is written after one; instead every partition is dropped and taken
+again from its checkpoint, and the repeats are marked ``replayed``.
 """
 
 from __future__ import annotations
@@ -154,6 +158,7 @@ class Member:
         self._js: JetStreamContext | None = None
         self._kv: dict[str, KeyValue] = {}
         self._seen: dict[str, float] = {}  # member -> when its heartbeat was last seen
+        self._connection_lost = False  # since the last _replay_all
         self._watcher: Any = None
         self._watch_started = 0.0
 
@@ -178,6 +183,8 @@ class Member:
             tick = self.cfg.lease_ttl_s / 6
             next_ckpt = self.clock() + self.cfg.checkpoint_interval_s
             while not self.should_exit.is_set():
+                if self._connection_lost and self._nc is not None and self._nc.is_connected:
+                    await self._replay_all()
                 await self._rebalance()
                 if self.clock() >= next_ckpt:
                     next_ckpt = self.clock() + self.cfg.checkpoint_interval_s
@@ -204,6 +211,9 @@ class Member:
             log.warning("nats: %s", exc)
 
         async def on_disconnected() -> None:
+            # Predictions written to the lost connection may never have left: no
+            # checkpoint may cover them. Every partition restarts from its checkpoint.
+            self._connection_lost = True
             metrics.broker_connected.set(0)
             log.warning("nats: disconnected")
 
@@ -362,10 +372,8 @@ class Member:
         await asyncio.gather(*(self._lose(o) for o in expired))
         unwanted = [o for p, o in self.owned.items() if p not in want]
         await asyncio.gather(*(self._release(o, REBALANCE) for o in unwanted))
-        for p in sorted(want - self.owned.keys()):
-            if self.should_exit.is_set():
-                return
-            await self._acquire(p)
+        if not self.should_exit.is_set():  # in parallel: one slow takeover delays no other
+            await asyncio.gather(*(self._acquire(p) for p in sorted(want - self.owned.keys())))
 
     def _valid(self, o: Owned) -> bool:
         return self.clock() - o.renewed_at < self.cfg.lease_ttl_s * (1 - LEASE_MARGIN)
@@ -472,6 +480,18 @@ class Member:
         self.cm.handoffs.labels(reason).inc()
         log.info("partition %d: released (%s) at input seq %d", o.partition, reason, o.applied)
 
+    async def _replay_all(self) -> None:
+        """After a lost connection: drop every partition without a checkpoint and free
+        its lease, so that it is taken again (by this member, usually) from its last
+        checkpoint and its input replayed; the repeats are marked ``replayed``."""
+        self._connection_lost = False
+        owned = list(self.owned.values())
+        log.warning("connection was lost: %d partitions restart from checkpoints", len(owned))
+        for o in owned:
+            await self._lose(o)
+            with contextlib.suppress(Exception):
+                await self.leases.delete(o.key, last=o.lease_rev)
+
     async def _lose(self, o: Owned) -> None:
         """The lease is gone or unusable: drop everything, checkpoint nothing."""
         if o.partition not in self.owned:
@@ -528,6 +548,8 @@ class Member:
                 path.unlink(missing_ok=True)
         try:
             await nc.flush(timeout=5)  # the predictions it covers are at the server
+            if self._connection_lost:
+                raise ConnectionError("the connection was lost since: replay instead")
             if not self._valid(o):
                 raise TimeoutError("lease about to lapse")
             blob = encode_checkpoint(seq, final, self.me, o.lease_rev, state)
@@ -589,15 +611,16 @@ class Member:
                 await self._process(o, msgs)
 
     async def _check_consumer(self, o: Owned, *, force: bool = False) -> None:
-        """Re-create the consumer from ``applied + 1`` when it is gone."""
+        """Re-create the consumer from ``applied + 1`` when it is gone or stalled."""
         if not force and o.sub is not None:
             try:
-                await o.sub.consumer_info()
-                return
-            except nats.js.errors.NotFoundError:
+                info = await o.sub.consumer_info()
+                if not info.num_pending:
+                    return  # idle because there is no input
+                # Input waits, yet fetches came back empty: the consumer is stalled (its
+                # placement lost quorum when a server died).
+            except Exception:  # gone (its server died) or unreachable: make a new one
                 pass
-            except Exception:
-                return  # cannot tell now; try again later
         try:
             await self._subscribe(o)
             log.info("partition %d: consumer re-created at %d", o.partition, o.applied + 1)

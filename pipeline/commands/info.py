@@ -94,7 +94,7 @@ def render(doc: dict[str, Any]) -> str:
     lines = [
         f"model:       {doc['name']} {doc['version']}",
         f"task:        {doc['task']} ({doc['cell']})",
-        f"sample rate: {f'{rate:g} Hz' if rate else 'not recorded'}",
+        f"sample rate: {f'{rate:g} Hz (a step every {1 / rate:g} s)' if rate else 'not recorded'}",
         f"features:    {len(doc['features'])}, in payload order:",
     ]
     width = max(len(f["name"]) for f in doc["features"])
@@ -105,7 +105,7 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"labels:      {', '.join(doc['labels'])}")
     if "targets" in doc:
         lines.append(f"targets:     {', '.join(doc['targets'])}")
-        lines.append(f"horizon:     {doc['horizon']} steps")
+        lines.append(f"horizon:     {doc['horizon']} step{'s' if doc['horizon'] != 1 else ''}")
     if "window" in doc:
         lines.append(f"window:      {doc['window']} steps")
     if "threshold" in doc:

@@ -63,7 +63,7 @@ class Node:
             f"listen: {HOST}:{self.port}\n"
             f"http: {HOST}:{self.http_port}\n"
             f"jetstream {{ store_dir: {json.dumps(str(self.dir / 'js'))} }}\n"
-            f"mqtt {{ listen: {HOST}:{self.mqtt_port} }}\n"
+            f"mqtt {{ listen: {HOST}:{self.mqtt_port}, stream_replicas: 3 }}\n"  # as shipped
             "cluster {\n"
             "  name: seqstream-test\n"
             f"  listen: {HOST}:{self.route_port}\n"

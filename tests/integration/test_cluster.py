@@ -3,11 +3,11 @@
 Sensors publish over MQTT to all three nodes; three (then four) ``seqstream run``
 members share the partitions. Every stream's predictions, as an MQTT subscriber
 receives them, must equal the offline stepwise run of its readings (1e-5: streams run
-batched, as in test_daemon), across a SIGKILLed member and a joining and a leaving
-one. Ownership is checked from the owner headers every
-prediction carries on NATS: per stream, the lease revision (the fencing token) of
-successive predictions never goes back, i.e. an old owner never publishes after a new
-one started.
+batched, as in test_daemon), across a SIGKILLed member, a joining and a leaving one,
+and a paused one (a SIGKILLed NATS node is not covered: deploy/cluster/RUNBOOK.md says
+why). Ownership is checked from the owner headers every prediction carries on NATS:
+per stream, the lease revision (the fencing token) of successive predictions never goes
+back, i.e. an old owner never publishes after a new one started.
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def test_info_prints_what_training_recorded(named_model: Path) -> None:
     assert "mase" in proc.stdout.lower()
 
     text = seqstream("info", str(named_model)).stdout
-    assert "sample rate: 10 Hz" in text
+    assert "sample rate: 10 Hz (a step every 0.1 s)" in text
     rows = [ln.split() for ln in text.splitlines() if ln.startswith("  ")]
     assert rows == [["0", "temp", "[C]"], ["1", "hum", "[%]"]]  # payload order, with units
     assert "horizon:     2 steps" in text
@@ -125,7 +125,8 @@ def test_train_takes_names_and_rate_from_flags(tmp_path: Path) -> None:
     proc = seqstream(
         "train", "--task", "anomaly", "--data", str(csv), "--time-column", "time",
         "--feature-names", "pressure[kPa]", "flow", "--sample-rate", "2.5",
-        "--hidden", "4", "--epochs", "1", "--context", "8", "--pool", "2", "--out", str(out),
+        "--hidden", "4", "--epochs", "1", "--context", "8", "--window", "48",
+        "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     model = tmp_path / "m.onnx"

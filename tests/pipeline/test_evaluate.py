@@ -372,6 +372,32 @@ def test_anomaly_report_matches_definitions(models_dir: Path, mitdb: Path) -> No
     json.dumps(rep, allow_nan=False)
 
 
+def test_anomaly_model_scores_every_row_of_a_file_it_was_not_trained_on(
+    models_dir: Path, shared_data: Path
+) -> None:
+    """ecg-diff-count-3: a model trained on ``_TRAIN_NA`` (its SHA-256 in the metadata,
+    a held-out fraction of 0.2) scores all of ``_TEST`` by default, so its three labelled
+    regions count (its last 20 % has none: ``roc_auc`` was null)."""
+    folder = shared_data / "ecg-diff-count-3"
+    options = {"label_column": "is_anomaly", "time_column": "timestamp"}
+    trained_on = load(folder / "ecg-diff-count-3_TRAIN_NA.csv", **options)
+    test = load(folder / "ecg-diff-count-3_TEST.csv", **options)
+    model = StepModel.load(models_dir / "anomaly.onnx")
+    model.spec = dataclasses.replace(
+        model.spec, data_sha256=trained_on.sha256, extra={"test_fraction": 0.2}
+    )
+    rep = evaluate(model, test)
+    labels = test.row_labels[0] == "1"  # type: ignore[index]
+    assert rep["trained_on_this_file"] is False and rep["tail_fraction"] == 1.0
+    assert rep["n_points"] == len(labels) == 10_000 and rep["anomalous_rows"] == 300
+    score = _full(model, test.cases[0])["score"].astype(np.float64)
+    assert rep["roc_auc"] == pytest.approx(scoring.roc_auc(score, labels), rel=1e-4)
+    base = scoring.diff_zscore(test.cases[0][:, 0].astype(np.float64))
+    assert rep["baseline"]["roc_auc"] == pytest.approx(scoring.roc_auc(base, labels))
+    assert rep["point_adjusted_f1"]["segments"] == 3
+    assert evaluate(model, test, tail=0.2)["roc_auc"] is None  # the old default's rows
+
+
 def test_anomaly_without_labels_reports_the_score_distribution(
     models_dir: Path, mitdb: Path
 ) -> None:
