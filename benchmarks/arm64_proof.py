@@ -185,10 +185,21 @@ def mounted(root: Path) -> Iterator[None]:
 
 
 def build_wheel() -> Path:
-    out = CACHE / "wheel"
-    shutil.rmtree(out, ignore_errors=True)
+    """``pip wheel --no-deps`` of the working tree's tracked files, copied aside first.
+
+    Built in a copy so that setuptools' ``build/`` of an earlier run can never put a
+    deleted module into the wheel, and nothing is left in the checkout.
+    """
+    src, out = CACHE / "src", CACHE / "wheel"
+    for d in (src, out):
+        shutil.rmtree(d, ignore_errors=True)
+    files = sh("git", "-C", str(REPO), "ls-files", "-z").stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
     sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-       str(out), str(REPO))  # fmt: skip
+       str(out), str(src))  # fmt: skip
     (wheel,) = out.glob("seqstream-*.whl")
     return wheel
 
