@@ -107,7 +107,8 @@ def host_setup() -> dict[str, Any]:
     missing = [pkg for pkg, path in HOST_PACKAGES.items() if not Path(path).exists()]
     if missing:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        sh("apt-get", "install", "-y", "--no-install-recommends", *missing, env=env)
+        sh("apt-get", "update", "-q", env=env)
+        sh("apt-get", "install", "-y", "-q", "--no-install-recommends", *missing, env=env)
     if not (BINFMT / "status").exists():
         sh("mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT))
     sh("update-binfmts", "--enable", "qemu-aarch64")
@@ -130,15 +131,14 @@ def mounts_under(root: Path) -> list[str]:
     return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
 
 
-def unmount_all(root: Path) -> list[str]:
-    left = []
+def unmount_all(root: Path) -> None:
+    """Undo every mount inside ``root``; lazily when busy, and fail if one is left."""
     for point in mounts_under(root):
         if subprocess.run(["umount", point]).returncode != 0:
             subprocess.run(["umount", "-l", point])
     left = mounts_under(root)
     if left:
         raise RuntimeError(f"still mounted inside the root: {left}")
-    return left
 
 
 def build_root(rebuild: bool) -> dict[str, Any]:
