@@ -148,6 +148,7 @@ class Member:
             model.spec.n_features,
             max_payload_bytes=settings.input.max_payload_bytes,
             max_steps=settings.engine.max_chunk,
+            features=model.spec.features,
         )
         self.owned: dict[int, Owned] = {}
         self.should_exit = asyncio.Event()
