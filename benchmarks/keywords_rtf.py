@@ -10,8 +10,13 @@ Prints one JSON document:
 * ``detection``: over recordings of every keyword in held-out voices, hits, misses and
   false alarms, and the delay from the end of each spoken word to the frame that fired
   (stream time, so no capture or network latency: see the microphone test for those).
+* ``false_accepts``: a long recording of non-keyword speech (the training set's unknown
+  words, near misses included, and words training never heard) with short pauses, in
+  held-out voices and four accents: every event is a false accept; ``per_hour`` of that
+  speech is the figure to compare (it is not the rate in ordinary conversation, which
+  holds fewer near misses).
 
-    python benchmarks/keywords_rtf.py MODEL.onnx [--seconds 60]
+    python benchmarks/keywords_rtf.py MODEL.onnx [--seconds 60] [--threshold 0.7]
 
 Without a model, train one: ``seqstream keywords generate --out D`` then
 ``seqstream train --task classify --data D/train --out RUN`` and ``seqstream export``.
@@ -35,14 +40,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import keywords_service as ks  # noqa: E402
+from pipeline.keywords import DetectorSettings  # noqa: E402
 from pipeline.keywords_generate import (  # noqa: E402
     KEYWORDS,
     TEST_VARIANTS,
+    UNKNOWN_WORDS,
     make_recording,
     write_recording,
 )
 
 RATE = 16_000
+# Words no training clip holds: some sound like a keyword ("lights", "going", "upper").
+UNHEARD_WORDS = (
+    "hello", "water", "music", "kitchen", "open", "close", "please", "morning", "weather",
+    "number", "lights", "yellow", "going", "nobody", "upper", "store", "lift", "yesterday",
+    "dawn", "window",
+)  # fmt: skip
+FA_ACCENTS = ("en-us", "en", "en-gb-x-rp", "en-us-nyc")
 
 
 class Collect:
@@ -53,13 +67,16 @@ class Collect:
         self.events.append(event)
 
 
-def run(model: Path, wavs: list[Path], block: int) -> tuple[float, Collect]:
+def run(
+    model: Path, wavs: list[Path], block: int, detector: DetectorSettings | None = None
+) -> tuple[float, Collect]:
     """Wall seconds to process every WAV as its own stream, and the events."""
     files = tuple(
         ks.WavFileSettings(f"s{i}", w, realtime=False, block_size=block) for i, w in enumerate(wavs)
     )
     sink = Collect()
-    service = ks.build(ks.AudioSettings(model=model, files=files), sink, CollectorRegistry())
+    settings = ks.AudioSettings(model=model, files=files, detector=detector or DetectorSettings())
+    service = ks.build(settings, sink, CollectorRegistry())
     started = time.perf_counter()
     service.start()
     service.wait_sources()
@@ -90,7 +107,7 @@ def rtf(model: Path, tmp: Path, seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
-def detection(model: Path, tmp: Path) -> dict[str, Any]:
+def detection(model: Path, tmp: Path, detector: DetectorSettings) -> dict[str, Any]:
     """Every keyword plus unknown words, in each held-out voice variant (en-us accent)."""
     words = [*KEYWORDS, "house", "seven", "bird"]
     hits = misses = false_alarms = wrong = 0
@@ -99,7 +116,7 @@ def detection(model: Path, tmp: Path) -> dict[str, Any]:
         order = list(np.random.default_rng(k).permutation(words))
         signal, spoken = make_recording(order, f"en-us+{variant}", seed=k)
         wav = write_recording(tmp / f"det{k}.wav", signal, spoken, RATE)
-        _, sink = run(model, [wav], 320)
+        _, sink = run(model, [wav], 320, detector)
         used: set[int] = set()
         for e in sink.events:
             match = [
@@ -138,18 +155,48 @@ def detection(model: Path, tmp: Path) -> dict[str, Any]:
     }
 
 
+def false_accepts(model: Path, tmp: Path, detector: DetectorSettings) -> dict[str, Any]:
+    """Events per hour of speech that holds no keyword (each held-out voice, 20 words)."""
+    pool = [*UNKNOWN_WORDS, *UNHEARD_WORDS]
+    wavs: list[Path] = []
+    seconds = 0.0
+    for k, variant in enumerate(TEST_VARIANTS):
+        rng = np.random.default_rng(100 + k)
+        words = [pool[i] for i in rng.permutation(len(pool))[:20]]
+        voice = f"{FA_ACCENTS[k % len(FA_ACCENTS)]}+{variant}"
+        signal, spoken = make_recording(words, voice, seed=200 + k, pause_s=(0.3, 1.5))
+        wavs.append(write_recording(tmp / f"fa{k}.wav", signal, spoken, RATE))
+        seconds += len(signal) / RATE
+    _, sink = run(model, wavs, 1600, detector)
+    fired: dict[str, int] = {}
+    for e in sink.events:
+        fired[e.keyword] = fired.get(e.keyword, 0) + 1
+    return {
+        "words": len(wavs) * 20,
+        "audio_seconds": round(seconds, 1),
+        "false_accepts": len(sink.events),
+        "per_hour": round(len(sink.events) / (seconds / 3600), 1),
+        "by_keyword": dict(sorted(fired.items())),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("model", type=Path)
     p.add_argument("--seconds", type=float, default=60.0, help="length of the RTF recording")
+    p.add_argument("--threshold", type=float, default=DetectorSettings.threshold)
+    p.add_argument("--smooth-ms", type=float, default=DetectorSettings.smooth_ms)
     args = p.parse_args()
+    detector = DetectorSettings(threshold=args.threshold, smooth_ms=args.smooth_ms)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         report = {
             "cpus": os.cpu_count(),
             "model": str(args.model),
             "rtf": rtf(args.model, tmp, args.seconds),
-            "detection": detection(args.model, tmp),
+            "detector": {"threshold": detector.threshold, "smooth_ms": detector.smooth_ms},
+            "detection": detection(args.model, tmp, detector),
+            "false_accepts": false_accepts(args.model, tmp, detector),
         }
     print(json.dumps(report, indent=2))
     return 0

@@ -14,9 +14,11 @@ from concurrent.futures import Future
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
+from pipeline import channels as channels_module
 from pipeline import codecs, config, keywords_service
 from pipeline import engine as engine_module
 from pipeline.acks import AckLedger
+from pipeline.channels import Assembler
 from pipeline.codecs import Decoder, PredictionEncoder
 from pipeline.config import Settings
 from pipeline.daemon import Daemon, Service
@@ -51,6 +53,7 @@ REJECT_REASONS: tuple[str, ...] = tuple(
         (
             *codecs.REASONS,
             *source_mqtt.REASONS,
+            *channels_module.REASONS,
             sink_mqtt.NON_FINITE_OUTPUT,
             *engine_module.REJECT_REASONS,
         )
@@ -141,9 +144,18 @@ def build(
         spec.n_features,
         max_payload_bytes=settings.input.max_payload_bytes,
         max_steps=settings.engine.max_chunk,
+        features=spec.features,
     )
     ckpt = settings.checkpoint
     acks = AckLedger(link, ckpt.max_unacked) if ckpt.ack_after_checkpoint else None
+    channels = None
+    if settings.input.channel_topic is not None:  # one topic per feature
+        channels = Assembler(
+            spec.features,
+            max_pending=settings.input.channel_max_pending,
+            max_streams=settings.engine.max_streams,
+            max_seq_jump=settings.engine.max_seq_jump,
+        )
     source = MqttSource(
         link,
         decoder,
@@ -153,6 +165,7 @@ def build(
         errors=errors,
         acks=acks,
         max_tracked=settings.engine.max_streams,
+        channels=channels,
     )
     services: list[Service] = []
     if settings.audio is not None:  # keyword spotting: its own model, engine and sources

@@ -11,6 +11,18 @@ Input (sensor readings), recognised by their first bytes, so one topic can carry
 ``F``); ``seq`` (integer >= 0) numbers the first row, the rows after it are
 ``seq+1, seq+2 ...``; ``seq`` and ``ts`` (seconds, any epoch) are optional.
 
+``values`` may instead name the model's features (its metadata's ``features``, what
+``seqstream info`` lists), in any order, one number each or one column of ``T``
+numbers each (equal lengths)::
+
+    {"seq": 17, "values": {"temp": 21.5, "hum": 40}}
+    {"seq": 17, "values": {"temp": [21.5, 21.6], "hum": [40, 41]}}
+
+Every feature must be there (``missing_feature``) and nothing else
+(``unknown_feature``): a misspelt name is refused, not silently read as a gap. The
+names live inside ``values`` rather than beside ``seq`` so that a feature may be
+called anything, ``seq`` included, and other top-level keys stay ignored.
+
 **Binary** (little-endian; for high-rate sensors), a 24-byte header then the data::
 
     offset size type     field
@@ -92,6 +104,8 @@ FEATURE_COUNT = REJECT_BAD_FEATURES
 TOO_MANY_STEPS = REJECT_TOO_LONG
 BAD_BINARY_HEADER = "bad_binary_header"
 BAD_BINARY_LENGTH = "bad_binary_length"
+MISSING_FEATURE = "missing_feature"
+UNKNOWN_FEATURE = "unknown_feature"
 REASONS: tuple[str, ...] = (
     OVERSIZED,
     MALFORMED_JSON,
@@ -102,7 +116,10 @@ REASONS: tuple[str, ...] = (
     TOO_MANY_STEPS,
     BAD_BINARY_HEADER,
     BAD_BINARY_LENGTH,
+    MISSING_FEATURE,
+    UNKNOWN_FEATURE,
 )
+NAMES_LISTED = 8  # feature names quoted in a rejection's detail at most
 
 
 def _json_problem(exc: json.JSONDecodeError) -> str:
@@ -121,10 +138,23 @@ class Decoder:
     the queue or any stream's state.
     """
 
-    def __init__(self, n_features: int, *, max_payload_bytes: int, max_steps: int) -> None:
+    def __init__(
+        self,
+        n_features: int,
+        *,
+        max_payload_bytes: int,
+        max_steps: int,
+        features: Sequence[str] = (),
+    ) -> None:
+        """``features``: the model's feature names, in its input order; without them
+        only positional ``values`` are accepted."""
+        if features and len(features) != n_features:
+            raise ValueError(f"{len(features)} feature names for {n_features} features")
         self.n_features = n_features
         self.max_payload_bytes = max_payload_bytes
         self.max_steps = max_steps
+        self.features = tuple(features)
+        self._known = frozenset(self.features)
 
     def decode(self, stream: str, payload: bytes | bytearray, received: float = 0.0) -> Step:
         if len(payload) > self.max_payload_bytes:
@@ -135,7 +165,26 @@ class Decoder:
             values, seq, ts = self._json(payload)
         return Step(stream, values, seq, ts, received)
 
+    def channel(self, payload: bytes | bytearray) -> tuple[int, float | None, float]:
+        """One channel's reading (``seq``, ``ts``, ``value``) for :mod:`pipeline.channels`:
+        ``{"seq": 17, "ts": 1718000000.25, "value": 21.5}``; ``seq`` is required, as it
+        is what puts the channels of one step together."""
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadError(OVERSIZED, f"{len(payload)} bytes > {self.max_payload_bytes}")
+        doc = _object(payload)
+        seq, ts = _seq_ts(doc)
+        if seq is None:
+            raise PayloadError(BAD_SEQ, "a channel message needs 'seq' (it joins the channels)")
+        value = doc.get("value")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise PayloadError(BAD_SHAPE, "'value' must be a number")
+        try:
+            return seq, ts, float(value)
+        except OverflowError:  # a 400-digit integer
+            raise PayloadError(BAD_SHAPE, "'value' must be a float32 number") from None
+
     def _json(self, payload: bytes | bytearray) -> tuple[Array, int | None, float | None]:
+        # _object and _seq_ts, inlined: this is the hot path, a call costs measurably
         try:
             doc = json.loads(payload)
         except json.JSONDecodeError as exc:
@@ -161,7 +210,9 @@ class Decoder:
                 raise PayloadError(BAD_TS, "'ts' must be a finite number")
         raw = doc.get("values")
         if not isinstance(raw, list) or not raw:
-            raise PayloadError(BAD_SHAPE, "'values' must be a non-empty list")
+            if isinstance(raw, dict):  # named features; the positional path pays nothing
+                return self._named(raw), seq, ts
+            raise PayloadError(BAD_SHAPE, "'values' must be a non-empty list or an object")
         try:
             arr = np.array(raw)
         except (ValueError, TypeError, OverflowError, RecursionError):
@@ -174,6 +225,37 @@ class Decoder:
             values = arr.astype(np.float32)
         self._check(values)
         return values, seq, ts
+
+    def _named(self, raw: dict[str, Any]) -> Array:
+        """``values`` given by feature name: one number or one column per feature."""
+        names = self.features
+        if not names:
+            raise PayloadError(BAD_SHAPE, "this model takes positional 'values' only")
+        try:
+            columns = [raw[name] for name in names]
+        except KeyError:
+            missing = [name for name in names if name not in raw]
+            raise PayloadError(
+                MISSING_FEATURE, f"missing {_names(missing)}; the model takes {_names(names)}"
+            ) from None
+        if len(raw) != len(names):  # all present, so the rest are strangers
+            unknown = [key for key in raw if key not in self._known]
+            raise PayloadError(
+                UNKNOWN_FEATURE, f"unknown {_names(unknown)}; the model takes {_names(names)}"
+            )
+        shape = "named values must be numbers or equal-length lists"
+        try:
+            arr = np.array(columns)
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            raise PayloadError(BAD_SHAPE, shape) from None
+        if arr.dtype.kind not in "fiu" or arr.ndim not in (1, 2) or arr.size == 0:
+            raise PayloadError(BAD_SHAPE, shape)
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = arr.astype(np.float32)
+        # one number per feature is one step; columns [F, T] become rows [T, F]
+        values = values.reshape(1, -1) if values.ndim == 1 else np.ascontiguousarray(values.T)
+        self._check(values)
+        return values
 
     def _binary(self, payload: bytes | bytearray) -> tuple[Array, int | None, float | None]:
         if len(payload) < HEADER.size:
@@ -296,6 +378,48 @@ class PredictionEncoder:
         if self._output == "score":
             return int(self._flags(float(result.output("score").max())))
         return 0
+
+
+def _object(payload: bytes | bytearray) -> dict[str, Any]:
+    """The payload as a JSON object, or the reason it is not one."""
+    try:
+        doc = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise PayloadError(MALFORMED_JSON, _json_problem(exc)) from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError; nesting past the stack
+        raise PayloadError(MALFORMED_JSON, "not a UTF-8 JSON document") from None
+    if not isinstance(doc, dict):
+        raise PayloadError(MALFORMED_JSON, "not a JSON object")
+    return doc
+
+
+def _seq_ts(doc: dict[str, Any]) -> tuple[int | None, float | None]:
+    """A channel message's ``seq`` and ``ts``, checked as :meth:`Decoder._json` checks them."""
+    seq = doc.get("seq")
+    if seq is not None and (
+        not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < MAX_SEQ
+    ):
+        raise PayloadError(BAD_SEQ, "'seq' must be an integer in 0..2**62-1")
+    ts = doc.get("ts")
+    if ts is None:
+        return seq, None
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        raise PayloadError(BAD_TS, "'ts' must be a finite number")
+    try:
+        ts = float(ts)
+    except OverflowError:
+        raise PayloadError(BAD_TS, "'ts' must be a finite number") from None
+    if not math.isfinite(ts):
+        raise PayloadError(BAD_TS, "'ts' must be a finite number")
+    return seq, ts
+
+
+def _names(names: Sequence[str]) -> str:
+    """Some feature names for a rejection's detail, quoted, at most :data:`NAMES_LISTED`
+    (a hostile payload may carry thousands of keys)."""
+    shown = ", ".join(json.dumps(name[:64]) for name in names[:NAMES_LISTED])
+    more = len(names) - NAMES_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _resets(reasons: Sequence[str]) -> str:

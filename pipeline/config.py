@@ -16,6 +16,13 @@ Topic templates use one notation everywhere: ``{stream}`` marks the topic level 
 carries the stream id, e.g. ``sensors/{stream}/data``. An input template is subscribed
 with that level replaced by ``+``; an output template is filled with the stream id.
 ``{client_id}`` may appear in the status and error topics.
+
+An input template may also hold ``+`` levels, matched but not part of the id
+(``site/+/dev/{stream}/telemetry``), and ``{stream}`` at several levels, whose values
+joined by ``/`` make the id (``site/{stream}/dev/{stream}/telemetry`` reads
+``site/s1/dev/7/telemetry`` as stream ``s1/7``, predicted on ``predictions/s1/7``), so
+ids stay unique when device names repeat across sites. The reset template has as many
+``{stream}`` levels (the same ids) and matches no topic the data template matches.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 STREAM = "{stream}"
+CHANNEL = "{channel}"  # per-channel input: the level naming one of the model's features
 CLIENT_ID = "{client_id}"
 PROTOCOLS: tuple[str, ...] = ("3.1.1", "5")
 OVERFLOW: tuple[str, ...] = ("block", "drop")
@@ -145,6 +153,10 @@ class InputConfig:
     max_stream_id_bytes: int = 128
     # A stream's reset requests closer together than this are refused (reset_rate_limited).
     reset_min_interval_s: float = 1.0
+    # One topic per feature (pipeline.channels): a template with {stream} and {channel};
+    # None: off. Steps waiting for a channel, per stream, before the oldest is dropped.
+    channel_topic: str | None = None
+    channel_max_pending: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,11 +458,26 @@ def _input(t: _Table) -> InputConfig:
         reset = None  # "" disables resets, as TOML has no null
     if reset is not None:
         _check_input_topic(t, "reset_topic", reset)
-        if reset == topic:
-            t.fail("reset_topic", "must differ from topic")
+        if _filters_overlap(reset, topic):
+            t.fail("reset_topic", f"must differ from topic: both match some topics ({topic!r})")
+        if reset.split("/").count(STREAM) != topic.split("/").count(STREAM):
+            t.fail("reset_topic", f"must have as many {STREAM} levels as topic ({topic!r})")
+    channels = t.opt_text("channel_topic", d.channel_topic) or None  # "": off
+    if channels is not None:
+        levels = channels.split("/")
+        if levels.count(CHANNEL) != 1 or channels.count(CHANNEL) != 1:
+            t.fail("channel_topic", f"must contain {CHANNEL} once, as a whole level")
+        _check_input_topic(t, "channel_topic", channels.replace(CHANNEL, "+"))
+        for other in (topic, reset):
+            if other is not None and _filters_overlap(channels.replace(CHANNEL, "+"), other):
+                t.fail("channel_topic", f"must differ from {other!r}: both match some topics")
+        if reset is not None and channels.count(STREAM) != reset.split("/").count(STREAM):
+            t.fail("channel_topic", f"must have as many {STREAM} levels as reset_topic")
     cfg = InputConfig(
         topic=topic,
         reset_topic=reset,
+        channel_topic=channels,
+        channel_max_pending=t.integer("channel_max_pending", d.channel_max_pending, lo=1, hi=4096),
         qos=t.integer("qos", d.qos, lo=0, hi=2),
         max_payload_bytes=t.integer("max_payload_bytes", d.max_payload_bytes, lo=16, hi=256 << 20),
         max_stream_id_bytes=t.integer(
@@ -614,12 +641,22 @@ def _wavfile(t: _Table) -> WavFileSettings:
 
 def _check_input_topic(t: _Table, key: str, topic: str) -> None:
     levels = topic.split("/")
-    if levels.count(STREAM) != 1 or topic.count(STREAM) != 1:
-        t.fail(key, f"must contain {STREAM} once, as a whole topic level, got {topic!r}")
-    if "+" in topic or "#" in topic or "\0" in topic:
-        t.fail(key, f"must not contain MQTT wildcards (use {STREAM}), got {topic!r}")
+    n = levels.count(STREAM)
+    if n == 0 or topic.count(STREAM) != n:
+        t.fail(key, f"must contain {STREAM} once or more, each a whole topic level, got {topic!r}")
+    if "#" in topic or "\0" in topic or any("+" in x and x != "+" for x in levels):
+        t.fail(key, f"must not contain MQTT wildcards but whole + levels, got {topic!r}")
     if "{" in topic.replace(STREAM, "") or "}" in topic.replace(STREAM, ""):
         t.fail(key, f"only {STREAM} may appear in braces, got {topic!r}")
+
+
+def _filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both input templates (it would be taken twice)."""
+    la, lb = a.split("/"), b.split("/")
+    wild = ("+", STREAM)
+    if len(la) != len(lb):
+        return False
+    return all(x == y or x in wild or y in wild for x, y in zip(la, lb, strict=True))
 
 
 def _check_publish_topic(t: _Table, key: str, topic: str, *, stream: bool) -> None:

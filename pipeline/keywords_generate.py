@@ -13,7 +13,11 @@ Clips are laid out for a *streaming* classifier that carries its state across wo
 * a keyword or unknown word ends 50-300 ms before the clip ends (the model learns to
   announce a word right after it ends);
 * ``silence`` is noise alone, or a word followed by 0.7-1.2 s of noise (the model
-  learns to let a word go once it is over, so detections do not linger).
+  learns to let a word go once it is over, so detections do not linger);
+* optionally (``preceded``, off by default) a share of the keyword and unknown clips
+  start with another word in the same voice and a pause: live, the model's state comes
+  from the words before, never from a fresh start. Measured so far it did not pay for
+  its cost (docs/keywords/README.md).
 
 The test split uses voice variants that training never hears (every sixth variant).
 Training has twice as many ``unknown`` clips as keyword clips, spread over 35 other
@@ -92,6 +96,11 @@ class GenerateConfig:
     speeds_wpm: tuple[int, int] = (120, 210)
     pitches: tuple[int, int] = (20, 80)
     stretch: tuple[float, float] = (0.9, 1.1)  # resampling factor: vocal tract length, tempo
+    # Fraction of word clips that another word (same voice) and a pause precede: a
+    # streaming model carries its state from word to word, so it must learn to let the
+    # last word go and judge the next one afresh.
+    preceded: float = 0.0
+    gap_s: tuple[float, float] = (0.3, 1.2)  # pause after that earlier word
     workers: int = 4
     frontend: LogMelConfig = field(default_factory=LogMelConfig)
 
@@ -102,6 +111,8 @@ class GenerateConfig:
             raise DataError("--workers must be >= 1")
         if not self.snr_db[0] <= self.snr_db[1]:
             raise DataError(f"SNR range {self.snr_db} is empty")
+        if not 0.0 <= self.preceded <= 1.0:
+            raise DataError(f"preceded must be in [0, 1], got {self.preceded}")
 
 
 @dataclass(frozen=True)
@@ -242,7 +253,12 @@ class ClipMaker:
             info["stretch"] = round(stretch, 3)
             lead = self.seconds(rng, 0.1, 0.5)
             tail = self.seconds(rng, 0.7, 1.2) if word_then_noise else self.seconds(rng, 0.05, 0.3)
+            before, before_text = self.earlier_word(rng, u, stretch, word_then_noise)
+            if before_text is not None:
+                info["preceded_by"] = before_text
+            lead += before.shape[0]
             signal = np.zeros(lead + speech.shape[0] + tail, dtype=np.float32)
+            signal[: before.shape[0]] = before
             signal[lead : lead + speech.shape[0]] = speech
             speech_rms = rms(speech)
             info.update(asdict(u))
@@ -264,6 +280,20 @@ class ClipMaker:
         info["noise"] = kind
         return signal.astype(np.float32), info
 
+    def earlier_word(
+        self, rng: np.random.Generator, u: Utterance, stretch: float, word_then_noise: bool
+    ) -> tuple[Samples, str | None]:
+        """Another word in the same voice and a pause, or nothing (see ``preceded``)."""
+        if self.cfg.preceded <= 0.0 or word_then_noise or rng.random() >= self.cfg.preceded:
+            return np.zeros(0, dtype=np.float32), None
+        words = KEYWORDS + UNKNOWN_WORDS
+        other = Utterance(words[int(rng.integers(len(words)))], u.voice, u.speed_wpm, u.pitch)
+        speech = synthesize(other, self.rate, self.binary)
+        speech = resample(speech, round(self.rate * stretch), self.rate).astype(np.float32)
+        out = np.zeros(speech.shape[0] + self.seconds(rng, *self.cfg.gap_s), dtype=np.float32)
+        out[: speech.shape[0]] = speech * np.float32(rng.uniform(0.5, 2.0))
+        return out, other.text
+
 
 def generate(cfg: GenerateConfig) -> dict[str, Any]:
     """Write ``OUT/{train,test}/<class>/*.wav`` (+ ``frontend.json``) and ``manifest.json``."""
@@ -278,6 +308,9 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         "variants": {"train": list(TRAIN_VARIANTS), "test": list(TEST_VARIANTS)},
         "per_class": counts,
         "unknown_factor": cfg.unknown_factor,
+        "recipe": {
+            k: v for k, v in asdict(cfg).items() if k not in ("out", "seed", "workers", "frontend")
+        },
         "sample_rate_hz": cfg.frontend.sample_rate_hz,
         "espeak_ng": _espeak_version(),
         "files": {},

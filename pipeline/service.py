@@ -241,7 +241,8 @@ class Reloader:
     Only ``[model]`` takes effect on a reload; changes to other sections are logged as
     needing a restart (they shape the broker connection, topics and queues). ``check``
     applies the daemon's own rules (:func:`pipeline.app.check_model`); the input width
-    must stay the same because the decoder already validates payloads against it.
+    and feature names must stay the same because the decoder already validates payloads
+    against them (and maps named ``values`` by the names).
     ``swap`` queues the swap on the engine's thread and returns its future (True when
     streams kept their state).
     """
@@ -284,6 +285,12 @@ class Reloader:
                     f"{settings.model.path}: takes {model.spec.n_features} features, the "
                     f"running model {old.spec.n_features}; restart the service to change "
                     "the input"
+                )
+            if model.spec.features != old.spec.features:  # named payloads map by these
+                raise ModelError(
+                    f"{settings.model.path}: features {list(model.spec.features)}, the "
+                    f"running model {list(old.spec.features)}; restart the service to "
+                    "change the input"
                 )
             self._check(settings, model)
             kept = self._wait(self._swap(model))

@@ -13,6 +13,10 @@ after it stored it, so an owner stops using a lease before anyone else can take 
 A partition is processed, published and checkpointed only while its lease is held, and
 a checkpoint is written with compare-and-set on the checkpoint's revision, so a stale
 owner's write fails instead of overwriting its successor's.
+
+A lost connection to NATS may have swallowed predictions already handed to the client,
+so no checkpoint is written after one; instead every partition is dropped and taken
+again from its checkpoint, and the repeats are marked ``replayed``.
 """
 
 from __future__ import annotations
@@ -144,6 +148,7 @@ class Member:
             model.spec.n_features,
             max_payload_bytes=settings.input.max_payload_bytes,
             max_steps=settings.engine.max_chunk,
+            features=model.spec.features,
         )
         self.owned: dict[int, Owned] = {}
         self.should_exit = asyncio.Event()
@@ -154,6 +159,7 @@ class Member:
         self._js: JetStreamContext | None = None
         self._kv: dict[str, KeyValue] = {}
         self._seen: dict[str, float] = {}  # member -> when its heartbeat was last seen
+        self._connection_lost = False  # since the last _replay_all
         self._watcher: Any = None
         self._watch_started = 0.0
 
@@ -178,6 +184,8 @@ class Member:
             tick = self.cfg.lease_ttl_s / 6
             next_ckpt = self.clock() + self.cfg.checkpoint_interval_s
             while not self.should_exit.is_set():
+                if self._connection_lost and self._nc is not None and self._nc.is_connected:
+                    await self._replay_all()
                 await self._rebalance()
                 if self.clock() >= next_ckpt:
                     next_ckpt = self.clock() + self.cfg.checkpoint_interval_s
@@ -204,6 +212,9 @@ class Member:
             log.warning("nats: %s", exc)
 
         async def on_disconnected() -> None:
+            # Predictions written to the lost connection may never have left: no
+            # checkpoint may cover them. Every partition restarts from its checkpoint.
+            self._connection_lost = True
             metrics.broker_connected.set(0)
             log.warning("nats: disconnected")
 
@@ -470,6 +481,18 @@ class Member:
         self.cm.handoffs.labels(reason).inc()
         log.info("partition %d: released (%s) at input seq %d", o.partition, reason, o.applied)
 
+    async def _replay_all(self) -> None:
+        """After a lost connection: drop every partition without a checkpoint and free
+        its lease, so that it is taken again (by this member, usually) from its last
+        checkpoint and its input replayed; the repeats are marked ``replayed``."""
+        self._connection_lost = False
+        owned = list(self.owned.values())
+        log.warning("connection was lost: %d partitions restart from checkpoints", len(owned))
+        for o in owned:
+            await self._lose(o)
+            with contextlib.suppress(Exception):
+                await self.leases.delete(o.key, last=o.lease_rev)
+
     async def _lose(self, o: Owned) -> None:
         """The lease is gone or unusable: drop everything, checkpoint nothing."""
         if o.partition not in self.owned:
@@ -526,6 +549,8 @@ class Member:
                 path.unlink(missing_ok=True)
         try:
             await nc.flush(timeout=5)  # the predictions it covers are at the server
+            if self._connection_lost:
+                raise ConnectionError("the connection was lost since: replay instead")
             if not self._valid(o):
                 raise TimeoutError("lease about to lapse")
             blob = encode_checkpoint(seq, final, self.me, o.lease_rev, state)

@@ -1,7 +1,10 @@
 """Sensor messages from MQTT into the engine's queue.
 
-Runs on paho's network thread: take the stream id from the topic, decode the payload
-(:mod:`pipeline.codecs`), hand the step to the worker, acknowledge the message. A bad
+Runs on paho's network thread: take the stream id from the topic (its ``{stream}``
+levels, joined by ``/`` when there are several), decode the payload
+(:mod:`pipeline.codecs`), hand the step to the worker, acknowledge the message.
+Per-channel readings (``input.channel_topic``) are joined into steps by
+:mod:`pipeline.channels` first, and acknowledged on arrival. A bad
 message is counted by reason and reported on the error topic; it never reaches the
 queue or any stream's state. With ``overflow = "block"`` a full queue blocks this
 thread, which stops reading the socket, so the broker holds the backlog (TCP
@@ -33,8 +36,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pipeline.acks import AckLedger
+from pipeline.channels import INCOMPLETE_STEP, UNKNOWN_CHANNEL, Assembler
 from pipeline.codecs import Decoder
-from pipeline.config import STREAM, InputConfig
+from pipeline.config import CHANNEL, STREAM, InputConfig
 from pipeline.engine import Step
 from pipeline.errors import PayloadError
 from pipeline.metrics import Metrics
@@ -67,12 +71,24 @@ class Intake(Protocol):
     def submit_reset(self, stream: str) -> None: ...
 
 
-def topic_filter(template: str) -> tuple[str, int]:
-    """The subscription filter of an input template and the level holding the stream id."""
+def topic_filter(template: str) -> tuple[str, tuple[int, ...]]:
+    """The subscription filter of an input template and the levels holding the stream id
+    (``{stream}`` levels become ``+``; the template's own ``+`` levels stay wildcards)."""
     levels = template.split("/")
-    index = levels.index(STREAM)
-    levels[index] = "+"
-    return "/".join(levels), index
+    index = tuple(i for i, level in enumerate(levels) if level == STREAM)
+    return "/".join("+" if i in index else level for i, level in enumerate(levels)), index
+
+
+def stream_id(topic: str, levels: tuple[int, ...]) -> str | None:
+    """The stream id in ``topic``: its ``levels`` joined by ``/``; None if one is empty
+    (``+`` matches an empty level) or the topic is too short (a stale subscription's)."""
+    parts = topic.split("/")
+    if len(parts) <= levels[-1]:
+        return None
+    if len(levels) == 1:  # the common case: no list, no join
+        return parts[levels[0]] or None
+    picked = [parts[i] for i in levels]
+    return "/".join(picked) if all(picked) else None
 
 
 class MqttSource:
@@ -90,8 +106,10 @@ class MqttSource:
         clock: Callable[[], float] = time.monotonic,
         acks: AckLedger | None = None,
         max_tracked: int = 10_000,
+        channels: Assembler | None = None,
     ) -> None:
-        """``max_tracked``: streams whose last reset time is kept (engine.max_streams)."""
+        """``max_tracked``: streams whose last reset time is kept (engine.max_streams);
+        ``channels``: joins ``input.channel_topic`` readings into steps (when set)."""
         self._link = link
         self._acks = acks
         self._decoder = decoder
@@ -108,11 +126,18 @@ class MqttSource:
         self._max_tracked = max_tracked
         self._log_after = -LOG_EVERY_S
         self._unlogged = 0
-        self._data_filter, self._data_level = topic_filter(cfg.topic)
+        self._data_filter, self._data_levels = topic_filter(cfg.topic)
         link.subscribe(self._data_filter, cfg.qos, self._on_data)
         if cfg.reset_topic is not None:
-            reset_filter, self._reset_level = topic_filter(cfg.reset_topic)
+            reset_filter, self._reset_levels = topic_filter(cfg.reset_topic)
             link.subscribe(reset_filter, cfg.qos, self._on_reset)
+        self._channels = channels if cfg.channel_topic is not None else None
+        if self._channels is not None and cfg.channel_topic is not None:
+            self._channel_level = cfg.channel_topic.split("/").index(CHANNEL)
+            channel_filter, self._channel_levels = topic_filter(
+                cfg.channel_topic.replace(CHANNEL, "+")
+            )
+            link.subscribe(channel_filter, cfg.qos, self._on_channel)
         link.on_other(self._on_unknown)
 
     def close(self) -> None:
@@ -125,7 +150,7 @@ class MqttSource:
             return
         self._metrics.received.inc()
         try:
-            stream = self._stream(msg, self._data_level)
+            stream = self._stream(msg, self._data_levels)
             if stream is not None:
                 step = self._decoder.decode(stream, msg.payload, received)
                 if not self._intake.submit(step):
@@ -143,14 +168,59 @@ class MqttSource:
             self._unexpected(msg, exc)
         self._link.ack(msg.mid, msg.qos)
 
+    def _on_channel(self, msg: Message) -> None:
+        """One feature's reading: acknowledged at once (a step waiting for its other
+        channels is not covered by ``ack_after_checkpoint``)."""
+        received = self._clock()
+        if not self._open:
+            return
+        self._metrics.received.inc()
+        try:
+            stream = self._stream(msg, self._channel_levels)
+            if stream is not None:
+                self._channel(msg, stream, received)
+        except PayloadError as exc:
+            self._reject(exc.reason, msg.topic, exc.detail)
+        except Exception as exc:
+            self._unexpected(msg, exc)
+        self._link.ack(msg.mid, msg.qos)
+
+    def _channel(self, msg: Message, stream: str, received: float) -> None:
+        assembler = self._channels
+        assert assembler is not None  # only subscribed with one
+        name = msg.topic.split("/")[self._channel_level]
+        feature = assembler.channel_index(name)
+        if feature is None:
+            self._reject(UNKNOWN_CHANNEL, msg.topic, f"{name[:64]!r} is not one of the features")
+            return
+        seq, ts, value = self._decoder.channel(msg.payload)
+        out = assembler.add(stream, feature, seq, ts, value, received)
+        if out.dropped:
+            for _ in range(out.dropped):
+                self._metrics.on_reject(out.dropped_as)
+            self._errors.report(
+                out.dropped_as, f"{out.dropped} reading(s) dropped (seq {seq})", topic=msg.topic
+            )
+        for step in out.steps:
+            readings = step.values.shape[1]  # one per feature made this step
+            if self._intake.submit(step):
+                self._metrics.queued.inc(readings)
+            elif self._open:
+                for _ in range(readings):
+                    self._metrics.on_reject(QUEUE_FULL)
+                self._errors.report(QUEUE_FULL, "queue full; step dropped", topic=msg.topic)
+
     def _on_reset(self, msg: Message) -> None:
         if not self._open:
             return
         self._metrics.received.inc()
         self._metrics.reset_requests.inc()
         try:
-            stream = self._stream(msg, self._reset_level)
+            stream = self._stream(msg, self._reset_levels)
             if stream is not None and self._reset_allowed(stream, msg.topic):
+                if self._channels is not None:  # the stream restarts: so do its steps
+                    for _ in range(self._channels.reset(stream)):
+                        self._metrics.on_reject(INCOMPLETE_STEP)
                 self._intake.submit_reset(stream)
                 self._metrics.queued.inc()
                 if self._acks is not None and msg.qos == 1:
@@ -167,12 +237,12 @@ class MqttSource:
         self._reject(UNKNOWN_TOPIC, msg.topic, "matches no configured topic")
         self._link.ack(msg.mid, msg.qos)
 
-    def _stream(self, msg: Message, level: int) -> str | None:
+    def _stream(self, msg: Message, levels: tuple[int, ...]) -> str | None:
         """The message's stream id, or None when the message is refused (and counted)."""
         if msg.retain:
             self._reject(RETAINED, msg.topic, "retained messages are not sensor input")
             return None
-        stream = _level(msg.topic, level)
+        stream = stream_id(msg.topic, levels)
         if stream is None:
             self._reject(UNKNOWN_TOPIC, msg.topic, "empty stream id level")
             return None
@@ -226,9 +296,3 @@ class MqttSource:
     def _reject(self, reason: str, topic: str, detail: str) -> None:
         self._metrics.on_reject(reason)
         self._errors.report(reason, detail, topic=topic)
-
-
-def _level(topic: str, index: int) -> str | None:
-    levels = topic.split("/")
-    stream = levels[index] if index < len(levels) else ""
-    return stream or None

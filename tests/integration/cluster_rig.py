@@ -127,13 +127,6 @@ class Sensors:
         wait_until(lambda: all(c.is_connected() for c in self.clients), 10, "sensors connected")
         self._sent: list[mqtt.MQTTMessageInfo] = []
 
-    def drop(self, node: int) -> None:
-        """Stop using the client of ``node`` (its server is gone); the others carry its
-        streams from now on (a stream's earlier messages are already stored)."""
-        c = self.clients.pop(node)
-        c.disconnect()
-        c.loop_stop()
-
     def send(self, data: list[np.ndarray], rows: range) -> None:
         """Rows ``rows`` of every stream (binary payloads with seq), interleaved."""
         for r in rows:

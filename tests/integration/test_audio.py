@@ -52,6 +52,39 @@ REPORTS = os.environ.get("SEQSTREAM_REPORTS")  # also keep the accuracy report t
 RECORDING = ("yes", "stop", "left", "go", "no", "right", "up", "on", "off", "down")
 RECORDING_VOICE = "en-us+f5"
 
+# The keyword recipe (docs/keywords/README.md), every knob spelled out so that a change
+# to the generator's, the CLI's or the trainer's defaults cannot move it unseen. It holds
+# for training seed 0; SEQSTREAM_KEYWORDS_SEED picks another (see docs/keywords/README.md).
+TRAIN_SEED = int(os.environ.get("SEQSTREAM_KEYWORDS_SEED", "0"))
+DATA_RECIPE: dict[str, Any] = {
+    "seed": 0,
+    "train_per_class": 200,
+    "test_per_class": 30,
+    "unknown_factor": 2,
+    "snr_db": (5.0, 30.0),
+    "speeds_wpm": (120, 210),
+    "pitches": (20, 80),
+    "stretch": (0.9, 1.1),
+    "preceded": 0.0,
+    "gap_s": (0.3, 1.2),
+}
+# The session's first keyword test pays for the data and the training: ~7 minutes on 2
+# shared cores, past the suite's 600 s when the machine is busier.
+KEYWORD_MODEL_TIMEOUT_S = 1800
+TRAIN_RECIPE: dict[str, Any] = {
+    "task": "classify",
+    "arch": "rnn",  # the recurrent stack, not models.search's choice
+    "cell": "lstm",
+    "hidden": 64,
+    "layers": 2,
+    "epochs": 40,
+    "patience": 10,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "val_fraction": 0.2,
+    "dropout": 0.0,
+}
+
 
 # -- the trained keyword model (once per session) ---------------------------------------
 
@@ -66,7 +99,7 @@ class KeywordModel:
 @pytest.fixture(scope="session")
 def keyword_model(tmp_path_factory: pytest.TempPathFactory) -> KeywordModel:
     root = tmp_path_factory.mktemp("keywords")
-    generate(GenerateConfig(out=root / "data", seed=0))  # before torch: cheaper spawns
+    generate(GenerateConfig(out=root / "data", **DATA_RECIPE))  # before torch: cheaper spawns
 
     import torch
 
@@ -80,16 +113,11 @@ def keyword_model(tmp_path_factory: pytest.TempPathFactory) -> KeywordModel:
     try:
         metrics = train(
             TrainConfig(
-                task="classify",
                 data=str(root / "data" / "train"),
                 out=str(root / "run"),
-                cell="lstm",
-                hidden=64,
-                layers=2,
-                epochs=40,
-                patience=10,
-                batch_size=32,
+                seed=TRAIN_SEED,
                 name="keywords",
+                **TRAIN_RECIPE,
             )
         )
     finally:
@@ -238,6 +266,7 @@ def offline_events(model: Path, wav: Path) -> list[ks.KeywordEvent]:
 # -- tests -------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(KEYWORD_MODEL_TIMEOUT_S)
 def test_held_out_voices_accuracy_and_confusion_report(
     keyword_model: KeywordModel, tmp_path: Path
 ) -> None:
@@ -255,6 +284,7 @@ def test_held_out_voices_accuracy_and_confusion_report(
     assert report["accuracy"] >= 0.75, report["accuracy"]
 
 
+@pytest.mark.timeout(KEYWORD_MODEL_TIMEOUT_S)
 def test_wav_source_through_the_daemon_publishes_the_offline_detections(
     keyword_model: KeywordModel, broker: Broker, model_path: Path, tmp_path: Path
 ) -> None:
@@ -285,6 +315,7 @@ def test_wav_source_through_the_daemon_publishes_the_offline_detections(
     assert total == len(got)
 
 
+@pytest.mark.timeout(KEYWORD_MODEL_TIMEOUT_S)
 def test_virtual_microphone_keywords_reach_mqtt_at_the_right_times(
     keyword_model: KeywordModel,
     broker: Broker,
@@ -343,9 +374,9 @@ def test_virtual_microphone_keywords_reach_mqtt_at_the_right_times(
     assert not stray, summary  # nothing in the pauses
     # never a wrong keyword, and no unknown word fires
     assert all(expected.get(i) == kw for i, kw in detected.items()), summary
-    # the model on an unheard voice (held-out accuracy >= 0.75): most keywords
-    assert len(offline) >= 0.8 * len(expected), summary
-    assert len(set(offline) - set(detected)) <= 1, summary
+    assert all(expected.get(i) == kw for i, kw in offline.items()), summary
+    # the model on an unheard voice: at least 9 of the 10 keywords, live and from the file
+    assert len(detected) >= 9 and len(offline) >= 9, summary
     assert overflows == 0
     # Latency figures for the note: from the end of the word (paplay start + offset in
     # the file, an upper bound: it includes paplay's start-up and PulseAudio's buffer)

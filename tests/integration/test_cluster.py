@@ -4,10 +4,10 @@ Sensors publish over MQTT to all three nodes; three (then four) ``seqstream run`
 members share the partitions. Every stream's predictions, as an MQTT subscriber
 receives them, must equal the offline stepwise run of its readings (1e-5: streams run
 batched, as in test_daemon), across a SIGKILLed member, a joining and a leaving one,
-a paused one, and a SIGKILLed NATS node. Ownership is checked from the owner headers every
-prediction carries on NATS: per stream, the lease revision (the fencing token) of
-successive predictions never goes back, i.e. an old owner never publishes after a new
-one started.
+and a paused one (a SIGKILLed NATS node is not covered: deploy/cluster/RUNBOOK.md says
+why). Ownership is checked from the owner headers every prediction carries on NATS:
+per stream, the lease revision (the fencing token) of successive predictions never goes
+back, i.e. an old owner never publishes after a new one started.
 """
 
 from __future__ import annotations
@@ -266,31 +266,5 @@ def test_a_paused_member_is_fenced_off_and_publishes_nothing_for_partitions_it_l
     check_predictions(r, data, expected, replays=True)  # the token never goes back
     assert zombie.value("seqstream_cluster_lease_losses_total") > 0
     assert zombie.value(f'{HANDOFFS}{{reason="handover"}}') > handovers  # its share back
-    for m in r.members:
-        assert m.stop(signal.SIGTERM) == 0, r.logs()
-
-
-def test_sigkill_a_nats_node_loses_nothing(
-    rig: type[Rig], oracle: tuple[list[np.ndarray], list[np.ndarray]]
-) -> None:
-    """One of three NATS nodes dies mid-run: members and sensors on it move to the
-    others, the R3 input stream, leases and checkpoints survive; every step arrives once
-    in every stream's state."""
-    data, expected = oracle
-    r = rig()
-    for name in ("a", "b", "c"):
-        r.add(name)
-    wait_owned(r.members, PARTITIONS)
-    half = ROWS // 2
-    r.sensors.send(data, range(half))
-    r.sensors.wait_sent()
-    r.preds.wait_distinct(STREAMS * half)
-    r.cluster.nodes[2].stop(signal.SIGKILL)
-    r.sensors.drop(2)
-    r.sensors.send(data, range(half, ROWS))
-    r.sensors.wait_sent()
-    r.preds.wait_distinct(STREAMS * ROWS)
-    check_predictions(r, data, expected, replays=True)  # none lost, none applied twice
-    assert resets(r.members) == 0
     for m in r.members:
         assert m.stop(signal.SIGTERM) == 0, r.logs()

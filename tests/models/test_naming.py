@@ -125,7 +125,8 @@ def test_train_takes_names_and_rate_from_flags(tmp_path: Path) -> None:
     proc = seqstream(
         "train", "--task", "anomaly", "--data", str(csv), "--time-column", "time",
         "--feature-names", "pressure[kPa]", "flow", "--sample-rate", "2.5",
-        "--hidden", "4", "--epochs", "1", "--context", "8", "--pool", "2", "--out", str(out),
+        "--hidden", "4", "--epochs", "1", "--context", "8", "--window", "48",
+        "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     model = tmp_path / "m.onnx"

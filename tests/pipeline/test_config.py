@@ -168,7 +168,7 @@ error_topic = ""
         ),
         (
             '[model]\npath = "m"\n[input]\ntopic = "s/x{stream}"\n',
-            "input.topic: must contain {stream} once, as a whole",
+            "input.topic: must contain {stream} once or more, each a whole topic level",
         ),
         (
             '[model]\npath = "m"\n[input]\ntopic = "s/{stream}/{x}"\n',

@@ -37,7 +37,7 @@ from pipeline.model import StepModel
 from pipeline.mqtt import Link
 from pipeline.sinks.mqtt import ErrorReporter
 from pipeline.sources import mqtt as source_mqtt
-from pipeline.sources.mqtt import MqttSource, topic_filter
+from pipeline.sources.mqtt import MqttSource, stream_id, topic_filter
 from pipeline.state import RESET_REASONS
 from pipeline.worker import Worker
 
@@ -463,11 +463,14 @@ def test_an_accepted_input_template_subscribes_to_exactly_its_topics(
         cfg = config.parse(doc, base=base, source=base / "t.toml").input
     except ConfigError:
         return
-    pattern, level = topic_filter(cfg.topic)
-    topic = cfg.topic.replace("{stream}", "sensor-7")
+    pattern, levels = topic_filter(cfg.topic)
+    # the template's own + levels match anything and are not part of the id
+    topic = "/".join("any" if x == "+" else x for x in cfg.topic.split("/"))
+    topic = topic.replace("{stream}", "sensor-7")
     assert paho.topic_matches_sub(pattern, topic)
-    assert topic.split("/")[level] == "sensor-7"
-    assert pattern.count("+") == 1 and "#" not in pattern
+    assert stream_id(topic, levels) == "/".join(["sensor-7"] * len(levels))
+    assert pattern.count("+") == cfg.topic.split("/").count("+") + len(levels)
+    assert "#" not in pattern and "{" not in pattern and len(levels) >= 1
 
 
 VICTIMS = {

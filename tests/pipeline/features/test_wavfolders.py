@@ -86,7 +86,8 @@ def _digest(root: Path) -> str:
 
 def test_generated_keyword_data_is_a_function_of_the_seed(tmp_path: Path) -> None:
     def make(out: Path, seed: int) -> Path:
-        generate(GenerateConfig(out=out, seed=seed, train_per_class=2, test_per_class=1))
+        cfg = GenerateConfig(out=out, seed=seed, train_per_class=2, test_per_class=1, preceded=0.5)
+        generate(cfg)
         return out
 
     a, b, c = make(tmp_path / "a", 5), make(tmp_path / "b", 5), make(tmp_path / "c", 6)
@@ -103,6 +104,10 @@ def test_generated_keyword_data_is_a_function_of_the_seed(tmp_path: Path) -> Non
         assert rate == 16_000 and 0 < np.abs(samples).max() < 1
         if info["class"] != "silence":  # a word ends shortly before the clip does
             assert 0.05 <= len(samples) / rate - info["word_end_s"] <= 0.3 + 1e-3
+        if "preceded_by" in info:  # an earlier word, a pause, then the clip's own word
+            assert info["word_start_s"] >= 0.3 + 0.1
+    # Half of the word clips start with an earlier word (``preceded=0.5``), the rest do not.
+    assert 0 < sum("preceded_by" in f for f in manifest["files"]["train"].values()) < 20
 
 
 def test_recording_puts_words_where_it_says() -> None:
