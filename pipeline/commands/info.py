@@ -58,7 +58,7 @@ def describe(spec: ModelSpec) -> dict[str, Any]:
         "name": spec.name,
         "version": spec.version,
         "task": spec.task,
-        "cell": f"{spec.cell} x{spec.layers}, hidden {spec.hidden}",
+        "cell": architecture(spec),
         "features": [
             {"index": i, "name": f, "unit": units.get(f) if isinstance(units.get(f), str) else None}
             for i, f in enumerate(spec.features)
@@ -80,6 +80,18 @@ def describe(spec: ModelSpec) -> dict[str, Any]:
     if spec.frontend is not None:
         doc["frontend"] = dict(spec.frontend)
     return doc
+
+
+def architecture(spec: ModelSpec) -> str:
+    """The network in a few words: a causal-conv classifier's recurrent branch is the
+    smaller half of it, so naming only the cell would mislead a reader sizing a box."""
+    core = f"{spec.cell} x{spec.layers}, hidden {spec.hidden}"
+    filters, kernels = spec.extra.get("filters"), spec.extra.get("kernels")
+    if spec.extra.get("arch") != "fcn" or not isinstance(filters, list):
+        return core
+    ks = "/".join(map(str, kernels)) if isinstance(kernels, list) else "?"
+    conv = "/".join(map(str, filters))
+    return f"causal conv {conv} (kernels {ks}), running mean, beside {core}"
 
 
 def example_payload(spec: ModelSpec) -> str:

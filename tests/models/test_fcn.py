@@ -79,6 +79,12 @@ def test_fcn_exports_a_step_model_whose_steps_equal_pytorch(cell: str, tmp_path:
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
     assert "BatchNormalization" not in ops and "CumSum" in ops
+    # seqstream info names the whole network, not only its recurrent branch.
+    from pipeline.commands.info import describe
+
+    assert describe(spec)["cell"] == (
+        f"causal conv 8/16/8 (kernels 8/5/3), running mean, beside {cell} x1, hidden 8"
+    )
 
 
 def test_running_mean_is_the_mean_since_the_start_in_chunks_of_any_size(tmp_path: Path) -> None:
