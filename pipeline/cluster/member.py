@@ -80,10 +80,17 @@ class Checkpoint:
     final: bool  # written by an owner that released the partition: nothing after seq ran
     state: bytes  # Engine.save's file; b"" for no streams
     revision: int  # of the key-value entry: the compare-and-set token for the next write
+    # Input up to this sequence may already have been published by a dead owner: a
+    # handover passes it on, so a replay that one owner began another finishes marking.
+    replay_until: int = 0
 
 
-def encode_checkpoint(seq: int, final: bool, member: str, lease: int, state: bytes) -> bytes:
+def encode_checkpoint(
+    seq: int, final: bool, member: str, lease: int, state: bytes, replay_until: int = 0
+) -> bytes:
     head = {"seq": seq, "final": final, "member": member, "lease": lease}
+    if replay_until > seq:
+        head["replay"] = replay_until
     return json.dumps(head, separators=(",", ":")).encode() + b"\n" + state
 
 
@@ -95,7 +102,9 @@ def decode_checkpoint(data: bytes, revision: int) -> Checkpoint:
         doc = None
     if not isinstance(doc, dict) or not isinstance(doc.get("seq"), int):
         raise CheckpointError(f"partition checkpoint revision {revision}: malformed header")
-    return Checkpoint(int(doc["seq"]), bool(doc.get("final")), state, revision)
+    replay = doc.get("replay", 0)
+    replay = replay if isinstance(replay, int) and not isinstance(replay, bool) else 0
+    return Checkpoint(int(doc["seq"]), bool(doc.get("final")), state, revision, replay)
 
 
 class Owned:
@@ -111,7 +120,7 @@ class Owned:
         self.ckpt_rev = 0
         self.ckpt_seq = 0  # input sequence covered by the last checkpoint written
         self.applied = 0  # last input sequence applied to the engine (and published)
-        self.replay_left = 0  # messages still to come that a dead owner may have published
+        self.replay_until = 0  # input sequence up to which a dead owner may have published
         self.sub: JetStreamContext.PullSubscription | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
@@ -434,7 +443,9 @@ class Member:
                     path.unlink(missing_ok=True)
         # The claim: the same checkpoint, not final, written with compare-and-set. A stale
         # owner's later write now fails; a later owner sees a takeover is needed.
-        blob = encode_checkpoint(o.applied, False, self.me, o.lease_rev, state)
+        if ckpt is not None:
+            o.replay_until = ckpt.replay_until
+        blob = encode_checkpoint(o.applied, False, self.me, o.lease_rev, state, o.replay_until)
         o.ckpt_rev = await self.checkpoints.update(
             o.key, blob, last=0 if ckpt is None else ckpt.revision
         )
@@ -443,12 +454,16 @@ class Member:
         if ckpt is not None and not ckpt.final:
             assert o.sub is not None
             info = await o.sub.consumer_info()
-            o.replay_left = int(info.num_pending or 0)
+            if info.num_pending:  # all input now stored may have been published already
+                js = self._js
+                assert js is not None
+                stored = (await js.stream_info(self.stream_name)).state.last_seq
+                o.replay_until = max(o.replay_until, int(stored or 0))
             reason = TAKEOVER
         self.cm.handoffs.labels(reason).inc()
         log.info(
-            "partition %d: %s by %s at input seq %d (%d streams, %d to replay) in %.3f s",
-            o.partition, reason, self.me, o.applied, o.engine.streams, o.replay_left,
+            "partition %d: %s by %s at input seq %d (%d streams, replays to seq %d) in %.3f s",
+            o.partition, reason, self.me, o.applied, o.engine.streams, o.replay_until,
             self.clock() - started,
         )  # fmt: skip
 
@@ -553,7 +568,7 @@ class Member:
                 raise ConnectionError("the connection was lost since: replay instead")
             if not self._valid(o):
                 raise TimeoutError("lease about to lapse")
-            blob = encode_checkpoint(seq, final, self.me, o.lease_rev, state)
+            blob = encode_checkpoint(seq, final, self.me, o.lease_rev, state, o.replay_until)
             o.ckpt_rev = await self.checkpoints.update(o.key, blob, last=o.ckpt_rev)
         except nats.js.errors.KeyWrongLastSequenceError:
             self.cm.checkpoint_failures.inc()
@@ -635,7 +650,7 @@ class Member:
         metrics = self.metrics
         steps: list[Step] = []
         replayed: list[bool] = []
-        replay_left = o.replay_left
+        replay_until = o.replay_until
         last = o.applied
         n = 0
         for m in msgs:
@@ -646,16 +661,15 @@ class Member:
             n += 1
             try:
                 steps.append(decode(m.subject.split(".")[STREAM_TOKEN], m.data, received))
-                replayed.append(replay_left > 0)
+                replayed.append(seq <= replay_until)
             except (PayloadError, IndexError) as exc:
                 metrics.on_reject(exc.reason if isinstance(exc, PayloadError) else UNKNOWN_TOPIC)
-            replay_left -= 1
         if n == 0:
             return
         metrics.received.inc(n)
-        if o.replay_left > 0:
-            self.cm.replayed.inc(min(n, o.replay_left))
-        o.replay_left = max(0, replay_left)
+        again = sum(replayed)
+        if again:
+            self.cm.replayed.inc(again)
         results = o.engine.process(steps) if steps else []
         o.applied = last
         if not self._valid(o):  # fenced: publish nothing (the control tick drops it)

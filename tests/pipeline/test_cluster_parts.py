@@ -61,6 +61,11 @@ def test_checkpoint_frame_round_trips_and_refuses_garbage() -> None:
     blob = encode_checkpoint(41, True, "a", 7, b"PK\x03\x04state\nwith newline")
     c = decode_checkpoint(blob, 9)
     assert (c.seq, c.final, c.state, c.revision) == (41, True, b"PK\x03\x04state\nwith newline", 9)
+    assert c.replay_until == 0
+    # A replay one owner began is passed on by its checkpoint, so the next owner goes on
+    # marking the repeats; a bound already behind the checkpoint is not written.
+    assert decode_checkpoint(encode_checkpoint(41, True, "a", 7, b"", 90), 2).replay_until == 90
+    assert decode_checkpoint(encode_checkpoint(41, True, "a", 7, b"", 30), 2).replay_until == 0
     for bad in (b"", b"not json\n", b'{"seq":"x"}\n', b'{"seq":1}'):
         with pytest.raises(CheckpointError):
             decode_checkpoint(bad, 1)
