@@ -51,6 +51,7 @@ from models.nets import (
     normalisation,
 )
 from models.progress import progress
+from models.search import step_loss
 from pipeline import datasets, evaluation, scoring
 from pipeline.contract import TASKS
 from pipeline.errors import ConfigError, DataError
@@ -198,16 +199,7 @@ def _pad(cases: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
 
 def _classify_loss(net: StepNet, x: Tensor, lengths: Tensor, y: Tensor) -> Tensor:
     logits, _ = net.train_outputs(x, net.initial_state(x.shape[0]))
-    b, t, c = logits.shape
-    last = logits[torch.arange(b), lengths - 1]
-    mask = torch.arange(t)[None, :] < lengths[:, None]
-    every = nn.functional.cross_entropy(
-        logits.reshape(b * t, c), y.repeat_interleave(t), reduction="none"
-    ).reshape(b, t)
-    # Weight later steps more: early steps have seen little of the sequence.
-    weight = mask * (torch.arange(1, t + 1)[None, :] / lengths[:, None]).clamp(max=1.0)
-    stepwise = (every * weight).sum() / weight.sum()
-    return 0.5 * nn.functional.cross_entropy(last, y) + 0.5 * stepwise
+    return step_loss(logits, lengths, y)
 
 
 def _split_cases(
