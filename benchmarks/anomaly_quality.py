@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 from models.export import export_checkpoint  # noqa: E402
 from models.train import TrainConfig, train  # noqa: E402
 from models.verify import verify  # noqa: E402
-from pipeline import datasets  # noqa: E402
-from pipeline.evaluation import evaluate  # noqa: E402
 from pipeline.model import StepModel  # noqa: E402
+from pipeline.offline import datasets  # noqa: E402
+from pipeline.offline.evaluation import evaluate  # noqa: E402
 
 # name -> (training file, scored file, dataset options)
 SETS: dict[str, tuple[str, str, dict[str, Any]]] = {

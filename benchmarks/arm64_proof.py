@@ -51,9 +51,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import datasets  # noqa: E402
-from pipeline.evaluation import run_stepwise  # noqa: E402
 from pipeline.model import StepModel  # noqa: E402
+from pipeline.offline import datasets  # noqa: E402
+from pipeline.offline.evaluation import run_stepwise  # noqa: E402
 from tests.integration.broker import HOST, Broker, free_port  # noqa: E402
 from tests.integration.conftest import (  # noqa: E402
     Collector,
@@ -270,8 +270,8 @@ def train_model() -> tuple[Path, dict[str, Any]]:
 
 DUMP = """
 import sys, numpy as np
-from pipeline import datasets
-from pipeline.evaluation import run_stepwise
+from pipeline.offline import datasets
+from pipeline.offline.evaluation import run_stepwise
 from pipeline.model import StepModel
 cases = datasets.load(sys.argv[2]).cases
 out = run_stepwise(StepModel.load(sys.argv[1]), list(cases))

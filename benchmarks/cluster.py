@@ -41,7 +41,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import codecs  # noqa: E402
+from pipeline.sources import codecs  # noqa: E402
 from tests.integration.broker import HOST, Broker, free_port, wait_until  # noqa: E402
 from tests.integration.cluster_rig import (  # noqa: E402
     RUN,

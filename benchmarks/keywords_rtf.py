@@ -39,9 +39,9 @@ from prometheus_client import CollectorRegistry
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import keywords_service as ks  # noqa: E402
-from pipeline.keywords import DetectorSettings  # noqa: E402
-from pipeline.keywords_generate import (  # noqa: E402
+from pipeline.keywords import service as ks  # noqa: E402
+from pipeline.keywords.detector import DetectorSettings  # noqa: E402
+from pipeline.keywords.generate import (  # noqa: E402
     KEYWORDS,
     TEST_VARIANTS,
     UNKNOWN_WORDS,

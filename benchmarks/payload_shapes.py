@@ -3,7 +3,7 @@
 Prints one JSON document: microseconds per message (best of ``--repeat`` rounds of
 ``--number`` decodes) for a 6-feature reading sent as positional JSON ``values``, as
 named ``values`` (one number per feature, and 8 rows as columns), as 8 positional rows,
-as binary, and as six per-channel messages joined by :class:`pipeline.channels.Assembler`
+as binary, and as six per-channel messages joined by :class:`pipeline.sources.channels.Assembler`
 (one step's worth); ``ratio`` is each against positional JSON of the same step count.
 The machine's noise moves the absolute numbers; the ratios are what to compare.
 ``assembler_worst_mib``: memory (tracemalloc) of the assembler when every one of
@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.channels import Assembler
-from pipeline.codecs import Decoder, encode_binary, encode_json
-from pipeline.config import InputConfig
-from pipeline.engine import EngineSettings
+from pipeline.daemon.config import InputConfig
+from pipeline.engine.engine import EngineSettings
+from pipeline.sources.channels import Assembler
+from pipeline.sources.codecs import Decoder, encode_binary, encode_json
 
 NAMES = ("ax", "ay", "az", "gx", "gy", "gz")
 

@@ -34,10 +34,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import datasets  # noqa: E402
 from pipeline.commands.data_args import add_data_arguments, data_options  # noqa: E402
-from pipeline.evaluation import evaluate, headline  # noqa: E402
 from pipeline.model import StepModel  # noqa: E402
+from pipeline.offline import datasets  # noqa: E402
+from pipeline.offline.evaluation import evaluate, headline  # noqa: E402
 
 
 def _times(models: list[StepModel], batch: int, calls: int, seed: int) -> list[dict[str, float]]:

@@ -214,7 +214,7 @@ def _verify(args: argparse.Namespace) -> int:
     import numpy as np
 
     from models.verify import verify
-    from pipeline import datasets
+    from pipeline.offline import datasets
 
     x = None
     if args.data:

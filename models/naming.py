@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.commands.info import COLUMNS_KEY, UNITS_KEY
-from pipeline.datasets import Dataset
 from pipeline.errors import ConfigError, DataError
+from pipeline.offline.datasets import Dataset
 
 _UNIT = re.compile(r"^(?P<name>.*?)\s*\[(?P<unit>[^\[\]]*)\]$")
 

@@ -1,6 +1,6 @@
 """Training: data in, a checkpoint directory out.
 
-``train(config)`` reads the data with :mod:`pipeline.datasets` (the same readers the
+``train(config)`` reads the data with :mod:`pipeline.offline.datasets` (the same readers the
 runtime's ``eval`` and ``replay`` use), computes normalisation on the training split
 only, fits with early stopping on a validation split, and writes ``config.json``,
 ``checkpoint.pt``, ``metrics.json`` and ``curve.png`` into ``config.out``.
@@ -52,9 +52,9 @@ from models.nets import (
 )
 from models.progress import progress
 from models.search import step_loss
-from pipeline import datasets, evaluation, scoring
 from pipeline.contract import TASKS
 from pipeline.errors import ConfigError, DataError
+from pipeline.offline import datasets, evaluation, scoring
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ class BrokerError(SeqstreamError):
 class PayloadError(SeqstreamError):
     """One incoming message cannot be used; ``reason`` is a stable snake_case word.
 
-    Raised per message by :mod:`pipeline.codecs` and caught by the source, which counts
+    Raised per message by :mod:`pipeline.sources.codecs` and caught by the source, which counts
     the reason and reports it; it never stops the daemon or touches any stream's state.
     """
 

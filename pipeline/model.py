@@ -1,7 +1,7 @@
 """Loading an exported step model: the ONNX session, its metadata, its providers.
 
 One :class:`StepModel` is shared by all streams (sherpa-onnx style); per-stream state
-lives elsewhere (:mod:`pipeline.state`). Loading checks the file against the contract
+lives elsewhere (:mod:`pipeline.engine.store.state`). Loading checks the file against the contract
 in :mod:`pipeline.contract` — metadata and the graph's actual inputs/outputs — so a
 mismatched model is refused at start, not at the first message.
 """

@@ -71,7 +71,7 @@ kill -TERM "$daemon"; wait "$daemon" || true
 .venv/bin/python - "$out" "$data/BasicMotions_TEST.ts" <<'PY'
 import json, sys
 from pathlib import Path
-from pipeline import datasets
+from pipeline.offline import datasets
 out, test = Path(sys.argv[1]), datasets.load(sys.argv[2])
 last = {}
 lines = (out / "predictions.txt").read_text().splitlines()

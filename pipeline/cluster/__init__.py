@@ -16,7 +16,7 @@ Nothing here is a home-made distributed system; NATS provides every guarantee:
   renewed within the TTL (less a margin) stops publishing and checkpointing for the
   partition before the server lets anyone else create the key.
 * **Checkpoints** per partition in a key-value bucket (``<group>-checkpoints``): the
-  engine's own checkpoint format (:meth:`pipeline.engine.Engine.save`) behind a JSON
+  engine's own checkpoint format (:meth:`pipeline.engine.engine.Engine.save`) behind a JSON
   header holding the input sequence it covers; written with compare-and-set, so a
   stale owner's write fails. A new owner restores it and replays the input after it:
   the state an uninterrupted run would have.

@@ -6,13 +6,13 @@ import logging
 
 from prometheus_client import CollectorRegistry
 
-from pipeline import app
 from pipeline.cluster.member import Member
 from pipeline.cluster.metrics import ClusterMetrics
-from pipeline.config import Settings
-from pipeline.metrics import Exporter, Metrics
-from pipeline.service import EXIT_RESULTS, RELOAD_RESULTS
-from pipeline.state import RESET_REASONS
+from pipeline.daemon import app
+from pipeline.daemon.config import Settings
+from pipeline.daemon.service import EXIT_RESULTS, RELOAD_RESULTS
+from pipeline.engine.store.state import RESET_REASONS
+from pipeline.telemetry.metrics import Exporter, Metrics
 
 log = logging.getLogger(__name__)
 

@@ -51,14 +51,14 @@ from pipeline.cluster.metrics import (
     TAKEOVER,
     ClusterMetrics,
 )
-from pipeline.codecs import Decoder, PredictionEncoder
-from pipeline.config import STREAM, ClusterConfig, Settings
-from pipeline.engine import Engine, Rejected, Step
+from pipeline.daemon.config import STREAM, ClusterConfig, Settings
+from pipeline.engine.engine import Engine, Rejected, Step
 from pipeline.errors import CheckpointError, PayloadError
-from pipeline.metrics import Metrics
 from pipeline.model import StepModel
 from pipeline.sinks.mqtt import NON_FINITE_OUTPUT
+from pipeline.sources.codecs import Decoder, PredictionEncoder
 from pipeline.sources.mqtt import UNKNOWN_TOPIC
+from pipeline.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,11 @@
-"""The cluster member's own metrics, on the daemon's registry beside :mod:`pipeline.metrics`."""
+"""The cluster member's own metrics, on the daemon's registry beside
+:mod:`pipeline.telemetry.metrics`."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pipeline.metrics import NAMESPACE
+from pipeline.telemetry.metrics import NAMESPACE
 
 # Why a partition changed hands, counted by the member that took or gave it up.
 TAKEOVER = "takeover"  # taken after its owner died: replay from the last checkpoint

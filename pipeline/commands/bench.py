@@ -192,7 +192,7 @@ def _single_stream(
     model: StepModel, xs: Array, repeats: int, clock: Callable[[], float]
 ) -> dict[str, Any]:
     """Raw session.run (state carried) and Engine.process, alternating step by step."""
-    from pipeline.engine import Engine, EngineSettings, Step
+    from pipeline.engine.engine import Engine, EngineSettings, Step
 
     session = model.session
     names = list(model.output_names)
@@ -288,7 +288,7 @@ def _many_streams(
     on the very batch sizes that call used; then the naive loop over one round."""
     import numpy as np
 
-    from pipeline.engine import Engine, EngineSettings, Step, StepBatch
+    from pipeline.engine.engine import Engine, EngineSettings, Step, StepBatch
 
     f = model.spec.n_features
     data = rng.standard_normal((rounds, n, 1, f)).astype(np.float32)
@@ -485,7 +485,7 @@ def rss_probe(path: str, providers: list[str], threads: int, n: int, max_batch: 
     """Run in the probe subprocess: load, run ``n`` streams for 3 rounds, report RSS."""
     import numpy as np
 
-    from pipeline.engine import Engine, EngineSettings, Step
+    from pipeline.engine.engine import Engine, EngineSettings, Step
     from pipeline.model import StepModel
 
     before = _rss_mb()

@@ -41,7 +41,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from pipeline import app, config
+    from pipeline.daemon import app, config
     from pipeline.errors import ConfigError
 
     settings = config.load(args.file)
@@ -53,7 +53,7 @@ def run_check(args: argparse.Namespace) -> int:
         spec = loaded.spec
         model = f"{spec.name} {spec.version}, {spec.task}, {spec.n_features} features"
         if settings.audio is not None:
-            from pipeline.keywords_service import load_keyword_model
+            from pipeline.keywords.service import load_keyword_model
 
             load_keyword_model(settings.audio)
     m = settings.metrics

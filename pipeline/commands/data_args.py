@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.datasets import MISSING_POLICIES
+from pipeline.offline.datasets import MISSING_POLICIES
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def data_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for :func:`pipeline.datasets.load` from parsed arguments."""
+    """Keyword arguments for :func:`pipeline.offline.datasets.load` from parsed arguments."""
     return {
         "label_column": args.label_column,
         "time_column": args.time_column,

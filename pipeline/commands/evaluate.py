@@ -1,7 +1,7 @@
 """``seqstream eval MODEL.onnx --data PATH``: step-by-step metrics as JSON, without torch.
 
-Thin: parses arguments, reads the data with :mod:`pipeline.datasets`, and prints what
-:func:`pipeline.evaluation.evaluate` returns. For a CSV the model's own feature names
+Thin: parses arguments, reads the data with :mod:`pipeline.offline.datasets`, and prints what
+:func:`pipeline.offline.evaluation.evaluate` returns. For a CSV the model's own feature names
 pick the columns unless ``--feature-columns`` says otherwise, so a time or label
 column next to them needs no flag.
 """
@@ -65,10 +65,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline import datasets
     from pipeline.errors import ConfigError
-    from pipeline.evaluation import evaluate
     from pipeline.model import StepModel
+    from pipeline.offline import datasets
+    from pipeline.offline.evaluation import evaluate
 
     if args.threads < 1:
         raise ConfigError("--threads must be >= 1")

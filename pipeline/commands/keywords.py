@@ -86,7 +86,7 @@ def register(sub: Any) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pipeline.keywords_generate import GenerateConfig, generate
+    from pipeline.keywords.generate import GenerateConfig, generate
 
     started = time.monotonic()
     summary = generate(
@@ -104,7 +104,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _recording(args: argparse.Namespace) -> int:
-    from pipeline.keywords_generate import make_recording, write_recording
+    from pipeline.keywords.generate import make_recording, write_recording
 
     words = [w.strip() for w in args.words.split(",") if w.strip()]
     if not words:
@@ -118,7 +118,7 @@ def _recording(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.keywords_report import evaluate_report
+    from pipeline.keywords.report import evaluate_report
 
     report = evaluate_report(args.model, args.data, args.out)
     keep = ("model", "n_cases", "accuracy", "labels", "confusion_matrix")
@@ -129,8 +129,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _detect(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
-    from pipeline import keywords_service as ks
-    from pipeline.keywords import DetectorSettings
+    from pipeline.keywords import service as ks
+    from pipeline.keywords.detector import DetectorSettings
     from pipeline.sources.wavfile import WavFileSource
 
     names = [f"{i}-{p.stem}" for i, p in enumerate(args.wav)]

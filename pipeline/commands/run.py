@@ -1,4 +1,4 @@
-"""``seqstream run --config FILE.toml``: the MQTT daemon (see :mod:`pipeline.daemon`)."""
+"""``seqstream run --config FILE.toml``: the MQTT daemon (see :mod:`pipeline.daemon.lifecycle`)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def refuse_root(allow_root: bool, euid: int | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline import app, config, service
+    from pipeline.daemon import app, config, service
 
     refuse_root(args.allow_root)
     settings = config.load(args.config)

@@ -1,6 +1,6 @@
 """``seqstream status --url URL``: a running daemon's ``/status`` as a table.
 
-The daemon serves ``/status`` beside ``/metrics`` (:mod:`pipeline.status`); this reads it
+The daemon serves ``/status`` beside ``/metrics`` (:mod:`pipeline.daemon.status`); this reads it
 over HTTP and prints the model, readiness, the listed streams and the rejections that
 happened. ``URL`` is the daemon's HTTP address (``http://host:9108``); a URL that
 already ends in ``/status`` is used as given. ``--json`` prints the document unchanged.

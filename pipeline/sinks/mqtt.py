@@ -2,7 +2,7 @@
 
 :class:`PredictionSink` is the worker's sink: called on the engine's thread with each
 batch of results, it publishes one prediction per input message (see
-:mod:`pipeline.codecs` for the JSON), optionally only every k-th message of a stream
+:mod:`pipeline.sources.codecs` for the JSON), optionally only every k-th message of a stream
 or when its label changes. Publishing hands the message to paho's queue and returns;
 paho's network thread writes it.
 
@@ -21,12 +21,12 @@ from collections.abc import Callable, Sequence
 
 from paho.mqtt.enums import MQTTErrorCode
 
-from pipeline.codecs import PredictionEncoder
-from pipeline.config import STREAM, OutputConfig
-from pipeline.engine import Rejected, Result
-from pipeline.metrics import Metrics
-from pipeline.mqtt import Link
-from pipeline.status import LastPredictions
+from pipeline.daemon.config import STREAM, OutputConfig
+from pipeline.daemon.status import LastPredictions
+from pipeline.engine.engine import Rejected, Result
+from pipeline.sources.codecs import PredictionEncoder
+from pipeline.telemetry.metrics import Metrics
+from pipeline.transport.mqtt import Link
 
 NON_FINITE_OUTPUT = "non_finite_output"
 # Engine rejections that are routine, not worth an error report: QoS 1 redelivers.

@@ -1,1 +1,2 @@
-"""Where steps come from: one module per source (MQTT; the microphone lives beside it)."""
+"""Where steps come from: the MQTT source with its payload decoder, channel assembler and
+ack ledger; audio capture from microphones and WAV files."""

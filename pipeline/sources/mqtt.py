@@ -2,9 +2,9 @@
 
 Runs on paho's network thread: take the stream id from the topic (its ``{stream}``
 levels, joined by ``/`` when there are several), decode the payload
-(:mod:`pipeline.codecs`), hand the step to the worker, acknowledge the message.
+(:mod:`pipeline.sources.codecs`), hand the step to the worker, acknowledge the message.
 Per-channel readings (``input.channel_topic``) are joined into steps by
-:mod:`pipeline.channels` first, and acknowledged on arrival. A bad
+:mod:`pipeline.sources.channels` first, and acknowledged on arrival. A bad
 message is counted by reason and reported on the error topic; it never reaches the
 queue or any stream's state. With ``overflow = "block"`` a full queue blocks this
 thread, which stops reading the socket, so the broker holds the backlog (TCP
@@ -12,7 +12,7 @@ backpressure); with ``"drop"`` the worker drops the step and resets that stream.
 
 After :meth:`MqttSource.close` messages are neither processed nor acknowledged, so
 the broker redelivers them to the next session (persistent sessions) instead of this
-daemon losing them during shutdown. With an :class:`~pipeline.acks.AckLedger` a queued
+daemon losing them during shutdown. With an :class:`~pipeline.sources.acks.AckLedger` a queued
 step's acknowledgement (and a reset's) waits for the checkpoint that covers it, so not
 even a crash loses it; a rejected message is acknowledged at once either way.
 
@@ -35,15 +35,15 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-from pipeline.acks import AckLedger
-from pipeline.channels import INCOMPLETE_STEP, UNKNOWN_CHANNEL, Assembler
-from pipeline.codecs import Decoder
-from pipeline.config import CHANNEL, STREAM, InputConfig
-from pipeline.engine import Step
+from pipeline.daemon.config import CHANNEL, STREAM, InputConfig
+from pipeline.engine.engine import Step
 from pipeline.errors import PayloadError
-from pipeline.metrics import Metrics
-from pipeline.mqtt import Link, Message
 from pipeline.sinks.mqtt import ErrorReporter, clip
+from pipeline.sources.acks import AckLedger
+from pipeline.sources.channels import INCOMPLETE_STEP, UNKNOWN_CHANNEL, Assembler
+from pipeline.sources.codecs import Decoder
+from pipeline.telemetry.metrics import Metrics
+from pipeline.transport.mqtt import Link, Message
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ LOG_EVERY_S = 60.0  # unexpected errors: at most one log line per this many seco
 
 
 class Intake(Protocol):
-    """Where steps go (the engine's :class:`~pipeline.engine.Worker`)."""
+    """Where steps go (the engine's :class:`~pipeline.engine.engine.Worker`)."""
 
     def submit(self, step: Step, timeout: float | None = None) -> bool: ...
     def submit_reset(self, stream: str) -> None: ...

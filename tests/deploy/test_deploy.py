@@ -20,10 +20,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from pipeline import app, config, service
 from pipeline.cluster.metrics import ClusterMetrics
 from pipeline.contract import TASKS
-from pipeline.metrics import Metrics
+from pipeline.daemon import app, config, service
+from pipeline.telemetry.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

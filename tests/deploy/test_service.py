@@ -1,4 +1,4 @@
-"""pipeline.service on its own: the sd_notify wire format over real sockets, what systemd's
+"""pipeline.daemon.service on its own: the sd_notify wire format over real sockets, what systemd's
 environment means, and the exit ledger that ExecStopPost feeds."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.service import EXIT_RESULTS, Notifier, ServiceEnv, record_exit
+from pipeline.daemon.service import EXIT_RESULTS, Notifier, ServiceEnv, record_exit
 
 
 def receive(sock: socket.socket) -> dict[str, str]:

@@ -26,8 +26,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from pipeline import codecs
 from pipeline.cluster import assign
+from pipeline.sources import codecs
 from tests.integration.broker import HOST, free_port, wait_until
 from tests.integration.conftest import write_toml
 from tests.integration.nats_cluster import NatsCluster

@@ -4,7 +4,7 @@
   tests may stop and restart them.
 * :class:`Collector` / :func:`publisher` -- plain paho clients, independent of the code
   under test, that record what the daemon publishes and play the sensors.
-* :func:`running_daemon` -- the daemon built by :mod:`pipeline.app`, in a thread, with a
+* :func:`running_daemon` -- the daemon built by :mod:`pipeline.daemon.app`, in a thread, with a
   private Prometheus registry.
 """
 
@@ -25,9 +25,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
 
-from pipeline import app, config
-from pipeline.daemon import Daemon
-from pipeline.service import ServiceEnv
+from pipeline.daemon import app, config
+from pipeline.daemon.lifecycle import Daemon
+from pipeline.daemon.service import ServiceEnv
 from tests.integration.broker import HOST, Broker, free_port, make_tls, wait_until
 
 

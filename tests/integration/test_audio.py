@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pipeline import keywords_service as ks
-from pipeline.keywords_generate import (
+from pipeline.keywords import service as ks
+from pipeline.keywords.generate import (
     KEYWORDS,
     TEST_VARIANTS,
     TRAIN_VARIANTS,
@@ -37,7 +37,7 @@ from pipeline.keywords_generate import (
     make_recording,
     write_recording,
 )
-from pipeline.keywords_metrics import AudioMetrics
+from pipeline.keywords.metrics import AudioMetrics
 from pipeline.sources.audio import AudioBlock
 from pipeline.sources.microphone import MicrophoneSettings, MicrophoneSource
 from tests.integration.broker import Broker
@@ -270,7 +270,7 @@ def offline_events(model: Path, wav: Path) -> list[ks.KeywordEvent]:
 def test_held_out_voices_accuracy_and_confusion_report(
     keyword_model: KeywordModel, tmp_path: Path
 ) -> None:
-    from pipeline.keywords_report import evaluate_report
+    from pipeline.keywords.report import evaluate_report
 
     assert not set(TEST_VARIANTS) & set(TRAIN_VARIANTS)
     out = Path(REPORTS) if REPORTS else tmp_path

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation import run_stepwise
 from pipeline.model import StepModel
+from pipeline.offline.evaluation import run_stepwise
 from tests.integration.cluster_rig import Member, Predictions, Sensors, wait_owned
 from tests.integration.nats_cluster import NatsCluster
 

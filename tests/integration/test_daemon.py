@@ -1,6 +1,6 @@
 """The MQTT daemon against a real mosquitto: predictions equal the offline stepwise run.
 
-The oracle is :func:`pipeline.evaluation.run_stepwise` (what ``seqstream eval`` feeds:
+The oracle is :func:`pipeline.offline.evaluation.run_stepwise` (what ``seqstream eval`` feeds:
 one step per call, state carried), on the same model and data. Streams run batched
 with other streams in the daemon, so values agree within 1e-5, not bit for bit.
 """
@@ -23,10 +23,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from pipeline import app, cli, codecs, config, datasets
+from pipeline import cli
+from pipeline.daemon import app, config
 from pipeline.errors import BrokerError, ModelError
-from pipeline.evaluation import run_stepwise
 from pipeline.model import StepModel
+from pipeline.offline import datasets
+from pipeline.offline.evaluation import run_stepwise
+from pipeline.sources import codecs
 from tests.integration.broker import HOST, Broker, free_port, wait_until
 from tests.integration.conftest import (
     TLS_PASSWORD,

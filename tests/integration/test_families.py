@@ -2,7 +2,7 @@
 
 For each cell (lstm/gru/rnn) and task (classify/forecast/anomaly/seq2seq), an exported
 model serves interleaved streams over a real mosquitto, and each published message
-equals the offline stepwise run (:func:`pipeline.evaluation.run_stepwise`) at that
+equals the offline stepwise run (:func:`pipeline.offline.evaluation.run_stepwise`) at that
 message's last row; an anomaly message carries the highest score of its rows.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline import codecs
-from pipeline.evaluation import run_stepwise
 from pipeline.model import StepModel
+from pipeline.offline.evaluation import run_stepwise
+from pipeline.sources import codecs
 from tests.integration.broker import Broker
 from tests.integration.conftest import (
     Collector,

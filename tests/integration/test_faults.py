@@ -4,7 +4,7 @@ A real mosquitto configured like ``deploy/mosquitto.conf`` (persistence, autosav
 every change, no queue or in-flight caps), real ``seqstream run`` subprocesses, sensors
 publishing QoS 1 readings with sequence numbers, all on loopback; every process is
 stopped by its PID. For each fault the test proves, against the offline oracle
-(:func:`pipeline.evaluation.run_stepwise` on the same data):
+(:func:`pipeline.offline.evaluation.run_stepwise` on the same data):
 
 * every step the broker accepted (PUBACK to the sensor) got a prediction;
 * no step was processed twice: QoS 1 redeliveries are refused by ``seq`` (counted),
@@ -40,9 +40,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from pipeline import codecs
-from pipeline.evaluation import run_stepwise
 from pipeline.model import StepModel
+from pipeline.offline.evaluation import run_stepwise
+from pipeline.sources import codecs
 from tests.integration.broker import HOST, Broker, free_port, shipped_broker, wait_until
 from tests.integration.conftest import daemon_config, write_toml
 

@@ -8,7 +8,7 @@ output:
 
 * the attacker's messages are counted by their reason;
 * the victim's predictions equal the offline run of its own readings
-  (:func:`pipeline.evaluation.run_stepwise`), with no reset;
+  (:func:`pipeline.offline.evaluation.run_stepwise`), with no reset;
 * every message is counted once: received == rejected at the source + queued;
 * the daemon's log holds no traceback.
 
@@ -28,10 +28,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from pipeline import codecs
-from pipeline.codecs import REASONS as CODEC_REASONS
-from pipeline.evaluation import run_stepwise
 from pipeline.model import StepModel
+from pipeline.offline.evaluation import run_stepwise
+from pipeline.sources import codecs
+from pipeline.sources.codecs import REASONS as CODEC_REASONS
 from pipeline.sources.mqtt import REASONS as SOURCE_REASONS
 from tests.integration.broker import HOST, Broker, free_port, shipped_broker, wait_until
 from tests.integration.conftest import daemon_config, write_toml

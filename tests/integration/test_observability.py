@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import codecs
-from pipeline.daemon import Daemon
+from pipeline.daemon.lifecycle import Daemon
+from pipeline.sources import codecs
 from tests.integration.broker import HOST, Broker, wait_until
 from tests.integration.conftest import (
     Collector,
@@ -130,7 +130,9 @@ def test_json_log_format_writes_one_object_per_line(
     records = [json.loads(line) for line in lines]  # each line parses on its own
     assert len(records) >= 3
     assert all(set(r) >= {"ts", "level", "logger", "msg"} for r in records)
-    assert any(r["msg"] == "stopped" and r["logger"] == "pipeline.daemon" for r in records)
+    assert any(
+        r["msg"] == "stopped" and r["logger"] == "pipeline.daemon.lifecycle" for r in records
+    )
     assert all(r["ts"].endswith("+00:00") for r in records)
     # the start-up log says where to look: the subscriptions and the HTTP address
     msgs = [r["msg"] for r in records]

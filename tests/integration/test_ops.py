@@ -25,10 +25,12 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pipeline import app, cli, codecs, config
-from pipeline.daemon import Daemon
+from pipeline import cli
+from pipeline.daemon import app, config
+from pipeline.daemon.lifecycle import Daemon
+from pipeline.daemon.service import ServiceEnv
 from pipeline.model import StepModel
-from pipeline.service import ServiceEnv
+from pipeline.sources import codecs
 from tests.integration.broker import HOST, Broker, free_port, make_tls, wait_until
 from tests.integration.conftest import (
     Collector,

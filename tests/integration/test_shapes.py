@@ -1,7 +1,7 @@
 """Payload and topic shapes through a real mosquitto and the real daemon.
 
 Named-field payloads and nested topic templates must give each stream exactly its
-offline stepwise run (:func:`pipeline.evaluation.run_stepwise`), as positional
+offline stepwise run (:func:`pipeline.offline.evaluation.run_stepwise`), as positional
 payloads on ``sensors/{stream}/data`` do (tests/integration/test_daemon.py).
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import codecs
 from pipeline.model import StepModel
+from pipeline.sources import codecs
 from tests.integration.broker import Broker, wait_until
 from tests.integration.conftest import Collector, daemon_config, publisher, running_daemon
 from tests.integration.test_daemon import check_stream, metric, oracle

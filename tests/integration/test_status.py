@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import codecs
-from pipeline.daemon import Daemon
-from pipeline.service import ServiceEnv
+from pipeline.daemon.lifecycle import Daemon
+from pipeline.daemon.service import ServiceEnv
+from pipeline.sources import codecs
 from tests.integration.broker import HOST, Broker, wait_until
 from tests.integration.conftest import Collector, daemon_config, publisher, running_daemon
 

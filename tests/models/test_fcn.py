@@ -24,10 +24,10 @@ from models.fcn import FCNNet
 from models.nets import NetConfig, build
 from models.train import TrainConfig, train
 from models.verify import verify
-from pipeline import datasets
 from pipeline.errors import ConfigError
-from pipeline.evaluation import run_stepwise
 from pipeline.model import StepModel
+from pipeline.offline import datasets
+from pipeline.offline.evaluation import run_stepwise
 
 
 def _net(cell: str, seed: int = 0) -> FCNNet:
@@ -189,7 +189,7 @@ def test_fcn_beats_a_floor_on_arrowhead_streamed_through_onnx(
         check=True, capture_output=True,
     )  # fmt: skip
     test = datasets.load(d / "ArrowHead_TEST.ts")
-    from pipeline.evaluation import evaluate
+    from pipeline.offline.evaluation import evaluate
 
     report = evaluate(StepModel.load(model), test)
     assert report["n_cases"] == 175

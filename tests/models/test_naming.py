@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from models.naming import name_features, sample_rate, split_unit
-from pipeline import datasets
-from pipeline.codecs import Decoder
 from pipeline.errors import ConfigError, DataError
+from pipeline.offline import datasets
+from pipeline.sources.codecs import Decoder
 
 
 def seqstream(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.contract import CELLS, TASKS
-from pipeline.engine import Rejected, Result
+from pipeline.engine.engine import Rejected, Result
 from pipeline.model import StepModel
 
 KINDS = [(cell, task) for cell in CELLS for task in TASKS]

@@ -1,0 +1,284 @@
+"""The daemon's HTTP surface beside ``/metrics``: liveness, readiness, status, a page.
+
+One listener (``[metrics] bind``/``port``) serves:
+
+* ``/metrics``: the Prometheus exposition (only that path; other paths used to get it).
+* ``/healthz``: 200 while the process can answer at all (liveness: restart if not).
+* ``/readyz``: 200 when the broker is connected, a model is loaded and the engine is not
+  stalled, else 503; the JSON body names each check (readiness: send no traffic if not).
+* ``/status``: JSON for people and tools: the model, the broker, the queue, rejections by
+  reason, and the most recently seen streams (at most ``max_streams``, newest first)
+  with their last sequence number and timestamp, last published prediction and its age.
+* ``/``: a read-only page rendering ``/status`` every two seconds; one HTML document
+  with inline script and style (no build step, no external assets). Stream ids come
+  from whoever can publish: the page writes them as text, never as markup.
+
+Stream rows are read on the engine's thread (``Worker.call``), where the state store
+lives, so a status request never races a batch; if the engine does not answer within
+``timeout_s`` the streams are reported as unavailable, not waited for. The last
+prediction per stream is kept by :class:`LastPredictions`, which the prediction sink
+fills on the engine's thread with objects that exist anyway (the stream id, the encoded
+payload, the arrival time): the hot path allocates nothing for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.daemon.service import EngineWatchdog
+    from pipeline.engine.engine import Engine
+    from pipeline.telemetry.metrics import Metrics
+    from pipeline.transport.mqtt import Link
+
+# Streams listed by /status and the page by default ([metrics] status_streams).
+MAX_STREAMS_LISTED = 100
+STATUS_TIMEOUT_S = 2.0
+
+Route = Callable[[], tuple[int, str, bytes]]
+
+
+class LastPredictions:
+    """The last published prediction of each stream, written on the engine's thread.
+
+    Bounded: past ``limit`` entries the streams the engine no longer carries
+    (``alive(stream)`` false) are dropped, so the maps follow the state store's size.
+    """
+
+    __slots__ = ("_alive", "limit", "payloads", "received")
+
+    def __init__(self, alive: Callable[[str], bool], limit: int) -> None:
+        self.payloads: dict[str, bytes] = {}
+        self.received: dict[str, float] = {}
+        self._alive = alive
+        self.limit = max(1, limit)
+
+    def record(self, stream: str, payload: bytes, received: float) -> None:
+        payloads = self.payloads
+        payloads[stream] = payload
+        self.received[stream] = received
+        if len(payloads) > self.limit:
+            self.prune()
+
+    def prune(self) -> None:
+        """Forget streams the engine dropped (expired, evicted); on the engine's thread."""
+        for stream in [s for s in self.payloads if not self._alive(s)]:
+            del self.payloads[stream]
+            del self.received[stream]
+
+
+class StatusView:
+    """What the HTTP endpoints report, read from the daemon's parts when asked."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        call: Callable[[Callable[[Engine], Any]], Future[Any]],
+        last: LastPredictions,
+        metrics: Metrics,
+        link: Link,
+        watchdog: EngineWatchdog,
+        depth: Callable[[], int],
+        capacity: int,
+        max_streams: int = MAX_STREAMS_LISTED,
+        timeout_s: float = STATUS_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._call = call
+        self._last = last
+        self._metrics = metrics
+        self._link = link
+        self._watchdog = watchdog
+        self._depth = depth
+        self._capacity = capacity
+        self.max_streams = max_streams
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._started = clock()
+
+    # -- the checks ---------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "alive": True,
+            "pid": os.getpid(),
+            "uptime_s": round(self._clock() - self._started, 1),
+        }
+
+    def readiness(self) -> dict[str, Any]:
+        stall = self._watchdog.stall_s()
+        checks = {
+            "broker_connected": self._link.connected,
+            "model_loaded": self._engine.model is not None,
+            "engine_progressing": stall <= self._watchdog.stall_after_s,
+        }
+        return {"ready": all(checks.values()), "checks": checks, "engine_stall_s": round(stall, 1)}
+
+    def status(self) -> dict[str, Any]:
+        model = self._engine.model
+        spec = model.spec
+        ready = self.readiness()
+        doc: dict[str, Any] = {
+            "model": {
+                "name": spec.name,
+                "version": spec.version,
+                "task": spec.task,
+                "path": str(model.path),
+                "provider": model.provider,
+                "features": list(spec.features),
+            },
+            "ready": ready["ready"],
+            "checks": ready["checks"],
+            "uptime_s": round(self._clock() - self._started, 1),
+            "queue": {"depth": self._depth(), "capacity": self._capacity},
+            "rejections": _counts(self._metrics.rejected.collect(), "reason"),
+        }
+        try:
+            doc["streams"] = self._call(self._streams).result(timeout=self._timeout_s)
+        except TimeoutError:
+            doc["streams"] = {"error": f"the engine did not answer within {self._timeout_s:g} s"}
+        return doc
+
+    def _streams(self, engine: Engine) -> dict[str, Any]:
+        """On the engine's thread: the newest ``max_streams`` streams, as JSON rows."""
+        now = self._clock()
+        store = engine.store
+        last = self._last
+        last.prune()
+        newest = sorted(store, key=lambda st: st.last_seen, reverse=True)[: self.max_streams]
+        rows = []
+        for st in newest:
+            key = st.key
+            nxt = st.next_seq
+            payload = last.payloads.get(key)
+            received = last.received.get(key)
+            rows.append(
+                {
+                    "stream": key,
+                    "last_seq": nxt - 1 if nxt is not None and nxt > 0 else st.last_seq,
+                    "last_ts": st.last_ts,
+                    "last_prediction": json.loads(payload) if payload is not None else None,
+                    "prediction_age_s": (
+                        round(now - received, 3) if received is not None else None
+                    ),
+                }
+            )
+        return {"active": len(store), "listed": len(rows), "limit": self.max_streams, "items": rows}
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    def routes(self) -> dict[str, Route]:
+        """Path -> handler, for :class:`pipeline.telemetry.metrics.Exporter`."""
+
+        def healthz() -> tuple[int, str, bytes]:
+            return 200, JSON, _json(self.health())
+
+        def readyz() -> tuple[int, str, bytes]:
+            doc = self.readiness()
+            return (200 if doc["ready"] else 503), JSON, _json(doc)
+
+        def status() -> tuple[int, str, bytes]:
+            return 200, JSON, _json(self.status())
+
+        def page() -> tuple[int, str, bytes]:
+            return 200, HTML, PAGE
+
+        return {"/healthz": healthz, "/readyz": readyz, "/status": status, "/": page}
+
+
+JSON = "application/json"
+HTML = "text/html; charset=utf-8"
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _counts(families: Iterable[Any], label: str) -> dict[str, float]:
+    """A labelled counter's ``_total`` samples as ``{label value: count}``."""
+    out: dict[str, float] = {}
+    for family in families:
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                out[sample.labels[label]] = sample.value
+    return out
+
+
+# The page: one document, inline style and script, text nodes only for remote data.
+PAGE = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>seqstream status</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em;margin:0 0 .3em} h2{font-size:1.05em;margin:1.2em 0 .3em}
+table{border-collapse:collapse}
+td,th{padding:.2em .7em;border-bottom:1px solid #ddd;text-align:left}
+th{background:#f4f4f4} .ok{color:#176b00} .bad{color:#b00020;font-weight:bold}
+code{font-size:.92em} #err{color:#b00020}
+</style></head>
+<body>
+<h1>seqstream <span id="model"></span></h1>
+<div id="ready"></div><div id="err"></div>
+<h2>Streams <span id="count"></span></h2>
+<table id="streams"><thead><tr><th>stream</th><th>last seq</th><th>last ts</th>
+<th>last prediction</th><th>age (s)</th></tr></thead><tbody></tbody></table>
+<h2>Rejections</h2>
+<table id="rejections"><thead><tr><th>reason</th><th>count</th></tr></thead><tbody></tbody></table>
+<p><small>Read-only; refreshed every 2 s from <a href="status">/status</a>.
+Metrics: <a href="metrics">/metrics</a>.</small></p>
+<script>
+"use strict";
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const text of cells) {
+    const td = document.createElement("td");
+    td.textContent = text;  // remote data is text, never markup
+    tr.appendChild(td);
+  }
+  return tr;
+}
+function fill(id, rows) {
+  document.querySelector("#" + id + " tbody").replaceChildren(...rows.map(row));
+}
+function summary(p) {
+  if (p === null) return "";
+  if ("label" in p) return p.label;
+  if ("anomaly" in p) return "score " + p.score + (p.anomaly ? " ANOMALY" : "");
+  if ("forecast" in p) {
+    return Object.entries(p.forecast).map(([k, v]) => k + ": " + v.join(", ")).join("; ");
+  }
+  return JSON.stringify(p);
+}
+function show(s) {
+  const m = s.model;
+  document.getElementById("model").textContent = m.name + " " + m.version + " (" + m.task + ")";
+  const ready = document.getElementById("ready");
+  const failed = Object.entries(s.checks).filter(([, ok]) => !ok).map(([k]) => k);
+  ready.textContent = s.ready ? "ready" : "NOT READY: " + failed.join(", ");
+  ready.className = s.ready ? "ok" : "bad";
+  const st = s.streams;
+  if (st.error) { document.getElementById("count").textContent = "(" + st.error + ")"; return; }
+  document.getElementById("count").textContent = "(" + st.listed + " of " + st.active + " active)";
+  fill("streams", st.items.map(r => [r.stream, r.last_seq ?? "", r.last_ts ?? "",
+    summary(r.last_prediction), r.prediction_age_s ?? ""]));
+  fill("rejections", Object.entries(s.rejections).filter(([, n]) => n > 0).map(([k, n]) => [k, n]));
+}
+async function refresh() {
+  try {
+    const r = await fetch("status", {cache: "no-store"});
+    show(await r.json());
+    document.getElementById("err").textContent = "";
+  } catch (e) { document.getElementById("err").textContent = "cannot read /status: " + e; }
+}
+refresh(); setInterval(refresh, 2000);
+</script>
+</body></html>
+"""

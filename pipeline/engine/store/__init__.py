@@ -1,0 +1,1 @@
+"""Per-stream state in the model's own layout: slots, admission, resets, eviction, checkpoints."""

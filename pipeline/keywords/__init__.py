@@ -1,0 +1,1 @@
+"""Keyword spotting on audio: the detector, its service, metrics, data generator, report."""

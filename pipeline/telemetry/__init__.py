@@ -1,0 +1,1 @@
+"""Prometheus metrics on an injected registry, and their HTTP exporter."""

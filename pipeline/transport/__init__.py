@@ -1,0 +1,1 @@
+"""The MQTT client every broker user shares."""

@@ -1,0 +1,165 @@
+"""The engine's worker thread: batching producers, overflow policies, ordering, failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.engine.engine import Engine, EngineSettings, Rejected, Result, Step
+from pipeline.engine.store.state import RESET_DROPPED, RESET_EXPLICIT
+from pipeline.engine.worker import Worker
+from pipeline.errors import ConfigError
+from pipeline.model import StepModel
+from tests.pipeline.conftest import ATOL, F, Offline, Recorder, data, only_output
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.batches: list[list[Result | Rejected]] = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.expect = 0
+
+    def __call__(self, results: Sequence[Result | Rejected]) -> None:
+        with self.lock:
+            self.batches.append(list(results))
+            if sum(map(len, self.batches)) >= self.expect:
+                self.done.set()
+
+    @property
+    def results(self) -> list[Result | Rejected]:
+        return [r for b in self.batches for r in b]
+
+
+def test_worker_batches_two_producers_in_per_stream_order(
+    lstm_model: StepModel, offline: Offline
+) -> None:
+    rng = np.random.default_rng(14)
+    seqs = {f"s{k}": data(rng, 30) for k in range(8)}
+    sink = Sink()
+    sink.expect = 8 * 30
+    worker = Worker(Engine(lstm_model, EngineSettings()), sink, max_batch=16, max_wait_ms=1.0)
+    worker.start()
+
+    def produce(keys: list[str]) -> None:
+        for t in range(30):
+            for key in keys:
+                assert worker.submit(Step(key, seqs[key][t : t + 1], seq=t))
+
+    threads = [threading.Thread(target=produce, args=(list(seqs)[k::2],)) for k in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sink.done.wait(30)
+    assert worker.stop(drain=True)
+    assert max(len(b) for b in sink.batches) <= 16
+    got: dict[str, list[np.ndarray]] = {k: [] for k in seqs}
+    for r in sink.results:
+        got[r.step.stream].append(only_output(r))
+    for key, values in seqs.items():
+        np.testing.assert_allclose(
+            np.concatenate(got[key]), offline(lstm_model, values)["probs"], atol=ATOL
+        )
+    assert worker.depth == 0
+
+
+def test_worker_drop_overflow_resets_the_stream_before_its_next_step(
+    lstm_model: StepModel, offline: Offline
+) -> None:
+    rng = np.random.default_rng(15)
+    x = data(rng, 4)
+    rec = Recorder()
+    sink = Sink()
+    sink.expect = 3
+    worker = Worker(
+        Engine(lstm_model, EngineSettings(), observer=rec), sink, max_queue=2, overflow="drop"
+    )
+    assert worker.submit(Step("a", x[0:1], seq=0))
+    assert worker.submit(Step("a", x[1:2], seq=1))
+    assert not worker.submit(Step("a", x[2:3], seq=2))  # queue full: dropped
+    assert worker.dropped == 1 and worker.depth == 2
+    worker.start()
+    worker.call(lambda engine: None).result(timeout=10)  # the queue has drained
+    assert worker.submit(Step("a", x[3:4], seq=3))
+    assert sink.done.wait(10)
+    worker.stop()
+    out = sink.results
+    assert [r.resets for r in out] == [(), (), (RESET_DROPPED,)]  # type: ignore[union-attr]
+    np.testing.assert_allclose(only_output(out[2]), offline(lstm_model, x[3:])["probs"], atol=ATOL)
+    assert rec.resets == Counter({RESET_DROPPED: 1})
+
+
+def test_worker_block_overflow_waits_for_room(lstm_model: StepModel) -> None:
+    sink = Sink()
+    sink.expect = 3
+    worker = Worker(Engine(lstm_model, EngineSettings()), sink, max_queue=1, overflow="block")
+    x = np.zeros((1, F), np.float32)
+    assert worker.submit(Step("a", x))
+    started = time.monotonic()
+    assert not worker.submit(Step("b", x), timeout=0.05)  # nobody drains yet
+    assert time.monotonic() - started >= 0.04
+    worker.start()
+    assert worker.submit(Step("b", x), timeout=5)
+    assert worker.submit(Step("c", x), timeout=5)
+    assert sink.done.wait(10)
+    assert worker.stop()
+
+
+def test_worker_reset_and_calls_are_ordered_with_steps(lstm_model: StepModel) -> None:
+    sink = Sink()
+    sink.expect = 3
+    worker = Worker(Engine(lstm_model, EngineSettings()), sink)
+    x = np.zeros((1, F), np.float32)
+    worker.submit(Step("a", x, seq=0))
+    worker.submit(Step("a", x, seq=1))
+    worker.submit_reset("a")
+    worker.submit(Step("a", x, seq=0))
+    streams = worker.call(lambda engine: engine.streams)
+    worker.start()
+    assert streams.result(timeout=10) == 1
+    assert sink.done.wait(10)
+    assert worker.stop()
+    assert [r.resets for r in sink.results] == [(), (), (RESET_EXPLICIT,)]  # type: ignore[union-attr]
+    assert not worker.submit(Step("a", x, seq=1))  # stopped
+
+
+def test_worker_stop_without_drain_discards_the_queue(lstm_model: StepModel) -> None:
+    sink = Sink()
+    worker = Worker(Engine(lstm_model, EngineSettings()), sink)
+    for k in range(5):
+        worker.submit(Step("a", np.zeros((1, F), np.float32), seq=k))
+    pending = worker.call(lambda engine: engine.streams)
+    assert worker.stop(drain=False)
+    assert pending.cancelled() and worker.depth == 0 and sink.results == []
+
+
+def test_worker_survives_a_failing_sink(lstm_model: StepModel) -> None:
+    calls: list[int] = []
+
+    def sink(results: Sequence[Result | Rejected]) -> None:
+        calls.append(len(results))
+        raise RuntimeError("sink down")
+
+    worker = Worker(Engine(lstm_model, EngineSettings()), sink, max_wait_ms=0)
+    worker.start()
+    x = np.zeros((1, F), np.float32)
+    worker.submit(Step("a", x, seq=0))
+    assert worker.call(lambda e: e.streams).result(timeout=10) == 1
+    worker.submit(Step("a", x, seq=1))
+    assert worker.call(lambda e: e.streams).result(timeout=10) == 1
+    assert worker.stop() and sum(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_queue": 0}, {"max_batch": 0}, {"max_wait_ms": -1}, {"overflow": "spill"}]
+)
+def test_worker_settings_are_checked(lstm_model: StepModel, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        Worker(Engine(lstm_model, EngineSettings()), lambda r: None, **kwargs)
