@@ -51,14 +51,16 @@ from pipeline.cluster.metrics import (
     TAKEOVER,
     ClusterMetrics,
 )
-from pipeline.daemon.config import STREAM, ClusterConfig, Settings
+from pipeline.daemon.config import ClusterConfig, Settings
 from pipeline.engine.engine import Engine, Rejected, Step
 from pipeline.errors import CheckpointError, PayloadError
 from pipeline.model import StepModel
+from pipeline.sinks.encoder import PredictionEncoder
 from pipeline.sinks.mqtt import NON_FINITE_OUTPUT
-from pipeline.sources.codecs import Decoder, PredictionEncoder
+from pipeline.sources.codecs import Decoder
 from pipeline.sources.mqtt import UNKNOWN_TOPIC
 from pipeline.telemetry.metrics import Metrics
+from pipeline.transport.topics import STREAM
 
 log = logging.getLogger(__name__)
 

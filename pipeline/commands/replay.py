@@ -59,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from pipeline.daemon.config import STREAM, MqttConfig, Secret, TlsConfig, host_problem
     from pipeline.errors import ConfigError
     from pipeline.offline import datasets
     from pipeline.sources import codecs
-    from pipeline.transport.mqtt import Link
+    from pipeline.transport.mqtt import Link, MqttConfig, Secret, TlsConfig, host_problem
+    from pipeline.transport.topics import STREAM
 
     if STREAM not in args.topic_template:
         raise ConfigError(f"--topic-template: must contain {STREAM}")

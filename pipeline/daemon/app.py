@@ -27,7 +27,7 @@ from pipeline.daemon.service import (
     StatusLine,
     record_exit,
 )
-from pipeline.daemon.status import LastPredictions, StatusView
+from pipeline.daemon.status import StatusView
 from pipeline.engine import engine as engine_module
 from pipeline.engine.engine import Engine
 from pipeline.engine.store.state import RESET_REASONS
@@ -36,13 +36,15 @@ from pipeline.errors import ConfigError
 from pipeline.keywords import service as keywords_service
 from pipeline.model import StepModel
 from pipeline.sinks import mqtt as sink_mqtt
+from pipeline.sinks.encoder import PredictionEncoder
 from pipeline.sinks.mqtt import ErrorReporter, PredictionSink, PublishPolicy
+from pipeline.sinks.recent import LastPredictions
 from pipeline.sources import channels as channels_module
 from pipeline.sources import codecs
 from pipeline.sources import mqtt as source_mqtt
 from pipeline.sources.acks import AckLedger
 from pipeline.sources.channels import Assembler
-from pipeline.sources.codecs import Decoder, PredictionEncoder
+from pipeline.sources.codecs import Decoder
 from pipeline.sources.mqtt import MqttSource
 from pipeline.telemetry.metrics import Exporter, Metrics
 from pipeline.transport.mqtt import Link

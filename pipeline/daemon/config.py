@@ -27,11 +27,9 @@ ids stay unique when device names repeat across sites. The reset template has as
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import os
-import re
 import socket
 import stat
 import tomllib
@@ -39,7 +37,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import urlsplit
 
 from pipeline.engine.engine import EngineSettings
 from pipeline.engine.worker import Overflow
@@ -47,39 +44,16 @@ from pipeline.errors import ConfigError
 from pipeline.keywords.detector import DetectorSettings
 from pipeline.keywords.service import AudioSettings, WavFileSettings
 from pipeline.model import PROVIDERS
+from pipeline.sinks.mqtt import OutputConfig
 from pipeline.sources.microphone import MicrophoneSettings
+from pipeline.sources.mqtt import InputConfig
+from pipeline.transport.mqtt import PROTOCOLS, MqttConfig, Secret, TlsConfig, host_problem
+from pipeline.transport.topics import CHANNEL, CLIENT_ID, STREAM
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-STREAM = "{stream}"
-CHANNEL = "{channel}"  # per-channel input: the level naming one of the model's features
-CLIENT_ID = "{client_id}"
-PROTOCOLS: tuple[str, ...] = ("3.1.1", "5")
 OVERFLOW: tuple[str, ...] = ("block", "drop")
-
-
-class Secret:
-    """A string that never shows itself in ``repr``/``str`` (logs, tracebacks)."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,65 +84,6 @@ class QueueConfig:
     # once; batches still grow under load from what queues while the engine is busy,
     # and a lone message is not held back (measured: p50 0.5 ms vs 1.7 ms with 1 ms).
     max_wait_ms: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class TlsConfig:
-    ca_file: Path | None = None  # None: the system's trust store
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MqttConfig:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    protocol: str = "3.1.1"
-    client_id: str = "seqstream"
-    clean_session: bool = False
-    session_expiry_s: int = 86_400  # MQTT 5 only: how long the broker keeps the session
-    keepalive_s: int = 30
-    connect_timeout_s: float = 10.0
-    reconnect_min_s: int = 1
-    reconnect_max_s: int = 30
-    max_inflight: int = 100
-    max_queued_out: int = 100_000  # outgoing messages held while disconnected; 0: unbounded
-    username: str | None = None
-    password: Secret | None = None
-    tls: TlsConfig | None = None
-    status_topic: str = "seqstream/{client_id}/status"
-
-    def status(self) -> str:
-        return self.status_topic.replace(CLIENT_ID, self.client_id)
-
-
-@dataclass(frozen=True, slots=True)
-class InputConfig:
-    topic: str = "sensors/{stream}/data"
-    reset_topic: str | None = "sensors/{stream}/reset"
-    qos: int = 1
-    max_payload_bytes: int = 1 << 20
-    # Longer stream ids (UTF-8 bytes) are refused (stream_id_too_long): each id is a key in
-    # the state, the publish policy and a prediction topic, so its length bounds memory.
-    max_stream_id_bytes: int = 128
-    # A stream's reset requests closer together than this are refused (reset_rate_limited).
-    reset_min_interval_s: float = 1.0
-    # One topic per feature (pipeline.sources.channels): a template with {stream} and {channel};
-    # None: off. Steps waiting for a channel, per stream, before the oldest is dropped.
-    channel_topic: str | None = None
-    channel_max_pending: int = 4
-
-
-@dataclass(frozen=True, slots=True)
-class OutputConfig:
-    topic: str = "predictions/{stream}"
-    qos: int = 1
-    retain: bool = False
-    every_k: int = 1
-    on_change: bool = False
-    error_topic: str | None = "seqstream/{client_id}/errors"
-    error_rate_per_s: float = 10.0
-    error_burst: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,42 +246,6 @@ def _queue(t: _Table) -> QueueConfig:
     )
     t.done()
     return cfg
-
-
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
-
-
-def host_problem(host: str) -> str | None:
-    """Why ``host`` is not a host name or an IP address (``None`` when it is one).
-
-    A URL or a ``host:port`` here would reach the network layer as a name that never
-    resolves (``mqtt://127.0.0.1:1883`` became ``...:1883:1883`` in logs): say so at
-    parse time, with the fix.
-    """
-    if not host:
-        return "must not be empty"
-    if "://" in host:
-        url = urlsplit(host)
-        try:
-            port = f"port = {url.port}" if url.port else "port = N"
-        except ValueError:
-            port = "port = N"
-        return (
-            f"{host!r} is a URL; give the host alone, host = {url.hostname or '...'!r}, "
-            f"and {port} (for mqtts://, add [mqtt.tls])"
-        )
-    try:
-        ipaddress.ip_address(host)
-        return None
-    except ValueError:
-        pass
-    if ":" in host:
-        name, _, port = host.rpartition(":")
-        return f"{host!r} includes a port; give host = {name!r} and port = {port}"
-    labels = host.removesuffix(".").split(".")
-    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
-        return f"{host!r} is not a host name or IP address"
-    return None
 
 
 def _mqtt(t: _Table) -> MqttConfig:

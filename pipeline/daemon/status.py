@@ -16,9 +16,8 @@ One listener (``[metrics] bind``/``port``) serves:
 Stream rows are read on the engine's thread (``Worker.call``), where the state store
 lives, so a status request never races a batch; if the engine does not answer within
 ``timeout_s`` the streams are reported as unavailable, not waited for. The last
-prediction per stream is kept by :class:`LastPredictions`, which the prediction sink
-fills on the engine's thread with objects that exist anyway (the stream id, the encoded
-payload, the arrival time): the hot path allocates nothing for it.
+prediction per stream comes from :class:`~pipeline.sinks.recent.LastPredictions`, which
+the prediction sink fills.
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
+
+from pipeline.sinks.recent import LastPredictions
 
 if TYPE_CHECKING:
     from pipeline.daemon.service import EngineWatchdog
@@ -41,35 +42,6 @@ MAX_STREAMS_LISTED = 100
 STATUS_TIMEOUT_S = 2.0
 
 Route = Callable[[], tuple[int, str, bytes]]
-
-
-class LastPredictions:
-    """The last published prediction of each stream, written on the engine's thread.
-
-    Bounded: past ``limit`` entries the streams the engine no longer carries
-    (``alive(stream)`` false) are dropped, so the maps follow the state store's size.
-    """
-
-    __slots__ = ("_alive", "limit", "payloads", "received")
-
-    def __init__(self, alive: Callable[[str], bool], limit: int) -> None:
-        self.payloads: dict[str, bytes] = {}
-        self.received: dict[str, float] = {}
-        self._alive = alive
-        self.limit = max(1, limit)
-
-    def record(self, stream: str, payload: bytes, received: float) -> None:
-        payloads = self.payloads
-        payloads[stream] = payload
-        self.received[stream] = received
-        if len(payloads) > self.limit:
-            self.prune()
-
-    def prune(self) -> None:
-        """Forget streams the engine dropped (expired, evicted); on the engine's thread."""
-        for stream in [s for s in self.payloads if not self._alive(s)]:
-            del self.payloads[stream]
-            del self.received[stream]
 
 
 class StatusView:

@@ -49,10 +49,9 @@ from pipeline.sources.microphone import (
     require_sounddevice,
 )
 from pipeline.sources.wavfile import WavFileSource
+from pipeline.transport.topics import STREAM
 
 log = logging.getLogger(__name__)
-
-STREAM = "{stream}"
 
 
 @dataclass(frozen=True)

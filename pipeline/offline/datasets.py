@@ -15,18 +15,21 @@ first reading take that first reading.
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from pipeline.errors import DataError
+
+# Re-exported: the readers return a Dataset, and their callers name it through them.
+from pipeline.offline.dataset import Dataset as Dataset
+from pipeline.offline.dataset import file_sha256 as file_sha256
+from pipeline.offline.wavfolders import load_wav_folders
 
 Missing = Literal["error", "ffill"]
 MISSING_POLICIES: tuple[str, ...] = ("error", "ffill")
@@ -37,82 +40,6 @@ _TS_UNSUPPORTED = {
     "targetlabel": "regression targets (@targetLabel) are not supported",
 }
 _YEAR_MONTH = re.compile(r"^\s*(\d{4})-(\d{2})\s*$")
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Cases of one data file, in raw units, in file order.
-
-    ``cases[i]`` is float32 ``[T_i, F]``. ``labels`` holds one class label per case
-    (``None`` without labels, or when a CSV label column varies inside a case);
-    ``row_labels`` keeps a CSV label column per row (anomaly flags such as mitdb's
-    ``label``). ``classes`` is the declared order (``@classLabel``) or, for CSV, the
-    sorted distinct labels (numerically when all are numbers). ``timestamps[i]`` is
-    float64 seconds since the epoch (UTC) per row of case ``i``.
-    """
-
-    name: str
-    path: Path
-    cases: tuple[np.ndarray, ...]
-    features: tuple[str, ...]
-    classes: tuple[str, ...] = ()
-    labels: tuple[str, ...] | None = None
-    row_labels: tuple[np.ndarray, ...] | None = None
-    timestamps: tuple[np.ndarray, ...] | None = None
-    case_ids: tuple[str, ...] | None = None
-    sha256: str = ""
-    # The audio front end (pipeline.features.logmel.LogMelConfig.to_dict()) that turned
-    # WAV files into these cases; None for sensor data.
-    frontend: Mapping[str, Any] | None = None
-
-    def spec_fields(self) -> dict[str, Any]:
-        """ModelSpec fields the data implies: an audio front end and its sample rate."""
-        if self.frontend is None:
-            return {}
-        return {"frontend": dict(self.frontend), "sample_rate_hz": self.frontend["sample_rate_hz"]}
-
-    @property
-    def n_cases(self) -> int:
-        return len(self.cases)
-
-    @property
-    def n_features(self) -> int:
-        return len(self.features)
-
-    @property
-    def lengths(self) -> tuple[int, ...]:
-        return tuple(int(c.shape[0]) for c in self.cases)
-
-    def case_name(self, i: int) -> str:
-        """How messages and reports name case ``i`` (its id, else its index)."""
-        return self.case_ids[i] if self.case_ids is not None else str(i)
-
-    def label_indices(self, classes: Sequence[str] | None = None) -> np.ndarray:
-        """Case labels as int64 indices into ``classes`` (default: the data's own)."""
-        order = tuple(classes) if classes is not None else self.classes
-        if self.labels is None:
-            if self.row_labels is not None:
-                raise DataError(
-                    f"{self.path}: the label column varies within a case; a per-case label "
-                    "needs one value per case (group rows into cases with --case-column)"
-                )
-            raise DataError(f"{self.path}: the data has no class labels")
-        index = {c: i for i, c in enumerate(order)}
-        unknown = sorted({lb for lb in self.labels if lb not in index})
-        if unknown:
-            raise DataError(
-                f"{self.path}: label(s) {', '.join(map(repr, unknown))} are not among the "
-                f"classes {list(order)}"
-            )
-        return np.array([index[lb] for lb in self.labels], dtype=np.int64)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def split_tail(length: int, fraction: float) -> int:
@@ -147,8 +74,6 @@ def load(
     """
     p = Path(path)
     if p.is_dir() and p.suffix.lower() not in SUFFIXES:
-        from pipeline.offline.wavfolders import load_wav_folders
-
         _no_csv_options(p, label_column, time_column, feature_columns, case_column)
         return load_wav_folders(p)
     suffix = p.suffix.lower()

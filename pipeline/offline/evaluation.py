@@ -37,7 +37,8 @@ from pipeline.contract import ModelSpec
 from pipeline.errors import DataError, ModelError
 from pipeline.model import StepModel
 from pipeline.offline import scoring
-from pipeline.offline.datasets import Dataset, split_tail
+from pipeline.offline.dataset import Dataset
+from pipeline.offline.datasets import split_tail
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """A directory of WAV folders, one folder per class, as a
-:class:`~pipeline.offline.datasets.Dataset`.
+:class:`~pipeline.offline.dataset.Dataset`.
 
 ``DIR/<class>/*.wav`` (16-bit PCM, any channel count, averaged to mono) become cases of
 log-mel features ``[T, n_mels]`` labelled ``<class>``, computed with the same
@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.errors import DataError
 from pipeline.features.logmel import LogMelConfig, logmel
 from pipeline.features.wav import read_wav
-from pipeline.offline.datasets import Dataset, file_sha256
+from pipeline.offline.dataset import Dataset, file_sha256
 
 FRONTEND_FILE = "frontend.json"
 SUFFIX = ".wav"

@@ -18,15 +18,16 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from paho.mqtt.enums import MQTTErrorCode
 
-from pipeline.daemon.config import STREAM, OutputConfig
-from pipeline.daemon.status import LastPredictions
 from pipeline.engine.engine import Rejected, Result
-from pipeline.sources.codecs import PredictionEncoder
+from pipeline.sinks.encoder import PredictionEncoder
+from pipeline.sinks.recent import LastPredictions
 from pipeline.telemetry.metrics import Metrics
 from pipeline.transport.mqtt import Link
+from pipeline.transport.topics import STREAM
 
 NON_FINITE_OUTPUT = "non_finite_output"
 # Engine rejections that are routine, not worth an error report: QoS 1 redelivers.
@@ -40,6 +41,18 @@ PUBLISH_FAILURES: dict[MQTTErrorCode, str] = {
 
 
 ECHO_LIMIT = 200  # characters of a peer's topic, stream id or detail echoed in a report
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConfig:
+    topic: str = "predictions/{stream}"
+    qos: int = 1
+    retain: bool = False
+    every_k: int = 1
+    on_change: bool = False
+    error_topic: str | None = "seqstream/{client_id}/errors"
+    error_rate_per_s: float = 10.0
+    error_burst: int = 20
 
 
 def clip(text: str, limit: int = ECHO_LIMIT) -> str:

@@ -33,9 +33,9 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.daemon.config import CHANNEL, STREAM, InputConfig
 from pipeline.engine.engine import Step
 from pipeline.errors import PayloadError
 from pipeline.sinks.mqtt import ErrorReporter, clip
@@ -44,6 +44,7 @@ from pipeline.sources.channels import INCOMPLETE_STEP, UNKNOWN_CHANNEL, Assemble
 from pipeline.sources.codecs import Decoder
 from pipeline.telemetry.metrics import Metrics
 from pipeline.transport.mqtt import Link, Message
+from pipeline.transport.topics import CHANNEL, STREAM
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,23 @@ REASONS: tuple[str, ...] = (
     INTERNAL_ERROR,
 )
 LOG_EVERY_S = 60.0  # unexpected errors: at most one log line per this many seconds
+
+
+@dataclass(frozen=True, slots=True)
+class InputConfig:
+    topic: str = "sensors/{stream}/data"
+    reset_topic: str | None = "sensors/{stream}/reset"
+    qos: int = 1
+    max_payload_bytes: int = 1 << 20
+    # Longer stream ids (UTF-8 bytes) are refused (stream_id_too_long): each id is a key in
+    # the state, the publish policy and a prediction topic, so its length bounds memory.
+    max_stream_id_bytes: int = 128
+    # A stream's reset requests closer together than this are refused (reset_rate_limited).
+    reset_min_interval_s: float = 1.0
+    # One topic per feature (pipeline.sources.channels): a template with {stream} and {channel};
+    # None: off. Steps waiting for a channel, per stream, before the oldest is dropped.
+    channel_topic: str | None = None
+    channel_max_pending: int = 4
 
 
 class Intake(Protocol):

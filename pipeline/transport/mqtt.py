@@ -22,13 +22,18 @@ restart but loses MQTT 5 sessions then; prefer 3.1.1 with that broker.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import re
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -36,8 +41,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from pipeline.daemon.config import MqttConfig
 from pipeline.errors import BrokerError, ConfigError
+from pipeline.transport.topics import CLIENT_ID
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,98 @@ OFFLINE = b"offline"
 
 Message = paho.MQTTMessage
 MessageHandler = Callable[[Message], None]
+
+
+PROTOCOLS: tuple[str, ...] = ("3.1.1", "5")
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str`` (logs, tracebacks)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_file: Path | None = None  # None: the system's trust store
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    protocol: str = "3.1.1"
+    client_id: str = "seqstream"
+    clean_session: bool = False
+    session_expiry_s: int = 86_400  # MQTT 5 only: how long the broker keeps the session
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 30
+    max_inflight: int = 100
+    max_queued_out: int = 100_000  # outgoing messages held while disconnected; 0: unbounded
+    username: str | None = None
+    password: Secret | None = None
+    tls: TlsConfig | None = None
+    status_topic: str = "seqstream/{client_id}/status"
+
+    def status(self) -> str:
+        return self.status_topic.replace(CLIENT_ID, self.client_id)
+
+
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name or an IP address (``None`` when it is one).
+
+    A URL or a ``host:port`` here would reach the network layer as a name that never
+    resolves (``mqtt://127.0.0.1:1883`` became ``...:1883:1883`` in logs): say so at
+    parse time, with the fix.
+    """
+    if not host:
+        return "must not be empty"
+    if "://" in host:
+        url = urlsplit(host)
+        try:
+            port = f"port = {url.port}" if url.port else "port = N"
+        except ValueError:
+            port = "port = N"
+        return (
+            f"{host!r} is a URL; give the host alone, host = {url.hostname or '...'!r}, "
+            f"and {port} (for mqtts://, add [mqtt.tls])"
+        )
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if ":" in host:
+        name, _, port = host.rpartition(":")
+        return f"{host!r} includes a port; give host = {name!r} and port = {port}"
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        return f"{host!r} is not a host name or IP address"
+    return None
 
 
 class LinkObserver(Protocol):

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from pipeline.contract import ModelSpec, Normalisation, recurrent_state
 from pipeline.engine.engine import Result, Step
 from pipeline.errors import PayloadError
+from pipeline.sinks.encoder import PredictionEncoder
 from pipeline.sources import codecs
-from pipeline.sources.codecs import Decoder, PredictionEncoder
+from pipeline.sources.codecs import Decoder
 
 F = 3
 DEC = Decoder(F, max_payload_bytes=4096, max_steps=8)
