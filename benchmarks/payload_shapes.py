@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.daemon.config import InputConfig
 from pipeline.engine.engine import EngineSettings
 from pipeline.sources.channels import Assembler
 from pipeline.sources.codecs import Decoder, encode_binary, encode_json
+from pipeline.sources.mqtt import InputConfig
 
 NAMES = ("ax", "ay", "az", "gx", "gy", "gz")
 

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pipeline.cluster.metrics import ClusterMetrics
 from pipeline.contract import TASKS
 from pipeline.daemon import app, config, service
+from pipeline.sources.mqtt import InputConfig
 from pipeline.telemetry.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -245,7 +246,7 @@ def test_broker_packet_limit_matches_the_daemons_payload_limit() -> None:
     of max_payload_bytes on the longest topic a sensor may use fits, 1 KiB more does not."""
     doc = tomllib.loads((DEPLOY / "seqstream.toml").read_text())
     payload = doc["input"]["max_payload_bytes"]
-    assert payload == config.InputConfig().max_payload_bytes  # the example is the default
+    assert payload == InputConfig().max_payload_bytes  # the example is the default
     stream_id = doc["input"]["max_stream_id_bytes"]
     longest = max(len(doc["input"]["topic"]), len(doc["input"]["reset_topic"]))
     longest += stream_id - len("{stream}")

@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from pipeline.daemon.config import InputConfig
+from pipeline.sources.mqtt import InputConfig
 from tests.integration.broker import HOST, Broker, make_tls
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

@@ -9,8 +9,11 @@ import pytest
 from pipeline import cli
 from pipeline.daemon import config
 from pipeline.errors import ConfigError
+from pipeline.sinks.mqtt import OutputConfig
+from pipeline.sources.mqtt import InputConfig
+from pipeline.transport.mqtt import MqttConfig, Secret, TlsConfig
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "deploy" / "seqstream.toml"
 
 
@@ -31,9 +34,9 @@ def error_of(tmp_path: Path, text: str) -> str:
 def test_the_documented_example_is_valid_and_matches_the_defaults() -> None:
     s = config.load(EXAMPLE)
     assert s.model.path == EXAMPLE.parent / "model.onnx"
-    assert s.mqtt == config.MqttConfig()
-    assert s.input == config.InputConfig()
-    assert s.output == config.OutputConfig()
+    assert s.mqtt == MqttConfig()
+    assert s.input == InputConfig()
+    assert s.output == OutputConfig()
     assert s.queue == config.QueueConfig()
     assert s.metrics == config.MetricsConfig()
     assert s.engine.idle_timeout_s == 600.0
@@ -269,7 +272,7 @@ def test_tls_defaults_the_port_and_needs_cert_and_key_together(tmp_path: Path) -
         (tmp_path / name).write_text("x")
     s = config.load(write(tmp_path, '[model]\npath = "m"\n[mqtt.tls]\nca_file = "ca.crt"\n'))
     assert s.mqtt.port == 8883
-    assert s.mqtt.tls == config.TlsConfig(ca_file=tmp_path / "ca.crt")
+    assert s.mqtt.tls == TlsConfig(ca_file=tmp_path / "ca.crt")
     assert "needs both cert_file and key_file" in error_of(
         tmp_path, '[model]\npath = "m"\n[mqtt.tls]\ncert_file = "c.crt"\n'
     )
@@ -287,5 +290,5 @@ def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_secret_equality_and_hash_use_the_value() -> None:
-    assert config.Secret("a") == config.Secret("a") != config.Secret("b")
-    assert hash(config.Secret("a")) == hash(config.Secret("a"))
+    assert Secret("a") == Secret("a") != Secret("b")
+    assert hash(Secret("a")) == hash(Secret("a"))

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.daemon import app, config
+from pipeline.daemon import app
 from pipeline.errors import PayloadError
 from pipeline.offline.datasets import file_sha256
 from pipeline.sources.codecs import MALFORMED_JSON, Decoder
+from pipeline.transport.mqtt import host_problem
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) ")
 
 
@@ -148,4 +149,4 @@ def test_deploy_readme_lists_every_rejection_reason() -> None:
 
 def test_host_problem_accepts_hosts_and_addresses() -> None:
     for host in ("127.0.0.1", "::1", "localhost", "broker.example.org", "my_broker", "fd00::5"):
-        assert config.host_problem(host) is None, host
+        assert host_problem(host) is None, host

@@ -10,10 +10,10 @@ import pytest
 
 from pipeline.daemon import config
 from pipeline.errors import ConfigError
-from pipeline.sources.mqtt import stream_id, topic_filter
+from pipeline.sources.mqtt import InputConfig, stream_id, topic_filter
 
 
-def parse_input(tmp_path: Path, **values: Any) -> config.InputConfig:
+def parse_input(tmp_path: Path, **values: Any) -> InputConfig:
     doc = {"model": {"path": "m.onnx"}, "input": values}
     return config.parse(doc, base=tmp_path, source=tmp_path / "t.toml").input
 

@@ -21,7 +21,7 @@ from pipeline.offline.datasets import load, split_tail
 from pipeline.offline.evaluation import evaluate, iterated_forecasts, resolve_tail, run_stepwise
 
 CELLS = ["lstm", "gru", "rnn"]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 WATER = "Water flow [l/s]"
 
 

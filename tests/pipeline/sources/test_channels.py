@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from pipeline.daemon import app
-from pipeline.daemon.config import InputConfig, MqttConfig
 from pipeline.engine.engine import Engine, EngineSettings, Rejected, Result
 from pipeline.engine.store.state import RESET_REASONS
 from pipeline.engine.worker import Worker
@@ -26,9 +25,9 @@ from pipeline.sources import codecs
 from pipeline.sources import mqtt as source_mqtt
 from pipeline.sources.channels import DUPLICATE, INCOMPLETE_STEP, REASONS, Assembler
 from pipeline.sources.codecs import Decoder
-from pipeline.sources.mqtt import MqttSource
+from pipeline.sources.mqtt import InputConfig, MqttSource
 from pipeline.telemetry.metrics import Metrics
-from pipeline.transport.mqtt import Link
+from pipeline.transport.mqtt import Link, MqttConfig
 
 NAMES = ("temp", "hum")
 

@@ -28,7 +28,6 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.contract import ModelSpec, Normalisation, recurrent_state
 from pipeline.daemon import app, config
-from pipeline.daemon.config import InputConfig, MqttConfig
 from pipeline.engine.engine import Engine, EngineSettings, Rejected, Result
 from pipeline.engine.store.state import RESET_REASONS
 from pipeline.engine.worker import Worker
@@ -38,9 +37,9 @@ from pipeline.sinks.mqtt import ErrorReporter
 from pipeline.sources import codecs
 from pipeline.sources import mqtt as source_mqtt
 from pipeline.sources.codecs import Decoder
-from pipeline.sources.mqtt import MqttSource, stream_id, topic_filter
+from pipeline.sources.mqtt import InputConfig, MqttSource, stream_id, topic_filter
 from pipeline.telemetry.metrics import Metrics
-from pipeline.transport.mqtt import Link
+from pipeline.transport.mqtt import Link, MqttConfig
 
 F = 6
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
