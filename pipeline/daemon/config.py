@@ -443,26 +443,24 @@ def _audio(t: _Table) -> AudioSettings:
     topic = t.text("topic", "audio/{stream}/keyword")
     _check_publish_topic(t, "topic", topic, stream=True)
     d = DetectorSettings()
-    detector = DetectorSettings(
-        threshold=t.number("threshold", d.threshold, lo=0.01, hi=1.0),
-        smooth_ms=t.number("smooth_ms", d.smooth_ms, lo=0.0, hi=10_000.0),
-        refractory_ms=t.number("refractory_ms", d.refractory_ms, lo=0.0, hi=60_000.0),
+    detector = t.build(
+        DetectorSettings,
+        threshold=t.number("threshold", d.threshold),
+        smooth_ms=t.number("smooth_ms", d.smooth_ms),
+        refractory_ms=t.number("refractory_ms", d.refractory_ms),
         background=t.strings("background", d.background),
     )
-    mics = tuple(_microphone(m) for m in t.tables("microphone"))
-    files = tuple(_wavfile(f) for f in t.tables("wavfile"))
-    if not mics and not files:
-        t.fail("microphone", "configure at least one [[audio.microphone]] (or [[audio.wavfile]])")
-    cfg = AudioSettings(
+    cfg = t.build(
+        AudioSettings,
         model=model,
         providers=providers or ("cpu",),
         threads=t.integer("threads", 1, lo=1, hi=256),
         topic=topic,
         qos=t.integer("qos", 1, lo=0, hi=2),
         detector=detector,
-        max_queue=t.integer("max_queue", 256, lo=1),
-        microphones=mics,
-        files=files,
+        max_queue=t.integer("max_queue", 256),
+        microphones=tuple(_microphone(m) for m in t.tables("microphone")),
+        files=tuple(_wavfile(f) for f in t.tables("wavfile")),
     )
     t.done()
     return cfg
@@ -476,29 +474,26 @@ def _source_name(t: _Table) -> str:
 
 
 def _microphone(t: _Table) -> MicrophoneSettings:
+    """Types only: :class:`MicrophoneSettings` checks the values."""
     d = MicrophoneSettings()
     device = t.doc.get("device")
     t.seen.add("device")
     if device is not None and not (isinstance(device, str) and device) and not _is_int(device):
         t.fail("device", f"must be a device name or index, got {_kind(device)} {device!r}")
-    silence = t.opt_number("silence_timeout_s", d.silence_timeout_s, positive=True)
-    lo = t.number("retry_min_s", d.retry_min_s, lo=0.01, hi=3600.0)
-    hi = t.number("retry_max_s", d.retry_max_s, lo=0.01, hi=3600.0)
-    if hi < lo:
-        t.fail("retry_max_s", f"must be >= retry_min_s ({lo}), got {hi}")
     rate = t.doc.get("sample_rate_hz")
-    cfg = MicrophoneSettings(
-        name=_source_name(t),
+    cfg = t.build(
+        MicrophoneSettings,
+        name=t.text("name", ""),
         device=device,
-        sample_rate_hz=None if rate is None else t.integer("sample_rate_hz", 0, lo=1_000),
-        channels=t.integer("channels", d.channels, lo=1, hi=64),
-        block_size=t.integer("block_size", d.block_size, lo=16, hi=1 << 20),
-        buffer_ms=t.number("buffer_ms", d.buffer_ms, lo=10.0, hi=600_000.0),
-        silence_timeout_s=silence,
-        stall_s=t.number("stall_s", d.stall_s, lo=0.1, hi=3600.0),
-        retry_min_s=lo,
-        retry_max_s=hi,
-        latency=t.choice("latency", d.latency, ("low", "high")),
+        sample_rate_hz=None if rate is None else t.integer("sample_rate_hz", 0),
+        channels=t.integer("channels", d.channels),
+        block_size=t.integer("block_size", d.block_size),
+        buffer_ms=t.number("buffer_ms", d.buffer_ms),
+        silence_timeout_s=t.opt_number("silence_timeout_s", d.silence_timeout_s, positive=False),
+        stall_s=t.number("stall_s", d.stall_s),
+        retry_min_s=t.number("retry_min_s", d.retry_min_s),
+        retry_max_s=t.number("retry_max_s", d.retry_max_s),
+        latency=t.text("latency", d.latency),
     )
     t.done()
     return cfg
@@ -567,6 +562,17 @@ class _Table:
 
     def fail(self, key: str, problem: str) -> NoReturn:
         raise ConfigError(f"{self.key(key)}: {problem}")
+
+    def build(self, cls: Callable[..., T], **values: Any) -> T:
+        """``cls(**values)``, its own check's error (``field: problem``) named from here.
+
+        A settings type checks its values itself, once, in its owner's module; this
+        reader only reads them with the right types and says where they came from.
+        """
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(self.key(str(exc))) from None
 
     def _get(self, key: str, required: bool) -> Any:
         self.seen.add(key)

@@ -41,12 +41,13 @@ class DetectorSettings:
     background: tuple[str, ...] = DEFAULT_BACKGROUND
 
     def __post_init__(self) -> None:
-        if not (0.0 < self.threshold <= 1.0):
-            raise ConfigError(f"audio.threshold: must be in (0, 1], got {self.threshold}")
-        if not (math.isfinite(self.smooth_ms) and self.smooth_ms >= 0):
-            raise ConfigError(f"audio.smooth_ms: must be >= 0, got {self.smooth_ms}")
-        if not (math.isfinite(self.refractory_ms) and self.refractory_ms >= 0):
-            raise ConfigError(f"audio.refractory_ms: must be >= 0, got {self.refractory_ms}")
+        # The one check of these values; the TOML reader prefixes its table ("audio.").
+        if not (0.01 <= self.threshold <= 1.0):
+            raise ConfigError(f"threshold: must be 0.01..1.0, got {self.threshold}")
+        if not (math.isfinite(self.smooth_ms) and 0 <= self.smooth_ms <= 10_000):
+            raise ConfigError(f"smooth_ms: must be 0.0..10000.0, got {self.smooth_ms}")
+        if not (math.isfinite(self.refractory_ms) and 0 <= self.refractory_ms <= 60_000):
+            raise ConfigError(f"refractory_ms: must be 0.0..60000.0, got {self.refractory_ms}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,16 +79,19 @@ class AudioSettings:
     files: tuple[WavFileSettings, ...] = ()
 
     def __post_init__(self) -> None:
+        # The one check of these values; the TOML reader prefixes its table ("audio.").
         names = [m.name for m in self.microphones] + [f.name for f in self.files]
         if not names:
-            raise ConfigError("audio: configure at least one [[audio.microphone]] or wavfile")
+            raise ConfigError(
+                "microphone: configure at least one [[audio.microphone]] (or wavfile)"
+            )
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ConfigError(f"audio: source names must be unique, {dupes} repeat")
+            raise ConfigError(f"microphone: source names must be unique, {dupes} repeat")
         if self.topic.count(STREAM) != 1:
-            raise ConfigError(f"audio.topic: must contain {STREAM} once, got {self.topic!r}")
+            raise ConfigError(f"topic: must contain {STREAM} exactly once, got {self.topic!r}")
         if self.max_queue < 1:
-            raise ConfigError("audio.max_queue: must be >= 1")
+            raise ConfigError(f"max_queue: must be >= 1, got {self.max_queue}")
 
     @property
     def source_names(self) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -66,26 +67,34 @@ class MicrophoneSettings:
     latency: str = "low"  # PortAudio's suggested input latency: "low" or "high"
 
     def __post_init__(self) -> None:
-        where = f"audio.microphone {self.name!r}"
+        """The one check of these values (the TOML reader only checks their types); an
+        error names the field, and the reader prefixes its table (``audio.microphone[0]``)."""
+        silence = self.silence_timeout_s
+        rate = self.sample_rate_hz
         checks = [
-            (bool(self.name) and "/" not in self.name and "+" not in self.name, "name",
-             "must be a non-empty MQTT topic level (no '/', '+', '#')"),
-            ("#" not in self.name, "name", "must not contain '#'"),
-            (self.channels >= 1, "channels", "must be >= 1"),
-            (self.block_size >= 1, "block_size", "must be >= 1"),
-            (self.buffer_ms > 0, "buffer_ms", "must be > 0"),
-            (self.silence_timeout_s is None or self.silence_timeout_s > 0, "silence_timeout_s",
-             "must be > 0 (or false for never)"),
-            (self.stall_s > 0, "stall_s", "must be > 0"),
-            (0 < self.retry_min_s <= self.retry_max_s, "retry_min_s",
-             "must be > 0 and <= retry_max_s"),
-            (self.latency in ("low", "high"), "latency", "must be 'low' or 'high'"),
-            (self.sample_rate_hz is None or self.sample_rate_hz > 0, "sample_rate_hz",
-             "must be > 0"),
+            (bool(self.name) and not any(c in self.name for c in "/+#{}\0"), "name",
+             f"must be a non-empty topic level without / + # {{ }}, got {self.name!r}"),
+            (1 <= self.channels <= 64, "channels", f"must be 1..64, got {self.channels}"),
+            (16 <= self.block_size <= 1 << 20, "block_size",
+             f"must be 16..{1 << 20}, got {self.block_size}"),
+            (10.0 <= self.buffer_ms <= 600_000.0, "buffer_ms",
+             f"must be 10.0..600000.0, got {self.buffer_ms}"),
+            (silence is None or (math.isfinite(silence) and silence > 0), "silence_timeout_s",
+             f"must be a finite number > 0 (or false for off), got {silence}"),
+            (0.1 <= self.stall_s <= 3600.0, "stall_s", f"must be 0.1..3600.0, got {self.stall_s}"),
+            (0.01 <= self.retry_min_s <= 3600.0, "retry_min_s",
+             f"must be 0.01..3600.0, got {self.retry_min_s}"),
+            (0.01 <= self.retry_max_s <= 3600.0, "retry_max_s",
+             f"must be 0.01..3600.0, got {self.retry_max_s}"),
+            (self.retry_max_s >= self.retry_min_s, "retry_max_s",
+             f"must be >= retry_min_s ({self.retry_min_s}), got {self.retry_max_s}"),
+            (self.latency in ("low", "high"), "latency",
+             f"must be one of 'low', 'high', got {self.latency!r}"),
+            (rate is None or rate >= 1_000, "sample_rate_hz", f"must be >= 1000, got {rate}"),
         ]  # fmt: skip
         for ok, key, problem in checks:
             if not ok:
-                raise ConfigError(f"{where}: {key}: {problem}")
+                raise ConfigError(f"{key}: {problem}")
 
 
 class CaptureStream(Protocol):
