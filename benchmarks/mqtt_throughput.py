@@ -21,7 +21,9 @@ JSON): messages/s and the latency at ``--rate`` through the relay and the daemon
 ``--baseline DIR`` adds the daemon of another checkout (``git worktree add DIR REV``),
 measured in the same rounds, for a before/after in one run. It prints the figures of
 every round, their medians and spread, and per round the daemon's ratio to the relay
-measured next to it (throughput) and its p99 above the relay's (latency):
+measured next to it (throughput) and its p99 above the relay's (latency). Each middle's
+CPU time per message (``cpu_us_per_message``, from ``/proc``) comes along: on a shared
+machine it is what other processes' load inflates least:
 
     python benchmarks/mqtt_throughput.py --hot-path --repeats 5 [--baseline /tmp/before]
 """
@@ -298,6 +300,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far: what the machine's other
+    load inflates far less than wall time (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _spread(values: list[float]) -> dict[str, float]:
     """Median, min and max of a figure over the rounds (its spread is the noise)."""
     a = np.array(values, dtype=float)
@@ -324,9 +333,15 @@ def hot_path(broker: Broker, args: argparse.Namespace, work: Path, model: Path) 
                 proc = start_middle(kind, broker.port, 0, work, model, args.max_wait_ms, tree)
                 try:
                     throughput(sensors, sink, 0, 1, min(args.messages, 2000), "json")  # warm-up
+                    cpu = cpu_s(proc.pid)
                     tp = throughput(sensors, sink, 0, 1, args.messages, "json")
+                    tp["cpu_us_per_message"] = round((cpu_s(proc.pid) - cpu) / tp["received"] * 1e6)
                     latency(sensors, sink, 0, args.rate, 1.0)  # warm-up
+                    cpu = cpu_s(proc.pid)
                     lat = latency(sensors, sink, 0, args.rate, args.seconds)
+                    lat["cpu_us_per_message"] = round(
+                        (cpu_s(proc.pid) - cpu) / lat["received"] * 1e6
+                    )
                 finally:
                     stop(proc)
                 row[name] = {"throughput": tp, "latency": lat}
@@ -334,6 +349,11 @@ def hot_path(broker: Broker, args: argparse.Namespace, work: Path, model: Path) 
                 d, relay = row[name], row["relay"]
                 d["vs_relay"] = round(
                     d["throughput"]["messages_per_s"] / relay["throughput"]["messages_per_s"], 3
+                )
+                d["cpu_vs_relay"] = round(
+                    d["throughput"]["cpu_us_per_message"]
+                    / relay["throughput"]["cpu_us_per_message"],
+                    3,
                 )
                 d["p99_above_relay_ms"] = round(
                     d["latency"]["p99_ms"] - relay["latency"]["p99_ms"], 3
@@ -346,6 +366,9 @@ def hot_path(broker: Broker, args: argparse.Namespace, work: Path, model: Path) 
     for name, _, _ in middles:
         summary[name] = {
             "messages_per_s": _spread([x[name]["throughput"]["messages_per_s"] for x in rounds]),
+            "cpu_us_per_message": _spread(
+                [x[name]["throughput"]["cpu_us_per_message"] for x in rounds]
+            ),
             "p50_ms": _spread([x[name]["latency"]["p50_ms"] for x in rounds]),
             "p99_ms": _spread([x[name]["latency"]["p99_ms"] for x in rounds]),
             "lost": sum(
@@ -358,6 +381,7 @@ def hot_path(broker: Broker, args: argparse.Namespace, work: Path, model: Path) 
         }
         if name != "relay":
             summary[name]["vs_relay"] = _spread([x[name]["vs_relay"] for x in rounds])
+            summary[name]["cpu_vs_relay"] = _spread([x[name]["cpu_vs_relay"] for x in rounds])
             summary[name]["p99_above_relay_ms"] = _spread(
                 [x[name]["p99_above_relay_ms"] for x in rounds]
             )
