@@ -16,7 +16,8 @@ and sink, paho out and broker out) and the size of the engine's calls. The wrapp
 costs a few microseconds per message; it is a diagnosis, the figures to compare are
 ``mqtt_throughput.py --hot-path``'s.
 
-    python benchmarks/mqtt_latency_trace.py [--rate 1000] [--seconds 5] [--streams 1000]
+    python benchmarks/mqtt_latency_trace.py [--rate 1000] [--seconds 5] [--repeats 2]
+        [--baseline DIR]  # also the daemon of another checkout (git worktree add DIR REV)
 """
 
 from __future__ import annotations
@@ -36,13 +37,21 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-import mqtt_throughput as mt  # noqa: E402
+
+def _bench() -> Any:
+    """``mqtt_throughput.py``, imported only where this process runs no daemon: it puts
+    this checkout's ``pipeline`` first on the path, and a ``--baseline`` daemon must run
+    its own."""
+    sys.path.insert(0, str(HERE))
+    import mqtt_throughput
+
+    return mqtt_throughput
 
 
 def daemon_main(config: str, trace: str) -> None:
     """``seqstream run --config CONFIG`` with its hot path noted in ``trace`` at exit."""
+    import pipeline
     from pipeline import cli, worker
     from pipeline.codecs import Decoder
     from pipeline.sinks.mqtt import PredictionSink
@@ -92,6 +101,7 @@ def daemon_main(config: str, trace: str) -> None:
             "published": published,
             "calls": calls,
             "inline": inline[0],
+            "pipeline": pipeline.__file__,
         }
         Path(trace).write_text(
             json.dumps({k: list(v.items()) if isinstance(v, dict) else v for k, v in doc.items()})
@@ -104,6 +114,7 @@ def daemon_main(config: str, trace: str) -> None:
 
 def relay_main(port: str, trace: str) -> None:
     """``mqtt_throughput.py``'s relay, noting when each message came and went back out."""
+    mt = _bench()
     import signal
 
     import paho.mqtt.client as mqtt
@@ -143,16 +154,17 @@ def pct(values: list[float]) -> dict[str, float]:
 
 
 def traced(
-    kind: str, broker: mt.Broker, args: argparse.Namespace, conf: Path, trace: Path
+    kind: str, broker: Any, args: argparse.Namespace, conf: Path, trace: Path, tree: Path
 ) -> dict[str, Any]:
     """One traced run of the relay or the daemon: each segment's p50/p99."""
+    mt = _bench()
     status = "bench/relay" if kind == "relay" else "seqstream/bench/status"
     ready = mt.Counter(broker.port, status, 1)
     arg = str(broker.port) if kind == "relay" else str(conf)
     proc = subprocess.Popen(
         [sys.executable, __file__, f"--{kind}", arg, str(trace)],
-        cwd=args.tree,
-        env={**os.environ, "PYTHONPATH": str(args.tree)},
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
     )
     try:
         mt.wait_until(lambda: ready.n > 0 or proc.poll() is not None, 30, f"{kind} ready")
@@ -181,6 +193,7 @@ def traced(
     eng = dict(got.get("engine", got["received"]))
     keys = [ts for ts in delivered if ts in rec and ts in eng and ts in pub]
     out: dict[str, Any] = {
+        "pipeline": got.get("pipeline", ""),
         "delivered": len(delivered),
         "total": pct([delivered[k] - k for k in keys]),
         "broker_in (sent -> received)": pct([rec[k] - k for k in keys]),
@@ -209,7 +222,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--max-wait-ms", type=float, default=0.0)
-    ap.add_argument("--tree", type=Path, default=mt.REPO, help="the checkout whose daemon runs")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds, their order rotating")
+    ap.add_argument("--baseline", type=Path, help="also the daemon of this checkout")
     ap.add_argument("--daemon", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--relay", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -219,6 +233,7 @@ def main() -> None:
     if args.relay:
         relay_main(*args.relay)
         return
+    mt = _bench()
 
     from models.export import export_random
 
@@ -235,10 +250,15 @@ def main() -> None:
         "messages": int(args.rate * args.seconds),
     }
     try:
-        for kind in ("relay", "daemon", "relay", "daemon"):  # interleaved, twice
-            conf = mt.daemon_config(work, broker.port, 0, model, args.max_wait_ms)
-            got = traced(kind, broker, args, conf, work / "trace.json")
-            report.setdefault(kind, []).append(got)
+        middles = [("relay", "relay", mt.REPO), ("daemon", "daemon", mt.REPO)]
+        if args.baseline is not None:
+            middles.append(("daemon_baseline", "daemon", args.baseline.resolve()))
+        for r in range(args.repeats):
+            for k in range(len(middles)):
+                name, kind, tree = middles[(k + r) % len(middles)]
+                conf = mt.daemon_config(work, broker.port, 0, model, args.max_wait_ms)
+                got = traced(kind, broker, args, conf, work / "trace.json", tree)
+                report.setdefault(name, []).append(got)
     finally:
         broker.stop()
     report["load_average"] = os.getloadavg()
