@@ -10,8 +10,10 @@ empty queue, and handing it to the worker costs two thread wake-ups per message 
 worker's, then paho's network thread's to write the prediction), each a trip through
 the scheduler and the GIL. On a busy machine those wake-ups are the daemon's latency
 tail (``benchmarks/mqtt_latency_trace.py``). A step that is the only input waiting
-runs on the producer's thread instead, as a bare relay would; as soon as input piles
-up, steps queue and the worker runs them in batches, as before.
+runs on the producer's thread instead, as a bare relay would, unless the engine ran
+longer than it has rested since (busy over half the time: then one batch is cheaper than
+the steps run one by one, ``cpu_us_per_message`` of ``mqtt_throughput.py --hot-path``).
+As soon as input piles up, steps queue and the worker runs them in batches, as before.
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ class Worker:
         # with its step (submit's ``alone``); the other waits for the engine meanwhile.
         self._busy = False
         self._awaiting = False  # the worker waits for a producer's step to end
+        # How long the engine's last run took and when it ended: a step runs on its
+        # producer's thread only when the engine has rested at least that long since.
+        self._ran_s = 0.0
+        self._ran_until = 0.0
 
     # -- producers (any thread) ---------------------------------------------------------
 
@@ -107,21 +113,31 @@ class Worker:
     ) -> bool:
         """Queue a step; False when it was dropped (queue full, or the worker stopped).
 
-        ``alone``: asked when nothing is queued and the worker is idle, whether this step
-        is the only input waiting (no message behind it); then the step runs here, on the
-        caller's thread, and its results reach the sink before this returns.
+        ``alone``: asked when nothing is queued and the engine has rested since its last
+        run at least as long as that run took, whether this step is the only input
+        waiting (no message behind it); then the step runs here, on the caller's thread,
+        and its results reach the sink before this returns.
         """
         with self._cv:
             if self._stopping:
                 return False
-            if alone is not None and not self._queue and not self._busy and alone():
+            if (
+                alone is not None
+                and not self._queue
+                and not self._busy
+                and time.monotonic() - self._ran_until >= self._ran_s
+                and alone()
+            ):
                 self._busy = True
             else:
                 return self._queue_locked(step, timeout)
+        started = time.monotonic()
         try:
             self._flush([step])
         finally:
             with self._cv:
+                self._ran_until = time.monotonic()
+                self._ran_s = self._ran_until - started
                 self._busy = False
                 if self._queue or self._awaiting:
                     self._cv.notify_all()
@@ -243,6 +259,7 @@ class Worker:
                 batch = self._take_locked()
                 self._busy = True
                 self._cv.notify_all()  # room for blocked producers
+            started = time.monotonic()
             try:
                 self._handle(batch)
                 now = time.monotonic()
@@ -251,6 +268,8 @@ class Worker:
                     self._guard(self._engine.tick)
             finally:
                 with self._cv:
+                    self._ran_until = time.monotonic()
+                    self._ran_s = self._ran_until - started
                     self._busy = False
 
     def _take_locked(self) -> list[_Item]:

@@ -91,12 +91,39 @@ def test_a_step_alone_runs_on_the_producers_thread_before_submit_returns(
         return True
 
     for t in range(5):
+        started = time.monotonic()
         assert worker.submit(Step("a", x[t : t + 1], seq=t), alone=alone)
         assert len(sink.results) == t + 1  # published before submit returned
+        # the next message comes after a rest as long as this one's run (a moderate rate)
+        time.sleep(time.monotonic() - started)
     assert threads == [threading.current_thread().name] * 5 and asked == 5
     assert worker.depth == 0 and worker.stop()
     got = np.concatenate([only_output(r) for r in sink.results])
     np.testing.assert_allclose(got, offline(lstm_model, x)["probs"], atol=ATOL)
+
+
+def test_a_step_alone_queues_while_the_engine_is_busier_than_idle(
+    lstm_model: StepModel,
+) -> None:
+    """A step right after a run longer than the rest since goes to the worker's batches:
+    at such a rate one batch costs less than the steps run one by one."""
+    threads: list[str] = []
+    sink = Sink()
+    sink.expect = 2
+
+    def slow(results: Sequence[Result | Rejected]) -> None:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            time.sleep(0.5)  # an engine run far longer than the gap to the next message
+        sink(results)
+
+    worker = Worker(Engine(lstm_model, EngineSettings()), slow)
+    worker.start()
+    x = data(np.random.default_rng(5), 2)
+    assert worker.submit(Step("a", x[:1], seq=0), alone=lambda: True)
+    assert worker.submit(Step("a", x[1:], seq=1), alone=lambda: True)
+    assert sink.done.wait(10) and worker.stop()
+    assert threads == [threading.current_thread().name, "seqstream-engine"]
 
 
 def test_steps_alone_and_queued_keep_each_streams_order(
