@@ -14,6 +14,18 @@ at ``--rate`` messages/s through the relay and through the daemon. Every client 
 TCP_NODELAY. The model is a random 2-layer LSTM (hidden 64, 6 features), exported here.
 
     python benchmarks/mqtt_throughput.py [--streams 1000] [--messages 20000] [--rate 1000]
+
+``--hot-path`` measures only the figures of issue 16 (QoS 0, one reading per message as
+JSON): messages/s and the latency at ``--rate`` through the relay and the daemon, in
+``--repeats`` rounds whose order rotates, so that every middle sees the same machine;
+``--baseline DIR`` adds the daemon of another checkout (``git worktree add DIR REV``),
+measured in the same rounds, for a before/after in one run. It prints the figures of
+every round, their medians and spread, and per round the daemon's ratio to the relay
+measured next to it (throughput) and its p99 above the relay's (latency). Each middle's
+CPU time per message (``cpu_us_per_message``, from ``/proc``) comes along: on a shared
+machine it is what other processes' load inflates least:
+
+    python benchmarks/mqtt_throughput.py --hot-path --repeats 5 [--baseline /tmp/before]
 """
 
 from __future__ import annotations
@@ -218,16 +230,11 @@ def relay_main(port: int, qos: int) -> None:
     threading.Event().wait()
 
 
-def start_middle(
-    kind: str, port: int, qos: int, work: Path, model: Path, max_wait_ms: float
-) -> subprocess.Popen[bytes]:
-    ready = Counter(port, "bench/relay" if kind == "relay" else "seqstream/bench/status", 1)
-    if kind == "relay":
-        cmd = [sys.executable, __file__, "--relay", str(port), str(qos)]
-    else:
-        conf = work / f"daemon-qos{qos}.toml"
-        conf.write_text(
-            f"""
+def daemon_config(work: Path, port: int, qos: int, model: Path, max_wait_ms: float) -> Path:
+    """The benchmark daemon's configuration file (metrics off, TCP_NODELAY in the link)."""
+    conf = work / f"daemon-qos{qos}.toml"
+    conf.write_text(
+        f"""
 [model]
 path = "{model}"
 [queue]
@@ -246,7 +253,25 @@ qos = {qos}
 [metrics]
 enabled = false
 """
-        )
+    )
+    return conf
+
+
+def start_middle(
+    kind: str,
+    port: int,
+    qos: int,
+    work: Path,
+    model: Path,
+    max_wait_ms: float,
+    tree: Path = REPO,
+) -> subprocess.Popen[bytes]:
+    """``kind`` "relay" or "daemon" (the daemon of the checkout at ``tree``), once ready."""
+    ready = Counter(port, "bench/relay" if kind == "relay" else "seqstream/bench/status", 1)
+    if kind == "relay":
+        cmd = [sys.executable, __file__, "--relay", str(port), str(qos)]
+    else:
+        conf = daemon_config(work, port, qos, model, max_wait_ms)
         cmd = [
             sys.executable,
             "-m",
@@ -258,7 +283,7 @@ enabled = false
             str(conf),
             "--allow-root",  # as the benchmark's user, whoever that is
         ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
     wait_until(lambda: ready.n > 0 or proc.poll() is not None, 30, f"{kind} ready")
     ready.close()
     if proc.poll() is not None:
@@ -275,6 +300,107 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far: what the machine's other
+    load inflates far less than wall time (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of a figure over the rounds (its spread is the noise)."""
+    a = np.array(values, dtype=float)
+    return {
+        "median": round(float(np.median(a)), 3),
+        "min": round(float(a.min()), 3),
+        "max": round(float(a.max()), 3),
+    }
+
+
+def hot_path(broker: Broker, args: argparse.Namespace, work: Path, model: Path) -> dict[str, Any]:
+    """Issue 16's figures, relay and daemon(s) in rotating order over ``args.repeats`` rounds."""
+    middles: list[tuple[str, str, Path]] = [("relay", "relay", REPO), ("daemon", "daemon", REPO)]
+    if args.baseline is not None:
+        middles.append(("daemon_baseline", "daemon", Path(args.baseline).resolve()))
+    sensors = Sensors(broker.port, args.streams)
+    sink = Counter(broker.port, f"{OUT}/#", 0)
+    rounds: list[dict[str, Any]] = []
+    try:
+        for r in range(args.repeats):
+            row: dict[str, Any] = {}
+            for k in range(len(middles)):
+                name, kind, tree = middles[(k + r) % len(middles)]
+                proc = start_middle(kind, broker.port, 0, work, model, args.max_wait_ms, tree)
+                try:
+                    throughput(sensors, sink, 0, 1, min(args.messages, 2000), "json")  # warm-up
+                    cpu = cpu_s(proc.pid)
+                    tp = throughput(sensors, sink, 0, 1, args.messages, "json")
+                    tp["cpu_us_per_message"] = round((cpu_s(proc.pid) - cpu) / tp["received"] * 1e6)
+                    latency(sensors, sink, 0, args.rate, 1.0)  # warm-up
+                    cpu = cpu_s(proc.pid)
+                    lat = latency(sensors, sink, 0, args.rate, args.seconds)
+                    lat["cpu_us_per_message"] = round(
+                        (cpu_s(proc.pid) - cpu) / lat["received"] * 1e6
+                    )
+                finally:
+                    stop(proc)
+                row[name] = {"throughput": tp, "latency": lat}
+            for name, _, _ in middles[1:]:
+                d, relay = row[name], row["relay"]
+                d["vs_relay"] = round(
+                    d["throughput"]["messages_per_s"] / relay["throughput"]["messages_per_s"], 3
+                )
+                d["cpu_vs_relay"] = round(
+                    d["throughput"]["cpu_us_per_message"]
+                    / relay["throughput"]["cpu_us_per_message"],
+                    3,
+                )
+                d["p99_above_relay_ms"] = round(
+                    d["latency"]["p99_ms"] - relay["latency"]["p99_ms"], 3
+                )
+            rounds.append(row)
+            print(json.dumps({"round": r, **row}), file=sys.stderr, flush=True)
+    finally:
+        sink.close()
+    summary: dict[str, Any] = {}
+    for name, _, _ in middles:
+        summary[name] = {
+            "messages_per_s": _spread([x[name]["throughput"]["messages_per_s"] for x in rounds]),
+            "cpu_us_per_message": _spread(
+                [x[name]["throughput"]["cpu_us_per_message"] for x in rounds]
+            ),
+            "p50_ms": _spread([x[name]["latency"]["p50_ms"] for x in rounds]),
+            "p99_ms": _spread([x[name]["latency"]["p99_ms"] for x in rounds]),
+            "lost": sum(
+                x[name]["throughput"]["messages"]
+                - x[name]["throughput"]["received"]
+                + x[name]["latency"]["messages"]
+                - x[name]["latency"]["received"]
+                for x in rounds
+            ),
+        }
+        if name != "relay":
+            summary[name]["vs_relay"] = _spread([x[name]["vs_relay"] for x in rounds])
+            summary[name]["cpu_vs_relay"] = _spread([x[name]["cpu_vs_relay"] for x in rounds])
+            summary[name]["p99_above_relay_ms"] = _spread(
+                [x[name]["p99_above_relay_ms"] for x in rounds]
+            )
+    return {
+        "qos": 0,
+        "readings_per_message": 1,
+        "format": "json",
+        "messages": args.messages,
+        "rate_msgs_per_s": args.rate,
+        "latency_seconds": args.seconds,
+        "repeats": args.repeats,
+        "baseline": args.baseline,
+        "load_average": os.getloadavg(),
+        "summary": summary,
+        "rounds": rounds,
+        "targets": {"vs_relay_min": 0.85, "p99_above_relay_ms_max": 1.0},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -284,6 +410,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0, help="messages/s for the latency runs")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each latency run")
     ap.add_argument("--max-wait-ms", type=float, default=0.0, help="the daemon's queue.max_wait_ms")
+    ap.add_argument("--hot-path", action="store_true", help="only issue 16's figures (QoS 0)")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of --hot-path")
+    ap.add_argument("--baseline", help="--hot-path: also the daemon of this checkout")
     ap.add_argument("--relay", nargs=2, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--publish", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -314,7 +443,18 @@ def main() -> None:
         extra="allow_anonymous true\nmax_inflight_messages 1000\nset_tcp_nodelay true",
     )
     broker.start()
-    report: dict[str, Any] = {
+    if args.hot_path:
+        try:
+            report = hot_path(broker, args, work, model)
+            report["model"] = "random lstm, 2 layers, hidden 64, 6 features"
+            report["streams"] = args.streams
+            report["cpus"] = os.cpu_count()
+            report["daemon_max_wait_ms"] = args.max_wait_ms
+        finally:
+            broker.stop()
+        print(json.dumps(report, indent=2))
+        return
+    report = {
         "streams": args.streams,
         "model": "random lstm, 2 layers, hidden 64, 6 features",
         "cpus": os.cpu_count(),

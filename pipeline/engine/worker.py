@@ -1,8 +1,19 @@
 """The engine's thread: a bounded queue in front of :meth:`Engine.process`.
 
 Producers (the MQTT network thread, the audio callback) :meth:`Worker.submit` steps;
-one thread takes them in batches, runs them and hands the results to the sink. Only
-this thread touches the engine once started.
+one thread takes them in batches, runs them and hands the results to the sink. One
+thread at a time touches the engine once started: the worker's, or a producer's that
+runs its step itself while the worker is idle (``alone``, below).
+
+Why a producer may run its step itself: at a moderate rate each message arrives to an
+empty queue, and handing it to the worker costs two thread wake-ups per message (the
+worker's, then paho's network thread's to write the prediction), each a trip through
+the scheduler and the GIL. On a busy machine those wake-ups are the daemon's latency
+tail (``benchmarks/mqtt_latency_trace.py``). A step that is the only input waiting
+runs on the producer's thread instead, as a bare relay would, unless the engine ran
+longer than it has rested since (busy over half the time: then one batch is cheaper than
+the steps run one by one, ``cpu_us_per_message`` of ``mqtt_throughput.py --hot-path``).
+As soon as input piles up, steps queue and the worker runs them in batches, as before.
 """
 
 from __future__ import annotations
@@ -43,8 +54,9 @@ _Item = Step | tuple[str, str, str] | _Call
 class Worker:
     """One thread: bounded queue -> :meth:`Engine.process` in batches -> ``sink``.
 
-    Only this thread touches the engine once started; use :meth:`call` to checkpoint,
-    swap models or read anything from the engine. ``overflow="drop"`` refuses steps
+    Only this thread touches the engine once started (or a producer whose step runs
+    alone, while this thread waits); use :meth:`call` to checkpoint, swap models or read
+    anything from the engine. ``overflow="drop"`` refuses steps
     when the queue is full: :meth:`submit` returns False, and the stream is reset
     (reason ``dropped``) where the lost step would have run, since its carried state
     skipped a step. ``overflow="block"`` makes the producer wait (up to its timeout;
@@ -85,29 +97,69 @@ class Worker:
         self._stopping = False
         self._drain = True
         self._thread: threading.Thread | None = None
+        # True while a thread runs the engine: the worker with its batch, or a producer
+        # with its step (submit's ``alone``); the other waits for the engine meanwhile.
+        self._busy = False
+        self._awaiting = False  # the worker waits for a producer's step to end
+        # How long the engine's last run took and when it ended: a step runs on its
+        # producer's thread only when the engine has rested at least that long since.
+        self._ran_s = 0.0
+        self._ran_until = 0.0
 
     # -- producers (any thread) ---------------------------------------------------------
 
-    def submit(self, step: Step, timeout: float | None = None) -> bool:
-        """Queue a step; False when it was dropped (queue full, or the worker stopped)."""
+    def submit(
+        self, step: Step, timeout: float | None = None, alone: Callable[[], bool] | None = None
+    ) -> bool:
+        """Queue a step; False when it was dropped (queue full, or the worker stopped).
+
+        ``alone``: asked when nothing is queued and the engine has rested since its last
+        run at least as long as that run took, whether this step is the only input
+        waiting (no message behind it); then the step runs here, on the caller's thread,
+        and its results reach the sink before this returns.
+        """
         with self._cv:
             if self._stopping:
                 return False
-            if self._steps_queued >= self._max_queue:
-                if self._overflow == "block":
-                    self._cv.wait_for(
-                        lambda: self._steps_queued < self._max_queue or self._stopping, timeout
-                    )
-                if self._steps_queued >= self._max_queue or self._stopping:
-                    self._dropped += 1
-                    self._reset_after_drop(step.stream)
-                    return False
-            self._queue.append(step)
-            self._steps_queued += 1
-            # Wake the worker only when it can be waiting for this step: for a first item,
-            # or for a full batch. A wake-up per message costs the producer ~10 % of CPU.
-            if len(self._queue) == 1 or self._steps_queued == self._max_batch:
-                self._cv.notify_all()
+            if (
+                alone is not None
+                and not self._queue
+                and not self._busy
+                and time.monotonic() - self._ran_until >= self._ran_s
+                and alone()
+            ):
+                self._busy = True
+            else:
+                return self._queue_locked(step, timeout)
+        started = time.monotonic()
+        try:
+            self._flush([step])
+        finally:
+            with self._cv:
+                self._ran_until = time.monotonic()
+                self._ran_s = self._ran_until - started
+                self._busy = False
+                if self._queue or self._awaiting:
+                    self._cv.notify_all()
+        return True
+
+    def _queue_locked(self, step: Step, timeout: float | None) -> bool:
+        """Append ``step`` to the queue, or drop it when full (``self._cv`` held)."""
+        if self._steps_queued >= self._max_queue:
+            if self._overflow == "block":
+                self._cv.wait_for(
+                    lambda: self._steps_queued < self._max_queue or self._stopping, timeout
+                )
+            if self._steps_queued >= self._max_queue or self._stopping:
+                self._dropped += 1
+                self._reset_after_drop(step.stream)
+                return False
+        self._queue.append(step)
+        self._steps_queued += 1
+        # Wake the worker only when it can be waiting for this step: for a first item,
+        # or for a full batch. A wake-up per message costs the producer ~10 % of CPU.
+        if len(self._queue) == 1 or self._steps_queued == self._max_batch:
+            self._cv.notify_all()
         return True
 
     def _reset_after_drop(self, stream: str) -> None:
@@ -184,10 +236,18 @@ class Worker:
         next_tick = time.monotonic() + self._tick_interval
         while True:
             with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait(max(0.0, next_tick - time.monotonic()))
-                    if time.monotonic() >= next_tick:
+                while True:
+                    if self._busy:  # a producer runs its step: the engine is taken
+                        self._awaiting = True
+                        self._cv.wait()
+                        self._awaiting = False
+                        continue
+                    if self._queue or self._stopping:
                         break
+                    left = next_tick - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
                 if self._stopping and not self._queue:
                     return
                 if self._queue and self._max_wait > 0 and self._steps_queued < self._max_batch:
@@ -197,12 +257,20 @@ class Worker:
                         max(0.0, deadline - time.monotonic()),
                     )
                 batch = self._take_locked()
+                self._busy = True
                 self._cv.notify_all()  # room for blocked producers
-            self._handle(batch)
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + self._tick_interval
-                self._guard(self._engine.tick)
+            started = time.monotonic()
+            try:
+                self._handle(batch)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + self._tick_interval
+                    self._guard(self._engine.tick)
+            finally:
+                with self._cv:
+                    self._ran_until = time.monotonic()
+                    self._ran_s = self._ran_until - started
+                    self._busy = False
 
     def _take_locked(self) -> list[_Item]:
         batch: list[_Item] = []

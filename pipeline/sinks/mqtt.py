@@ -1,6 +1,7 @@
 """Predictions and error reports out over MQTT.
 
-:class:`PredictionSink` is the worker's sink: called on the engine's thread with each
+:class:`PredictionSink` is the worker's sink: called on the thread running the engine (the
+worker's, or paho's for a step that ran alone: :mod:`pipeline.engine.worker`) with each
 batch of results, it publishes one prediction per input message (see
 :mod:`pipeline.sources.codecs` for the JSON), optionally only every k-th message of a stream
 or when its label changes. Publishing hands the message to paho's queue and returns;

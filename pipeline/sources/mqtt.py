@@ -2,7 +2,10 @@
 
 Runs on paho's network thread: take the stream id from the topic (its ``{stream}``
 levels, joined by ``/`` when there are several), decode the payload
-(:mod:`pipeline.sources.codecs`), hand the step to the worker, acknowledge the message.
+(:mod:`pipeline.sources.codecs`), hand the step to the worker, acknowledge the message. A
+message with no other behind it (:meth:`Link.input_idle`) while the engine is idle runs
+on this thread, the prediction published before the acknowledgement (see
+:mod:`pipeline.engine.worker` for why).
 Per-channel readings (``input.channel_topic``) are joined into steps by
 :mod:`pipeline.sources.channels` first, and acknowledged on arrival. A bad
 message is counted by reason and reported on the error topic; it never reaches the
@@ -85,7 +88,9 @@ class InputConfig:
 class Intake(Protocol):
     """Where steps go (the engine's :class:`~pipeline.engine.engine.Worker`)."""
 
-    def submit(self, step: Step, timeout: float | None = None) -> bool: ...
+    def submit(
+        self, step: Step, timeout: float | None = None, alone: Callable[[], bool] | None = None
+    ) -> bool: ...
     def submit_reset(self, stream: str) -> None: ...
 
 
@@ -171,7 +176,8 @@ class MqttSource:
             stream = self._stream(msg, self._data_levels)
             if stream is not None:
                 step = self._decoder.decode(stream, msg.payload, received)
-                if not self._intake.submit(step):
+                # a message with none behind it runs at once on this thread (no hand-off)
+                if not self._intake.submit(step, alone=self._link.input_idle):
                     if not self._open:
                         return  # refused because we are stopping: the next session gets it
                     self._reject(QUEUE_FULL, msg.topic, "queue full; step dropped, stream reset")

@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import logging
 import re
+import select
 import socket
 import ssl
 import threading
@@ -267,6 +268,20 @@ class Link:
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (qos and rc == MQTTErrorCode.MQTT_ERR_NO_CONN):
             self._last[qos] = info  # QoS 1/2 while disconnected: paho sends it after reconnect
         return info
+
+    def input_idle(self) -> bool:
+        """Whether no further message waits to be read (none in the socket, nor in TLS's
+        buffer): the message at hand is alone. False when that cannot be told."""
+        sock = self.client.socket()
+        if sock is None:
+            return False
+        try:
+            pending = getattr(sock, "pending", None)
+            if pending is not None and pending():
+                return False
+            return not select.select([sock], (), (), 0)[0]
+        except (OSError, ValueError, TypeError):  # closed meanwhile, or not a socket
+            return False
 
     def ack(self, mid: int, qos: int) -> None:
         if qos:

@@ -70,6 +70,139 @@ def test_worker_batches_two_producers_in_per_stream_order(
     assert worker.depth == 0
 
 
+def test_a_step_alone_runs_on_the_producers_thread_before_submit_returns(
+    lstm_model: StepModel, offline: Offline
+) -> None:
+    x = data(np.random.default_rng(3), 5)
+    threads: list[str] = []
+    sink = Sink()
+
+    def record(results: Sequence[Result | Rejected]) -> None:
+        threads.append(threading.current_thread().name)
+        sink(results)
+
+    worker = Worker(Engine(lstm_model, EngineSettings()), record)
+    worker.start()
+    asked = 0
+
+    def alone() -> bool:
+        nonlocal asked
+        asked += 1
+        return True
+
+    for t in range(5):
+        started = time.monotonic()
+        assert worker.submit(Step("a", x[t : t + 1], seq=t), alone=alone)
+        assert len(sink.results) == t + 1  # published before submit returned
+        # the next message comes after a rest as long as this one's run (a moderate rate)
+        time.sleep(time.monotonic() - started)
+    assert threads == [threading.current_thread().name] * 5 and asked == 5
+    assert worker.depth == 0 and worker.stop()
+    got = np.concatenate([only_output(r) for r in sink.results])
+    np.testing.assert_allclose(got, offline(lstm_model, x)["probs"], atol=ATOL)
+
+
+def test_a_step_alone_queues_while_the_engine_is_busier_than_idle(
+    lstm_model: StepModel,
+) -> None:
+    """A step right after a run longer than the rest since goes to the worker's batches:
+    at such a rate one batch costs less than the steps run one by one."""
+    threads: list[str] = []
+    sink = Sink()
+    sink.expect = 2
+
+    def slow(results: Sequence[Result | Rejected]) -> None:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            time.sleep(0.5)  # an engine run far longer than the gap to the next message
+        sink(results)
+
+    worker = Worker(Engine(lstm_model, EngineSettings()), slow)
+    worker.start()
+    x = data(np.random.default_rng(5), 2)
+    assert worker.submit(Step("a", x[:1], seq=0), alone=lambda: True)
+    assert worker.submit(Step("a", x[1:], seq=1), alone=lambda: True)
+    assert sink.done.wait(10) and worker.stop()
+    assert threads == [threading.current_thread().name, "seqstream-engine"]
+
+
+def test_steps_alone_and_queued_keep_each_streams_order(
+    lstm_model: StepModel, offline: Offline
+) -> None:
+    """Two producers, one claiming every step alone, one never: each stream's steps run
+    in order and exactly once, on whichever thread, and the worker's own batches and
+    the producer's steps never run the engine at the same time."""
+    rng = np.random.default_rng(15)
+    seqs = {f"s{k}": data(rng, 40) for k in range(6)}
+    sink = Sink()
+    sink.expect = 6 * 40
+    running = threading.Lock()  # held while the engine runs: a second holder would fail
+    overlaps = 0
+
+    def exclusive(results: Sequence[Result | Rejected]) -> None:
+        nonlocal overlaps
+        if not running.acquire(blocking=False):
+            overlaps += 1
+            return
+        try:
+            time.sleep(0.0002)  # widen the window a concurrent run would hit
+            sink(results)
+        finally:
+            running.release()
+
+    worker = Worker(Engine(lstm_model, EngineSettings()), exclusive, max_batch=8)
+    worker.start()
+
+    def produce(keys: list[str], alone: bool) -> None:
+        for t in range(40):
+            for key in keys:
+                step = Step(key, seqs[key][t : t + 1], seq=t)
+                assert worker.submit(step, alone=(lambda: True) if alone else None)
+
+    threads = [threading.Thread(target=produce, args=(list(seqs)[k::2], k == 0)) for k in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sink.done.wait(30)
+    assert worker.stop(drain=True)
+    assert overlaps == 0
+    assert not any(isinstance(r, Rejected) for r in sink.results)
+    got: dict[str, list[np.ndarray]] = {k: [] for k in seqs}
+    for r in sink.results:
+        got[r.step.stream].append(only_output(r))
+    for key, values in seqs.items():
+        np.testing.assert_allclose(
+            np.concatenate(got[key]), offline(lstm_model, values)["probs"], atol=ATOL
+        )
+
+
+def test_stop_waits_for_a_step_running_alone(lstm_model: StepModel) -> None:
+    entered, release = threading.Event(), threading.Event()
+    done: list[int] = []
+
+    def slow(results: Sequence[Result | Rejected]) -> None:
+        entered.set()
+        assert release.wait(10)
+        done.append(len(results))
+
+    worker = Worker(Engine(lstm_model, EngineSettings()), slow)
+    worker.start()
+    x = data(np.random.default_rng(4), 1)
+    producer = threading.Thread(
+        target=worker.submit, args=(Step("a", x),), kwargs={"alone": lambda: True}
+    )
+    producer.start()
+    assert entered.wait(10)
+    # the worker cannot end (nor run anything) while the producer holds the engine
+    calls = worker.call(lambda e: e.streams)
+    assert not worker.stop(timeout=0.2) and not calls.done()
+    release.set()
+    producer.join(10)
+    assert worker.stop(timeout=10) and done == [1]
+    assert calls.result(0) == 1
+
+
 def test_worker_drop_overflow_resets_the_stream_before_its_next_step(
     lstm_model: StepModel, offline: Offline
 ) -> None:

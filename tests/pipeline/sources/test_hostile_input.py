@@ -651,7 +651,7 @@ def test_nan_and_datetime_values_in_config_are_named(tmp_path: Path) -> None:
 class _BrokenIntake:
     """An intake with a bug: what the source does when its own side raises."""
 
-    def submit(self, step: Any, timeout: float | None = None) -> bool:
+    def submit(self, step: Any, timeout: float | None = None, alone: Any = None) -> bool:
         raise RuntimeError("bug " + "x" * 5000)
 
     def submit_reset(self, stream: str) -> None:
