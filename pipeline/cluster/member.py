@@ -39,7 +39,14 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.kv import KeyValue
 
 from pipeline.cluster import assign
@@ -62,8 +69,15 @@ from pipeline.sources.mqtt import UNKNOWN_TOPIC
 
 log = logging.getLogger(__name__)
 
-INPUT_SUBJECTS = "part.*.sensors.*.data"  # what deploy/cluster/nats.conf maps input to
-STREAM_TOKEN = 3  # part.<P>.sensors.<stream>.data
+# The input: the MQTT gateway's own stream of QoS 1 publishes. The gateway acknowledges
+# a sensor's QoS 1 PUBLISH only once this stream stored it (R3: ``stream_replicas`` in
+# deploy/cluster/nats.conf); the plain NATS publish it also makes is fire-and-forget, and
+# a stream capturing that one loses whatever arrives while it elects a leader (measured:
+# 400 to 1,500 of 3,000 readings when the leader's node was SIGKILLed).
+INPUT_STREAM = "$MQTT_msgs"  # the gateway's name (nats-server 2.9 to 2.15 alike)
+INPUT_PREFIX = "$MQTT.msgs."  # + the mapped subject: part.<P>.sensors.<stream>.data
+INPUT_SUBJECTS = INPUT_PREFIX + "part.*.sensors.*.data"
+STREAM_TOKEN = INPUT_PREFIX.count(".") + 3  # $MQTT.msgs.part.<P>.sensors.<stream>.data
 LEASE_MARGIN = 0.25  # stop using a lease this share of its TTL before it can expire
 FETCH_WAIT_S = 2.0  # one long poll of an idle partition (a stop cancels it)
 CONSUMER_CHECK_S = 4.0  # an idle partition checks that its consumer still exists
@@ -147,7 +161,7 @@ class Member:
         self.clock = clock
         self.me = self.cfg.member
         group = self.cfg.group
-        self.stream_name = f"{group}-input"
+        self.stream_name = INPUT_STREAM
         self.buckets = (f"{group}-leases", f"{group}-members", f"{group}-checkpoints")
         prefix, suffix = settings.output.topic.split(STREAM)
         self.out_prefix = prefix.replace("/", ".")
@@ -252,17 +266,25 @@ class Member:
         assert js is not None
         cfg = self.cfg
         try:
-            await js.add_stream(
-                StreamConfig(
-                    name=self.stream_name,
-                    subjects=[INPUT_SUBJECTS],
-                    num_replicas=cfg.replicas,
-                    max_age=cfg.input_max_age_s,
-                    storage=StorageType.FILE,
+            info = await js.stream_info(self.stream_name)
+        except nats.js.errors.NotFoundError:
+            info = None  # no MQTT client connected yet: made as the gateway would make it
+        if info is None:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # the gateway won
+                await js.add_stream(
+                    StreamConfig(
+                        name=self.stream_name,
+                        subjects=[INPUT_PREFIX + ">"],
+                        retention=RetentionPolicy.INTEREST,
+                        num_replicas=cfg.replicas,
+                        max_age=cfg.input_max_age_s,
+                        storage=StorageType.FILE,
+                    )
                 )
-            )
-        except nats.js.errors.BadRequestError:
-            await js.stream_info(self.stream_name)  # exists with another config: keep it
+        elif not info.config.max_age:  # the gateway's default keeps input forever
+            info.config.max_age = cfg.input_max_age_s
+            await js.update_stream(info.config)
+        await asyncio.gather(*(self._hold(p) for p in range(cfg.partitions)))
         ttls = (cfg.lease_ttl_s, cfg.lease_ttl_s, None)
         for bucket, ttl in zip(self.buckets, ttls, strict=True):
             try:
@@ -483,8 +505,34 @@ class Member:
             inactive_threshold=max(10.0, 3 * self.cfg.lease_ttl_s),
         )
         o.sub = await js.pull_subscribe(
-            f"part.{o.partition}.sensors.*.data", stream=self.stream_name, config=config
+            self._input(o.partition), stream=self.stream_name, config=config
         )
+
+    async def _hold(self, partition: int) -> None:
+        """The partition's holding consumer: durable, never read, never acknowledged.
+
+        The gateway's stream keeps a message only while a consumer still needs it; a
+        reader (no acks) frees what it was delivered unless another consumer holds it,
+        and then a new owner's replay finds it gone. One holder per partition, because a
+        purge moves the ack floor of every consumer whose filter covers the purged
+        subject: one holder of all partitions would let partition P's purge free the
+        unread input of every other partition (nats-server stream.purge)."""
+        js = self._js
+        assert js is not None
+        with contextlib.suppress(nats.js.errors.BadRequestError):  # exists: keep it
+            await js.add_consumer(
+                self.stream_name,
+                ConsumerConfig(
+                    durable_name=f"{self.cfg.group}-hold-{partition}",
+                    filter_subject=self._input(partition),
+                    ack_policy=AckPolicy.ALL,
+                    num_replicas=self.cfg.replicas,
+                ),
+            )
+
+    @staticmethod
+    def _input(partition: int) -> str:
+        return f"{INPUT_PREFIX}part.{partition}.sensors.*.data"
 
     async def _release(self, o: Owned, reason: str) -> None:
         """Give ``o`` up cleanly: finish its batch, final checkpoint, delete the lease."""
@@ -590,9 +638,7 @@ class Member:
         js = self._js
         assert js is not None
         try:
-            await js.purge_stream(
-                self.stream_name, subject=f"part.{o.partition}.sensors.*.data", seq=seq + 1
-            )
+            await js.purge_stream(self.stream_name, subject=self._input(o.partition), seq=seq + 1)
         except Exception as exc:  # the stream's max_age removes it later anyway
             log.debug("partition %d: purge failed: %s", o.partition, exc)
 

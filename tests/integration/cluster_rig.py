@@ -125,24 +125,50 @@ class Sensors:
             c.loop_start()
             self.clients.append(c)
         wait_until(lambda: all(c.is_connected() for c in self.clients), 10, "sensors connected")
-        self._sent: list[mqtt.MQTTMessageInfo] = []
+        # Every publish not yet acknowledged (PUBACK) by its server, with what it carried.
+        self._sent: list[tuple[mqtt.MQTTMessageInfo, int, str, bytes]] = []
+        self._lock = threading.Lock()
+        self.republished = 0
+
+    def fail_over(self, node: int) -> None:
+        """The server behind ``node``'s client died: as a sensor with a list of servers
+        does, publish again through another node every message it did not acknowledge
+        (some may have been stored: the daemon rejects the repeat of a seq it applied)."""
+        with self._lock:
+            dead = self.clients[node]
+            survivor = next(c for k, c in enumerate(self.clients) if k != node and c is not dead)
+            self.clients[node] = survivor
+            dead.loop_stop()
+            again = [(topic, payload) for info, k, topic, payload in self._sent
+                     if k == node and not info.is_published()]  # fmt: skip
+            self._sent = [s for s in self._sent if s[1] != node]
+            for topic, payload in again:
+                self._sent.append((survivor.publish(topic, payload, qos=1), node, topic, payload))
+            self.republished += len(again)
 
     def send(self, data: list[np.ndarray], rows: range) -> None:
         """Rows ``rows`` of every stream (binary payloads with seq), interleaved."""
+        n = len(self.clients)
         for r in rows:
             for i, x in enumerate(data):
                 payload = codecs.encode_binary(x[r : r + 1], seq=r)
-                c = self.clients[i % len(self.clients)]
-                self._sent.append(c.publish(f"sensors/s{i}/data", payload, qos=1))
+                topic = f"sensors/s{i}/data"
+                with self._lock:
+                    info = self.clients[i % n].publish(topic, payload, qos=1)
+                    self._sent.append((info, i % n, topic, payload))
 
     def wait_sent(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        for info in self._sent:
-            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
-        self._sent.clear()
+        """Until every publish so far was acknowledged by a server."""
+        wait_until(self._acked, timeout, "every publish acknowledged")
+        with self._lock:
+            self._sent.clear()
+
+    def _acked(self) -> bool:
+        with self._lock:
+            return all(info.is_published() for info, *_ in self._sent)
 
     def close(self) -> None:
-        for c in self.clients:
+        for c in {id(c): c for c in self.clients}.values():
             c.disconnect()
             c.loop_stop()
 
@@ -155,6 +181,7 @@ class Predictions:
         self.mqtt: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.owners: dict[str, list[tuple[int, str, int]]] = defaultdict(list)  # seq, who, lease
         self.count = 0
+        self.inputs: set[tuple[str, int | None]] = set()  # (stream, seq) seen on core NATS
         subscribed = threading.Event()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"predictions-{free_port()}")
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe("predictions/+", 0)
@@ -183,9 +210,75 @@ class Predictions:
                     (doc["seq"], h.get("Seqstream-Member", ""), int(h.get("Seqstream-Lease", 0)))
                 )
 
+        async def on_input(msg: Any) -> None:
+            binary = msg.data[:2] == codecs.MAGIC and len(msg.data) >= codecs.HEADER.size
+            seq = codecs.HEADER.unpack_from(msg.data)[3] if binary else None
+            with self.lock:
+                self.inputs.add((msg.subject.split(".")[3], seq))
+
         await nc.subscribe("predictions.>", cb=on_msg)
+        await nc.subscribe("part.*.sensors.*.data", cb=on_input)
         await nc.flush()
         return nc
+
+    def stream_info(self, name: str) -> Any:
+        """JetStream's view of stream ``name`` (state, cluster leader and replicas)."""
+
+        async def info() -> Any:
+            return await self._nc.jetstream(timeout=5).stream_info(name)
+
+        return asyncio.run_coroutine_threadsafe(info(), self._loop).result(10)
+
+    def probe(self, subject: str) -> Any:
+        """Diagnostics: what $MQTT_msgs holds for ``subject``, and its consumers."""
+
+        async def go() -> Any:
+            js = self._nc.jetstream(timeout=5)
+            out: list[Any] = []
+            try:
+                si = await js.stream_info("$MQTT_msgs", subjects_filter=subject)
+                out.append(("subjects", si.state.subjects, si.state.first_seq, si.state.last_seq))
+            except Exception as exc:
+                out.append(("stream_info", repr(exc)))
+            try:
+                sub = await js.pull_subscribe(subject, stream="$MQTT_msgs")
+                msgs = await sub.fetch(20, timeout=2)
+                out.append([(m.metadata.sequence.stream, m.data[:16].hex()) for m in msgs])
+            except Exception as exc:
+                out.append(("fetch", repr(exc)))
+            try:
+                for ci in await js.consumers_info("$MQTT_msgs"):
+                    f = ci.config.filter_subject or ""
+                    if ".part." in f and f.split(".")[3] == subject.split(".")[3]:
+                        out.append(
+                            (
+                                "consumer",
+                                ci.name,
+                                f,
+                                ci.num_pending,
+                                ci.delivered.stream_seq,
+                                ci.cluster.leader if ci.cluster else None,
+                            )
+                        )
+            except Exception as exc:
+                out.append(("consumers", repr(exc)))
+            return out
+
+        return asyncio.run_coroutine_threadsafe(go(), self._loop).result(60)
+
+    def leader_off(self, name: str, node: str) -> Any:
+        """Stream ``name``'s info once its leader is not ``node`` (asking it to step down)."""
+        for _ in range(10):
+            info = self.stream_info(name)
+            if info.cluster is not None and info.cluster.leader not in (None, node):
+                return info
+            if info.cluster is not None and info.cluster.leader == node:
+                subject = f"$JS.API.STREAM.LEADER.STEPDOWN.{name}"
+                asyncio.run_coroutine_threadsafe(
+                    self._nc.request(subject, b"", timeout=5), self._loop
+                ).result(10)
+            time.sleep(0.5)
+        raise AssertionError(f"stream {name} still led by {node}")
 
     def _on_mqtt(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         doc = json.loads(msg.payload)
