@@ -64,7 +64,7 @@ from pipeline.engine import Engine, Rejected, Step
 from pipeline.errors import CheckpointError, PayloadError
 from pipeline.metrics import Metrics
 from pipeline.model import StepModel
-from pipeline.sinks.mqtt import NON_FINITE_OUTPUT
+from pipeline.sinks.mqtt import NON_FINITE_OUTPUT, PublishPolicy
 from pipeline.sources.mqtt import UNKNOWN_TOPIC
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,9 @@ class Owned:
         self.applied = 0  # last input sequence applied to the engine (and published)
         self.replay_until = 0  # input sequence up to which a dead owner may have published
         self.sub: JetStreamContext.PullSubscription | None = None
+        # output.every_k / on_change, as in single-box mode; its counts are not in the
+        # checkpoint, so a new owner counts from the handover on.
+        self.policy: PublishPolicy | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
         self.headers = {MEMBER_HEADER: "", LEASE_HEADER: str(lease_rev)}
@@ -185,6 +188,16 @@ class Member:
         self._connection_lost = False  # since the last _replay_all
         self._watcher: Any = None
         self._watch_started = 0.0
+        self.loop: asyncio.AbstractEventLoop | None = None  # for /status (another thread)
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def live_seen(self) -> set[str]:
+        """Members whose heartbeat was seen within the TTL (this member's view)."""
+        now, ttl = self.clock(), self.cfg.lease_ttl_s
+        return {m for m, t in self._seen.items() if now - t < ttl}
 
     # -- life ---------------------------------------------------------------------------
 
@@ -193,7 +206,7 @@ class Member:
         return asyncio.run(self.main(install_signals=True))
 
     async def main(self, *, install_signals: bool = False) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.should_exit.set)
@@ -368,7 +381,7 @@ class Member:
                 self._watcher = None
                 await _quietly(w.stop())
             return set()
-        live = {m for m, t in self._seen.items() if now - t < ttl}
+        live = self.live_seen()
         self.cm.members.set(len(live))
         return live
 
@@ -428,6 +441,9 @@ class Member:
             return
         o = Owned(p, rev, sent, Engine(self.model, self.settings.engine, observer=self.metrics))
         o.headers[MEMBER_HEADER] = self.me
+        out = self.settings.output
+        if out.every_k > 1 or out.on_change:
+            o.policy = PublishPolicy(out.every_k, out.on_change, self.settings.engine.max_streams)
         try:
             await self._take(o)
         except Exception as exc:
@@ -724,10 +740,15 @@ class Member:
         assert nc is not None
         encode = self.encoder.encode
         prefix, suffix, headers = self.out_prefix, self.out_suffix, o.headers
+        policy = o.policy
         published = 0
         for r, again in zip(results, replayed, strict=True):
             if isinstance(r, Rejected):
                 continue  # counted by the engine's observer
+            if policy is not None:
+                label = self.encoder.label(r)
+                if not policy.admit(r.step.stream, label, bool(r.resets)):
+                    continue
             payload = encode(r)
             if payload is None:
                 metrics.on_reject(NON_FINITE_OUTPUT)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -39,13 +40,22 @@ RUN = [sys.executable, "-m", "pipeline.cli", "run", "--allow-root"]  # CI runs a
 class Member:
     """One ``seqstream run`` cluster member, in its own process."""
 
-    def __init__(self, name: str, tmp: Path, model: Path, cluster: NatsCluster, **cl: Any):
+    def __init__(
+        self,
+        name: str,
+        tmp: Path,
+        model: Path,
+        cluster: NatsCluster,
+        output: dict[str, Any] | None = None,
+        **cl: Any,
+    ):
         self.name = name
         self.metrics_port = free_port()
         self.log = tmp / f"{name}.log"
         doc = {
             "model": {"path": str(model)},
             "metrics": {"port": self.metrics_port},
+            "output": output or {},
             "cluster": {"servers": cluster.urls, "member": name, **cl},
         }
         self.config = write_toml(tmp / f"{name}.toml", doc)
@@ -70,6 +80,15 @@ class Member:
             for line in text.splitlines()
             if line and not line.startswith("#")
         }
+
+    def http(self, path: str) -> tuple[int, Any]:
+        """GET ``path`` on the member's HTTP endpoint: status code and JSON body."""
+        url = f"http://{HOST}:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
 
     def owned(self) -> set[int]:
         """Partitions this member reports owning (empty while it is not serving)."""

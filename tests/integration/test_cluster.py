@@ -4,10 +4,10 @@ Sensors publish over MQTT to all three nodes; three (then four) ``seqstream run`
 members share the partitions. Every stream's predictions, as an MQTT subscriber
 receives them, must equal the offline stepwise run of its readings (1e-5: streams run
 batched, as in test_daemon), across a SIGKILLed member, a joining and a leaving one,
-and a paused one (a SIGKILLed NATS node is not covered: deploy/cluster/RUNBOOK.md says
-why). Ownership is checked from the owner headers every prediction carries on NATS:
-per stream, the lease revision (the fencing token) of successive predictions never goes
-back, i.e. an old owner never publishes after a new one started.
+a paused one, and a SIGKILLed NATS node (the one leading the input stream). Ownership
+is checked from the owner headers every prediction carries on NATS: per stream, the
+lease revision (the fencing token) of successive predictions never goes back, i.e. an
+old owner never publishes after a new one started.
 """
 
 from __future__ import annotations
@@ -55,14 +55,24 @@ def nats3(tmp_path: Path) -> Iterator[NatsCluster]:
 
 
 class Rig:
-    def __init__(self, cluster: NatsCluster, model: Path, tmp: Path, **cl: object) -> None:
+    def __init__(
+        self,
+        cluster: NatsCluster,
+        model: Path,
+        tmp: Path,
+        output: dict[str, object] | None = None,
+        **cl: object,
+    ) -> None:
         self.cluster, self.model, self.tmp, self.cl = cluster, model, tmp, cl
+        self.output = output
         self.members: list[Member] = []
         self.preds = Predictions(cluster)
         self.sensors = Sensors(cluster)
 
     def add(self, name: str) -> Member:
-        m = Member(name, self.tmp, self.model, self.cluster, partitions=PARTITIONS, **self.cl)
+        m = Member(
+            name, self.tmp, self.model, self.cluster, self.output, partitions=PARTITIONS, **self.cl
+        )
         m.start()
         self.members.append(m)
         return m
@@ -85,8 +95,8 @@ def rig(nats3: NatsCluster, model_path: Path, tmp_path: Path) -> Iterator[type[R
     made: list[Rig] = []
 
     class Made(Rig):
-        def __init__(self, **cl: object) -> None:
-            super().__init__(nats3, model_path, tmp_path, **cl)
+        def __init__(self, output: dict[str, object] | None = None, **cl: object) -> None:
+            super().__init__(nats3, model_path, tmp_path, output, **cl)
             made.append(self)
 
     yield Made
@@ -333,3 +343,41 @@ def test_sigkill_a_nats_node_mid_run_loses_nothing(
     assert resets(r.members) == 0
     for m in r.members:
         assert m.stop(signal.SIGTERM) == 0, r.logs()
+
+
+def test_every_k_and_the_http_endpoints_work_as_in_single_box_mode(
+    rig: type[Rig], oracle: tuple[list[np.ndarray], list[np.ndarray]]
+) -> None:
+    """``[output] every_k`` goes through the single-box publish policy per partition; the
+    single-box HTTP endpoints answer, /status with the partitions and streams owned."""
+    data, expected = oracle
+    r = rig(output={"every_k": 2})
+    for name in ("a", "b", "c"):
+        r.add(name)
+    wait_owned(r.members, PARTITIONS)
+    r.sensors.send(data, range(ROWS))
+    r.sensors.wait_sent()
+    kept = list(range(1, ROWS, 2))  # the 2nd, 4th, 6th message of each stream
+    r.preds.wait_distinct(STREAMS * len(kept))
+    # The HTTP endpoints of single-box mode, the status listing partitions and streams.
+    for m in r.members:
+        assert m.http("/healthz")[0] == 200
+        code, ready = m.http("/readyz")
+        assert code == 200 and ready["ready"], ready
+        code, doc = m.http("/status")
+        assert code == 200 and doc["ready"], doc
+        owned = doc["cluster"]["owned"]
+        assert {o["partition"] for o in owned} == m.owned(), doc["cluster"]
+        assert sorted(doc["cluster"]["members"]) == ["a", "b", "c"]
+        assert doc["streams"]["active"] == sum(o["streams"] for o in owned) > 0
+        row = doc["streams"]["items"][0]
+        assert row["stream"].startswith("s") and row["last_seq"] == ROWS - 1, row
+    for m in r.members:
+        assert m.stop(signal.SIGTERM) == 0, r.logs()
+    with r.preds.lock:
+        mqtt = {k: list(v) for k, v in r.preds.mqtt.items()}
+    for i in range(STREAMS):
+        got = mqtt[f"s{i}"]
+        assert [p["seq"] for p in got] == kept, (i, got)
+        probs = np.array([list(p["probs"].values()) for p in got])
+        np.testing.assert_allclose(probs, expected[i][kept], atol=ATOL, rtol=0)
