@@ -177,6 +177,7 @@ class Member:
             features=model.spec.features,
         )
         self.owned: dict[int, Owned] = {}
+        self.taking: dict[int, Owned] = {}  # lease held, checkpoint being restored
         self.should_exit = asyncio.Event()
         self.started = False
         self._lease_value = json.dumps({"member": self.me}).encode()
@@ -189,6 +190,7 @@ class Member:
         self._watcher: Any = None
         self._watch_started = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None  # for /status (another thread)
+        self._api = asyncio.Semaphore(8)  # JetStream API requests in flight at start
 
     @property
     def connected(self) -> bool:
@@ -212,7 +214,7 @@ class Member:
                 loop.add_signal_handler(sig, self.should_exit.set)
         try:
             await self._connect()
-            await self._ensure()
+            await self._ensure_retrying()
             self.started = True
             log.info("member %s running: %d partitions", self.me, self.cfg.partitions)
             keeper = asyncio.create_task(self._keep_leases(), name="leases")
@@ -271,6 +273,21 @@ class Member:
         )
         metrics.broker_connected.set(1)
         self._js = self._nc.jetstream(timeout=5.0)
+
+    async def _ensure_retrying(self) -> None:
+        """:meth:`_ensure` until it succeeds: a busy cluster answers some of its requests
+        late, and a member that gives up at start serves nothing."""
+        delay = 0.5
+        while True:
+            try:
+                await self._ensure()
+                return
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                if self.should_exit.is_set():
+                    raise
+                log.warning("stream, holders or buckets not ready (%r); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(5.0, 2 * delay)
 
     async def _ensure(self) -> None:
         """The input stream and the buckets, created by whichever member comes first
@@ -386,7 +403,10 @@ class Member:
         return live
 
     async def _renew(self) -> None:
-        await asyncio.gather(*(self._renew_one(o) for o in list(self.owned.values())))
+        # Partitions being taken too: a takeover slower than the lease's validity (a
+        # restore and a consumer on a busy cluster) must not lose the lease meanwhile.
+        owned = [*self.owned.values(), *self.taking.values()]
+        await asyncio.gather(*(self._renew_one(o) for o in owned))
 
     async def _renew_one(self, o: Owned) -> None:
         if o.stopping:
@@ -444,6 +464,7 @@ class Member:
         out = self.settings.output
         if out.every_k > 1 or out.on_change:
             o.policy = PublishPolicy(out.every_k, out.on_change, self.settings.engine.max_streams)
+        self.taking[p] = o
         try:
             await self._take(o)
         except Exception as exc:
@@ -454,6 +475,8 @@ class Member:
             with contextlib.suppress(Exception):
                 await self.leases.delete(o.key, last=o.lease_rev)
             return
+        finally:
+            self.taking.pop(p, None)
         self.owned[p] = o
         self.cm.partition_owned.labels(str(p)).set(1)
         o.task = asyncio.create_task(self._consume(o), name=f"partition-{p}")
@@ -498,6 +521,8 @@ class Member:
                 stored = (await js.stream_info(self.stream_name)).state.last_seq
                 o.replay_until = max(o.replay_until, int(stored or 0))
             reason = TAKEOVER
+        if not self._valid(o):
+            raise TimeoutError("the lease lapsed during the takeover")
         self.cm.handoffs.labels(reason).inc()
         log.info(
             "partition %d: %s by %s at input seq %d (%d streams, replays to seq %d) in %.3f s",
@@ -535,16 +560,15 @@ class Member:
         unread input of every other partition (nats-server stream.purge)."""
         js = self._js
         assert js is not None
-        with contextlib.suppress(nats.js.errors.BadRequestError):  # exists: keep it
-            await js.add_consumer(
-                self.stream_name,
-                ConsumerConfig(
-                    durable_name=f"{self.cfg.group}-hold-{partition}",
-                    filter_subject=self._input(partition),
-                    ack_policy=AckPolicy.ALL,
-                    num_replicas=self.cfg.replicas,
-                ),
-            )
+        config = ConsumerConfig(
+            durable_name=f"{self.cfg.group}-hold-{partition}",
+            filter_subject=self._input(partition),
+            ack_policy=AckPolicy.ALL,
+            num_replicas=self.cfg.replicas,
+        )
+        async with self._api:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # exists: keep it
+                await js.add_consumer(self.stream_name, config)
 
     @staticmethod
     def _input(partition: int) -> str:

@@ -132,22 +132,43 @@ def wait_owned(members: list[Member], partitions: int, timeout: float = 60) -> N
 
 
 class Sensors:
-    """MQTT publishers, one per NATS node; stream i always goes through node i % n."""
+    """MQTT publishers, one per NATS node; stream i always goes through node i % n.
+
+    Acknowledgements are counted from PUBACKs (``on_publish``), not from the message
+    handles: a handle made while its client was reconnecting (a server closed the
+    session after a failed store) reports an error even once paho resent it and it was
+    acknowledged. A rig publishes fewer than 65,535 messages per client, so a message id
+    (mid) is never reused."""
 
     def __init__(self, cluster: NatsCluster) -> None:
+        self._lock = threading.Lock()  # the clients and _sent
+        # id(client) -> mids acknowledged; its own lock, never held across a publish
+        # (paho runs on_publish under its own lock, which publish takes too).
+        self._ack_lock = threading.Lock()
+        self._acks: dict[int, set[int]] = {}
         self.clients = []
         for i, node in enumerate(cluster.nodes):
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sensors-{i}")
             c.max_inflight_messages_set(1000)
             c.max_queued_messages_set(0)
+            acks = self._acks[id(c)] = set()
+            c.on_publish = lambda cl, u, mid, rc, p, acks=acks: self._on_ack(acks, mid)
             c.connect(HOST, node.mqtt_port)
             c.loop_start()
             self.clients.append(c)
         wait_until(lambda: all(c.is_connected() for c in self.clients), 10, "sensors connected")
-        # Every publish not yet acknowledged (PUBACK) by its server, with what it carried.
-        self._sent: list[tuple[mqtt.MQTTMessageInfo, int, str, bytes]] = []
-        self._lock = threading.Lock()
+        # Every publish not yet known acknowledged: client, mid, topic, payload.
+        self._sent: list[tuple[mqtt.Client, int, str, bytes]] = []
         self.republished = 0
+
+    def _on_ack(self, acks: set[int], mid: int) -> None:
+        with self._ack_lock:
+            acks.add(mid)
+
+    def _publish(self, c: mqtt.Client, topic: str, payload: bytes) -> None:
+        """Under ``_lock``: publish and remember."""
+        info = c.publish(topic, payload, qos=1)
+        self._sent.append((c, info.mid, topic, payload))
 
     def fail_over(self, node: int) -> None:
         """The server behind ``node``'s client died: as a sensor with a list of servers
@@ -155,14 +176,15 @@ class Sensors:
         (some may have been stored: the daemon rejects the repeat of a seq it applied)."""
         with self._lock:
             dead = self.clients[node]
-            survivor = next(c for k, c in enumerate(self.clients) if k != node and c is not dead)
-            self.clients[node] = survivor
+            survivor = next(c for c in self.clients if c is not dead)
+            self.clients = [survivor if c is dead else c for c in self.clients]
             dead.loop_stop()
-            again = [(topic, payload) for info, k, topic, payload in self._sent
-                     if k == node and not info.is_published()]  # fmt: skip
-            self._sent = [s for s in self._sent if s[1] != node]
+            with self._ack_lock:
+                acks = set(self._acks[id(dead)])
+            again = [(t, p) for c, mid, t, p in self._sent if c is dead and mid not in acks]
+            self._sent = [e for e in self._sent if e[0] is not dead]
             for topic, payload in again:
-                self._sent.append((survivor.publish(topic, payload, qos=1), node, topic, payload))
+                self._publish(survivor, topic, payload)
             self.republished += len(again)
 
     def send(self, data: list[np.ndarray], rows: range) -> None:
@@ -171,10 +193,8 @@ class Sensors:
         for r in rows:
             for i, x in enumerate(data):
                 payload = codecs.encode_binary(x[r : r + 1], seq=r)
-                topic = f"sensors/s{i}/data"
                 with self._lock:
-                    info = self.clients[i % n].publish(topic, payload, qos=1)
-                    self._sent.append((info, i % n, topic, payload))
+                    self._publish(self.clients[i % n], f"sensors/s{i}/data", payload)
 
     def wait_sent(self, timeout: float = 60) -> None:
         """Until every publish so far was acknowledged by a server."""
@@ -184,7 +204,9 @@ class Sensors:
 
     def _acked(self) -> bool:
         with self._lock:
-            return all(info.is_published() for info, *_ in self._sent)
+            sent = [(id(c), mid) for c, mid, _t, _p in self._sent]
+        with self._ack_lock:
+            return all(mid in self._acks[c] for c, mid in sent)
 
     def close(self) -> None:
         for c in {id(c): c for c in self.clients}.values():
