@@ -191,6 +191,7 @@ class Member:
         self._watch_started = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None  # for /status (another thread)
         self._api = asyncio.Semaphore(8)  # JetStream API requests in flight at start
+        self._input_replicas = self.cfg.replicas  # the input stream's, read at start
 
     @property
     def connected(self) -> bool:
@@ -311,9 +312,11 @@ class Member:
                         storage=StorageType.FILE,
                     )
                 )
-        elif not info.config.max_age:  # the gateway's default keeps input forever
-            info.config.max_age = cfg.input_max_age_s
-            await js.update_stream(info.config)
+        else:
+            self._input_replicas = info.config.num_replicas or 1
+            if not info.config.max_age:  # the gateway's default keeps input forever
+                info.config.max_age = cfg.input_max_age_s
+                await js.update_stream(info.config)
         await asyncio.gather(*(self._hold(p) for p in range(cfg.partitions)))
         ttls = (cfg.lease_ttl_s, cfg.lease_ttl_s, None)
         for bucket, ttl in zip(self.buckets, ttls, strict=True):
@@ -542,7 +545,9 @@ class Member:
             opt_start_seq=o.applied + 1,
             ack_policy=AckPolicy.NONE,
             mem_storage=True,
-            num_replicas=1,
+            # Newer servers (2.15.1, measured) refuse a consumer of an interest-retention
+            # stream with fewer replicas than the stream; 2.9.10 takes either.
+            num_replicas=self._input_replicas,
             inactive_threshold=max(10.0, 3 * self.cfg.lease_ttl_s),
         )
         o.sub = await js.pull_subscribe(
