@@ -78,6 +78,7 @@ INPUT_STREAM = "$MQTT_msgs"  # the gateway's name (nats-server 2.9 to 2.15 alike
 INPUT_PREFIX = "$MQTT.msgs."  # + the mapped subject: part.<P>.sensors.<stream>.data
 INPUT_SUBJECTS = INPUT_PREFIX + "part.*.sensors.*.data"
 STREAM_TOKEN = INPUT_PREFIX.count(".") + 3  # $MQTT.msgs.part.<P>.sensors.<stream>.data
+REPLICAS_MUST_MATCH = 10134  # JetStream error: consumer replicas must match the stream's
 LEASE_MARGIN = 0.25  # stop using a lease this share of its TTL before it can expire
 FETCH_WAIT_S = 2.0  # one long poll of an idle partition (a stop cancels it)
 CONSUMER_CHECK_S = 4.0  # an idle partition checks that its consumer still exists
@@ -192,6 +193,7 @@ class Member:
         self.loop: asyncio.AbstractEventLoop | None = None  # for /status (another thread)
         self._api = asyncio.Semaphore(8)  # JetStream API requests in flight at start
         self._input_replicas = self.cfg.replicas  # the input stream's, read at start
+        self._reader_replicas = 1  # of a partition's reader, unless the server wants more
 
     @property
     def connected(self) -> bool:
@@ -545,14 +547,24 @@ class Member:
             opt_start_seq=o.applied + 1,
             ack_policy=AckPolicy.NONE,
             mem_storage=True,
-            # Newer servers (2.15.1, measured) refuse a consumer of an interest-retention
-            # stream with fewer replicas than the stream; 2.9.10 takes either.
-            num_replicas=self._input_replicas,
+            num_replicas=self._reader_replicas,
             inactive_threshold=max(10.0, 3 * self.cfg.lease_ttl_s),
         )
-        o.sub = await js.pull_subscribe(
-            self._input(o.partition), stream=self.stream_name, config=config
-        )
+        try:
+            o.sub = await js.pull_subscribe(
+                self._input(o.partition), stream=self.stream_name, config=config
+            )
+        except nats.js.errors.BadRequestError as exc:
+            # Newer servers (2.15.1, measured) refuse a consumer of an interest-retention
+            # stream with fewer replicas than the stream; 2.9.10 takes R1 readers, which
+            # are quicker to make (measured: R3 readers slowed takeovers under load).
+            if exc.err_code != REPLICAS_MUST_MATCH or self._reader_replicas != 1:
+                raise
+            self._reader_replicas = self._input_replicas
+            config.num_replicas = self._reader_replicas
+            o.sub = await js.pull_subscribe(
+                self._input(o.partition), stream=self.stream_name, config=config
+            )
 
     async def _hold(self, partition: int) -> None:
         """The partition's holding consumer: durable, never read, never acknowledged.
