@@ -558,8 +558,8 @@ class Member:
             # Newer servers (2.15.1, measured) refuse a consumer of an interest-retention
             # stream with fewer replicas than the stream; 2.9.10 takes R1 readers, which
             # are quicker to make (measured: R3 readers slowed takeovers under load).
-            if exc.err_code != REPLICAS_MUST_MATCH or self._reader_replicas != 1:
-                raise
+            if exc.err_code != REPLICAS_MUST_MATCH or config.num_replicas != 1:
+                raise  # (takeovers run in parallel: several may learn it at once)
             self._reader_replicas = self._input_replicas
             config.num_replicas = self._reader_replicas
             o.sub = await js.pull_subscribe(
