@@ -8,8 +8,12 @@ Nothing here is a home-made distributed system; NATS provides every guarantee:
   (``deploy/cluster/nats.conf``) sends MQTT ``sensors/<id>/data`` (NATS
   ``sensors.<id>.data``) to ``part.<P>.sensors.<id>.data``, P = FNV-1a(id) mod N, the
   same on every server.
-* **Durable input**: one JetStream stream (``<group>-input``, R3) holds
-  ``part.*.sensors.*.data``; readings wait there while nobody owns their partition.
+* **Durable input**: the MQTT gateway's own stream ``$MQTT_msgs`` (R3 by the servers'
+  ``stream_replicas``), where the gateway stores a QoS 1 PUBLISH before acknowledging
+  it, as ``$MQTT.msgs.part.<P>.sensors.<id>.data``; readings wait there while nobody
+  owns their partition, kept by one never-read durable consumer per partition. (A
+  stream of our own capturing the gateway's plain NATS publish loses what arrives while
+  it elects a leader: see deploy/cluster/RUNBOOK.md.)
 * **Leases** in a JetStream key-value bucket with a TTL (``<group>-leases``): a member
   creates ``p.<P>`` (fails while another holds it), renews it with compare-and-set on
   its revision, and treats the revision as its fencing token. A member that has not

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.cluster.member import Member
 from pipeline.cluster.metrics import ClusterMetrics
+from pipeline.cluster.status import ClusterStatus
 from pipeline.daemon import app
 from pipeline.daemon.config import Settings
 from pipeline.daemon.service import EXIT_RESULTS, RELOAD_RESULTS
@@ -45,7 +46,10 @@ def run(settings: Settings) -> int:
     member = build(settings)
     exporter = None
     if settings.metrics.enabled:
-        exporter = Exporter(member.metrics.registry, settings.metrics.bind, settings.metrics.port)
+        view = ClusterStatus(member, settings.metrics.status_streams)
+        exporter = Exporter(
+            member.metrics.registry, settings.metrics.bind, settings.metrics.port, view.routes()
+        )
     try:
         return member.run()
     finally:

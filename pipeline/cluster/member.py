@@ -39,7 +39,14 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.kv import KeyValue
 
 from pipeline.cluster import assign
@@ -56,7 +63,7 @@ from pipeline.engine.engine import Engine, Rejected, Step
 from pipeline.errors import CheckpointError, PayloadError
 from pipeline.model import StepModel
 from pipeline.sinks.encoder import PredictionEncoder
-from pipeline.sinks.mqtt import NON_FINITE_OUTPUT
+from pipeline.sinks.mqtt import NON_FINITE_OUTPUT, PublishPolicy
 from pipeline.sources.codecs import Decoder
 from pipeline.sources.mqtt import UNKNOWN_TOPIC
 from pipeline.telemetry.metrics import Metrics
@@ -64,8 +71,16 @@ from pipeline.transport.topics import STREAM
 
 log = logging.getLogger(__name__)
 
-INPUT_SUBJECTS = "part.*.sensors.*.data"  # what deploy/cluster/nats.conf maps input to
-STREAM_TOKEN = 3  # part.<P>.sensors.<stream>.data
+# The input: the MQTT gateway's own stream of QoS 1 publishes. The gateway acknowledges
+# a sensor's QoS 1 PUBLISH only once this stream stored it (R3: ``stream_replicas`` in
+# deploy/cluster/nats.conf); the plain NATS publish it also makes is fire-and-forget, and
+# a stream capturing that one loses whatever arrives while it elects a leader (measured:
+# 400 to 1,500 of 3,000 readings when the leader's node was SIGKILLed).
+INPUT_STREAM = "$MQTT_msgs"  # the gateway's name (nats-server 2.9 to 2.15 alike)
+INPUT_PREFIX = "$MQTT.msgs."  # + the mapped subject: part.<P>.sensors.<stream>.data
+INPUT_SUBJECTS = INPUT_PREFIX + "part.*.sensors.*.data"
+STREAM_TOKEN = INPUT_PREFIX.count(".") + 3  # $MQTT.msgs.part.<P>.sensors.<stream>.data
+REPLICAS_MUST_MATCH = 10134  # JetStream error: consumer replicas must match the stream's
 LEASE_MARGIN = 0.25  # stop using a lease this share of its TTL before it can expire
 FETCH_WAIT_S = 2.0  # one long poll of an idle partition (a stop cancels it)
 CONSUMER_CHECK_S = 4.0  # an idle partition checks that its consumer still exists
@@ -124,6 +139,9 @@ class Owned:
         self.applied = 0  # last input sequence applied to the engine (and published)
         self.replay_until = 0  # input sequence up to which a dead owner may have published
         self.sub: JetStreamContext.PullSubscription | None = None
+        # output.every_k / on_change, as in single-box mode; its counts are not in the
+        # checkpoint, so a new owner counts from the handover on.
+        self.policy: PublishPolicy | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
         self.headers = {MEMBER_HEADER: "", LEASE_HEADER: str(lease_rev)}
@@ -149,7 +167,7 @@ class Member:
         self.clock = clock
         self.me = self.cfg.member
         group = self.cfg.group
-        self.stream_name = f"{group}-input"
+        self.stream_name = INPUT_STREAM
         self.buckets = (f"{group}-leases", f"{group}-members", f"{group}-checkpoints")
         prefix, suffix = settings.output.topic.split(STREAM)
         self.out_prefix = prefix.replace("/", ".")
@@ -162,6 +180,7 @@ class Member:
             features=model.spec.features,
         )
         self.owned: dict[int, Owned] = {}
+        self.taking: dict[int, Owned] = {}  # lease held, checkpoint being restored
         self.should_exit = asyncio.Event()
         self.started = False
         self._lease_value = json.dumps({"member": self.me}).encode()
@@ -173,6 +192,19 @@ class Member:
         self._connection_lost = False  # since the last _replay_all
         self._watcher: Any = None
         self._watch_started = 0.0
+        self.loop: asyncio.AbstractEventLoop | None = None  # for /status (another thread)
+        self._api = asyncio.Semaphore(8)  # JetStream API requests in flight at start
+        self._input_replicas = self.cfg.replicas  # the input stream's, read at start
+        self._reader_replicas = 1  # of a partition's reader, unless the server wants more
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def live_seen(self) -> set[str]:
+        """Members whose heartbeat was seen within the TTL (this member's view)."""
+        now, ttl = self.clock(), self.cfg.lease_ttl_s
+        return {m for m, t in self._seen.items() if now - t < ttl}
 
     # -- life ---------------------------------------------------------------------------
 
@@ -181,13 +213,13 @@ class Member:
         return asyncio.run(self.main(install_signals=True))
 
     async def main(self, *, install_signals: bool = False) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.should_exit.set)
         try:
             await self._connect()
-            await self._ensure()
+            await self._ensure_retrying()
             self.started = True
             log.info("member %s running: %d partitions", self.me, self.cfg.partitions)
             keeper = asyncio.create_task(self._keep_leases(), name="leases")
@@ -247,6 +279,21 @@ class Member:
         metrics.broker_connected.set(1)
         self._js = self._nc.jetstream(timeout=5.0)
 
+    async def _ensure_retrying(self) -> None:
+        """:meth:`_ensure` until it succeeds: a busy cluster answers some of its requests
+        late, and a member that gives up at start serves nothing."""
+        delay = 0.5
+        while True:
+            try:
+                await self._ensure()
+                return
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                if self.should_exit.is_set():
+                    raise
+                log.warning("stream, holders or buckets not ready (%r); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(5.0, 2 * delay)
+
     async def _ensure(self) -> None:
         """The input stream and the buckets, created by whichever member comes first
         (identical configs make creation idempotent; an existing one is used as is)."""
@@ -254,17 +301,27 @@ class Member:
         assert js is not None
         cfg = self.cfg
         try:
-            await js.add_stream(
-                StreamConfig(
-                    name=self.stream_name,
-                    subjects=[INPUT_SUBJECTS],
-                    num_replicas=cfg.replicas,
-                    max_age=cfg.input_max_age_s,
-                    storage=StorageType.FILE,
+            info = await js.stream_info(self.stream_name)
+        except nats.js.errors.NotFoundError:
+            info = None  # no MQTT client connected yet: made as the gateway would make it
+        if info is None:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # the gateway won
+                await js.add_stream(
+                    StreamConfig(
+                        name=self.stream_name,
+                        subjects=[INPUT_PREFIX + ">"],
+                        retention=RetentionPolicy.INTEREST,
+                        num_replicas=cfg.replicas,
+                        max_age=cfg.input_max_age_s,
+                        storage=StorageType.FILE,
+                    )
                 )
-            )
-        except nats.js.errors.BadRequestError:
-            await js.stream_info(self.stream_name)  # exists with another config: keep it
+        else:
+            self._input_replicas = info.config.num_replicas or 1
+            if not info.config.max_age:  # the gateway's default keeps input forever
+                info.config.max_age = cfg.input_max_age_s
+                await js.update_stream(info.config)
+        await asyncio.gather(*(self._hold(p) for p in range(cfg.partitions)))
         ttls = (cfg.lease_ttl_s, cfg.lease_ttl_s, None)
         for bucket, ttl in zip(self.buckets, ttls, strict=True):
             try:
@@ -348,12 +405,15 @@ class Member:
                 self._watcher = None
                 await _quietly(w.stop())
             return set()
-        live = {m for m, t in self._seen.items() if now - t < ttl}
+        live = self.live_seen()
         self.cm.members.set(len(live))
         return live
 
     async def _renew(self) -> None:
-        await asyncio.gather(*(self._renew_one(o) for o in list(self.owned.values())))
+        # Partitions being taken too: a takeover slower than the lease's validity (a
+        # restore and a consumer on a busy cluster) must not lose the lease meanwhile.
+        owned = [*self.owned.values(), *self.taking.values()]
+        await asyncio.gather(*(self._renew_one(o) for o in owned))
 
     async def _renew_one(self, o: Owned) -> None:
         if o.stopping:
@@ -408,6 +468,10 @@ class Member:
             return
         o = Owned(p, rev, sent, Engine(self.model, self.settings.engine, observer=self.metrics))
         o.headers[MEMBER_HEADER] = self.me
+        out = self.settings.output
+        if out.every_k > 1 or out.on_change:
+            o.policy = PublishPolicy(out.every_k, out.on_change, self.settings.engine.max_streams)
+        self.taking[p] = o
         try:
             await self._take(o)
         except Exception as exc:
@@ -418,6 +482,8 @@ class Member:
             with contextlib.suppress(Exception):
                 await self.leases.delete(o.key, last=o.lease_rev)
             return
+        finally:
+            self.taking.pop(p, None)
         self.owned[p] = o
         self.cm.partition_owned.labels(str(p)).set(1)
         o.task = asyncio.create_task(self._consume(o), name=f"partition-{p}")
@@ -462,6 +528,8 @@ class Member:
                 stored = (await js.stream_info(self.stream_name)).state.last_seq
                 o.replay_until = max(o.replay_until, int(stored or 0))
             reason = TAKEOVER
+        if not self._valid(o):
+            raise TimeoutError("the lease lapsed during the takeover")
         self.cm.handoffs.labels(reason).inc()
         log.info(
             "partition %d: %s by %s at input seq %d (%d streams, replays to seq %d) in %.3f s",
@@ -481,12 +549,49 @@ class Member:
             opt_start_seq=o.applied + 1,
             ack_policy=AckPolicy.NONE,
             mem_storage=True,
-            num_replicas=1,
+            num_replicas=self._reader_replicas,
             inactive_threshold=max(10.0, 3 * self.cfg.lease_ttl_s),
         )
-        o.sub = await js.pull_subscribe(
-            f"part.{o.partition}.sensors.*.data", stream=self.stream_name, config=config
+        try:
+            o.sub = await js.pull_subscribe(
+                self._input(o.partition), stream=self.stream_name, config=config
+            )
+        except nats.js.errors.BadRequestError as exc:
+            # Newer servers (2.15.1, measured) refuse a consumer of an interest-retention
+            # stream with fewer replicas than the stream; 2.9.10 takes R1 readers, which
+            # are quicker to make (measured: R3 readers slowed takeovers under load).
+            if exc.err_code != REPLICAS_MUST_MATCH or config.num_replicas != 1:
+                raise  # (takeovers run in parallel: several may learn it at once)
+            self._reader_replicas = self._input_replicas
+            config.num_replicas = self._reader_replicas
+            o.sub = await js.pull_subscribe(
+                self._input(o.partition), stream=self.stream_name, config=config
+            )
+
+    async def _hold(self, partition: int) -> None:
+        """The partition's holding consumer: durable, never read, never acknowledged.
+
+        The gateway's stream keeps a message only while a consumer still needs it; a
+        reader (no acks) frees what it was delivered unless another consumer holds it,
+        and then a new owner's replay finds it gone. One holder per partition, because a
+        purge moves the ack floor of every consumer whose filter covers the purged
+        subject: one holder of all partitions would let partition P's purge free the
+        unread input of every other partition (nats-server stream.purge)."""
+        js = self._js
+        assert js is not None
+        config = ConsumerConfig(
+            durable_name=f"{self.cfg.group}-hold-{partition}",
+            filter_subject=self._input(partition),
+            ack_policy=AckPolicy.ALL,
+            num_replicas=self.cfg.replicas,
         )
+        async with self._api:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # exists: keep it
+                await js.add_consumer(self.stream_name, config)
+
+    @staticmethod
+    def _input(partition: int) -> str:
+        return f"{INPUT_PREFIX}part.{partition}.sensors.*.data"
 
     async def _release(self, o: Owned, reason: str) -> None:
         """Give ``o`` up cleanly: finish its batch, final checkpoint, delete the lease."""
@@ -592,9 +697,7 @@ class Member:
         js = self._js
         assert js is not None
         try:
-            await js.purge_stream(
-                self.stream_name, subject=f"part.{o.partition}.sensors.*.data", seq=seq + 1
-            )
+            await js.purge_stream(self.stream_name, subject=self._input(o.partition), seq=seq + 1)
         except Exception as exc:  # the stream's max_age removes it later anyway
             log.debug("partition %d: purge failed: %s", o.partition, exc)
 
@@ -680,10 +783,15 @@ class Member:
         assert nc is not None
         encode = self.encoder.encode
         prefix, suffix, headers = self.out_prefix, self.out_suffix, o.headers
+        policy = o.policy
         published = 0
         for r, again in zip(results, replayed, strict=True):
             if isinstance(r, Rejected):
                 continue  # counted by the engine's observer
+            if policy is not None:
+                label = self.encoder.label(r)
+                if not policy.admit(r.step.stream, label, bool(r.resets)):
+                    continue
             payload = encode(r)
             if payload is None:
                 metrics.on_reject(NON_FINITE_OUTPUT)

@@ -104,7 +104,7 @@ class ClusterConfig:
     member: str
     group: str = "seqstream"
     partitions: int = 64
-    replicas: int = 3  # of the input stream and the key-value buckets
+    replicas: int = 3  # of the key-value buckets and the per-partition input holders
     lease_ttl_s: float = 3.0
     checkpoint_interval_s: float = 5.0
     fetch_batch: int = 256

@@ -120,29 +120,8 @@ class StatusView:
 
     def _streams(self, engine: Engine) -> dict[str, Any]:
         """On the engine's thread: the newest ``max_streams`` streams, as JSON rows."""
-        now = self._clock()
-        store = engine.store
-        last = self._last
-        last.prune()
-        newest = sorted(store, key=lambda st: st.last_seen, reverse=True)[: self.max_streams]
-        rows = []
-        for st in newest:
-            key = st.key
-            nxt = st.next_seq
-            payload = last.payloads.get(key)
-            received = last.received.get(key)
-            rows.append(
-                {
-                    "stream": key,
-                    "last_seq": nxt - 1 if nxt is not None and nxt > 0 else st.last_seq,
-                    "last_ts": st.last_ts,
-                    "last_prediction": json.loads(payload) if payload is not None else None,
-                    "prediction_age_s": (
-                        round(now - received, 3) if received is not None else None
-                    ),
-                }
-            )
-        return {"active": len(store), "listed": len(rows), "limit": self.max_streams, "items": rows}
+        self._last.prune()
+        return stream_rows([engine], self.max_streams, self._clock(), self._last)
 
     # -- HTTP ---------------------------------------------------------------------------
 
@@ -167,6 +146,32 @@ class StatusView:
 
 JSON = "application/json"
 HTML = "text/html; charset=utf-8"
+
+
+def stream_rows(
+    engines: Iterable[Engine], limit: int, now: float, last: LastPredictions | None = None
+) -> dict[str, Any]:
+    """The newest ``limit`` streams of ``engines`` as /status rows (on their thread);
+    cluster mode passes the engines of the partitions it owns."""
+    stores = [engine.store for engine in engines]
+    every = [st for store in stores for st in store]
+    newest = sorted(every, key=lambda st: st.last_seen, reverse=True)[:limit]
+    rows = []
+    for st in newest:
+        key = st.key
+        nxt = st.next_seq
+        payload = last.payloads.get(key) if last is not None else None
+        received = last.received.get(key) if last is not None else None
+        rows.append(
+            {
+                "stream": key,
+                "last_seq": nxt - 1 if nxt is not None and nxt > 0 else st.last_seq,
+                "last_ts": st.last_ts,
+                "last_prediction": json.loads(payload) if payload is not None else None,
+                "prediction_age_s": round(now - received, 3) if received is not None else None,
+            }
+        )
+    return {"active": len(every), "listed": len(rows), "limit": limit, "items": rows}
 
 
 def _json(doc: dict[str, Any]) -> bytes:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -39,13 +40,22 @@ RUN = [sys.executable, "-m", "pipeline.cli", "run", "--allow-root"]  # CI runs a
 class Member:
     """One ``seqstream run`` cluster member, in its own process."""
 
-    def __init__(self, name: str, tmp: Path, model: Path, cluster: NatsCluster, **cl: Any):
+    def __init__(
+        self,
+        name: str,
+        tmp: Path,
+        model: Path,
+        cluster: NatsCluster,
+        output: dict[str, Any] | None = None,
+        **cl: Any,
+    ):
         self.name = name
         self.metrics_port = free_port()
         self.log = tmp / f"{name}.log"
         doc = {
             "model": {"path": str(model)},
             "metrics": {"port": self.metrics_port},
+            "output": output or {},
             "cluster": {"servers": cluster.urls, "member": name, **cl},
         }
         self.config = write_toml(tmp / f"{name}.toml", doc)
@@ -70,6 +80,15 @@ class Member:
             for line in text.splitlines()
             if line and not line.startswith("#")
         }
+
+    def http(self, path: str) -> tuple[int, Any]:
+        """GET ``path`` on the member's HTTP endpoint: status code and JSON body."""
+        url = f"http://{HOST}:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
 
     def owned(self) -> set[int]:
         """Partitions this member reports owning (empty while it is not serving)."""
@@ -113,36 +132,84 @@ def wait_owned(members: list[Member], partitions: int, timeout: float = 60) -> N
 
 
 class Sensors:
-    """MQTT publishers, one per NATS node; stream i always goes through node i % n."""
+    """MQTT publishers, one per NATS node; stream i always goes through node i % n.
+
+    Acknowledgements are counted from PUBACKs (``on_publish``), not from the message
+    handles: a handle made while its client was reconnecting (a server closed the
+    session after a failed store) reports an error even once paho resent it and it was
+    acknowledged. A rig publishes fewer than 65,535 messages per client, so a message id
+    (mid) is never reused."""
 
     def __init__(self, cluster: NatsCluster) -> None:
+        self._lock = threading.Lock()  # the clients and _sent
+        # id(client) -> mids acknowledged; its own lock, never held across a publish
+        # (paho runs on_publish under its own lock, which publish takes too).
+        self._ack_lock = threading.Lock()
+        self._acks: dict[int, set[int]] = {}
         self.clients = []
         for i, node in enumerate(cluster.nodes):
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sensors-{i}")
             c.max_inflight_messages_set(1000)
             c.max_queued_messages_set(0)
+            acks = self._acks[id(c)] = set()
+            c.on_publish = lambda cl, u, mid, rc, p, acks=acks: self._on_ack(acks, mid)
             c.connect(HOST, node.mqtt_port)
             c.loop_start()
             self.clients.append(c)
         wait_until(lambda: all(c.is_connected() for c in self.clients), 10, "sensors connected")
-        self._sent: list[mqtt.MQTTMessageInfo] = []
+        # Every publish not yet known acknowledged: client, mid, topic, payload.
+        self._sent: list[tuple[mqtt.Client, int, str, bytes]] = []
+        self.republished = 0
+
+    def _on_ack(self, acks: set[int], mid: int) -> None:
+        with self._ack_lock:
+            acks.add(mid)
+
+    def _publish(self, c: mqtt.Client, topic: str, payload: bytes) -> None:
+        """Under ``_lock``: publish and remember."""
+        info = c.publish(topic, payload, qos=1)
+        self._sent.append((c, info.mid, topic, payload))
+
+    def fail_over(self, node: int) -> None:
+        """The server behind ``node``'s client died: as a sensor with a list of servers
+        does, publish again through another node every message it did not acknowledge
+        (some may have been stored: the daemon rejects the repeat of a seq it applied)."""
+        with self._lock:
+            dead = self.clients[node]
+            survivor = next(c for c in self.clients if c is not dead)
+            self.clients = [survivor if c is dead else c for c in self.clients]
+            dead.loop_stop()
+            with self._ack_lock:
+                acks = set(self._acks[id(dead)])
+            again = [(t, p) for c, mid, t, p in self._sent if c is dead and mid not in acks]
+            self._sent = [e for e in self._sent if e[0] is not dead]
+            for topic, payload in again:
+                self._publish(survivor, topic, payload)
+            self.republished += len(again)
 
     def send(self, data: list[np.ndarray], rows: range) -> None:
         """Rows ``rows`` of every stream (binary payloads with seq), interleaved."""
+        n = len(self.clients)
         for r in rows:
             for i, x in enumerate(data):
                 payload = codecs.encode_binary(x[r : r + 1], seq=r)
-                c = self.clients[i % len(self.clients)]
-                self._sent.append(c.publish(f"sensors/s{i}/data", payload, qos=1))
+                with self._lock:
+                    self._publish(self.clients[i % n], f"sensors/s{i}/data", payload)
 
     def wait_sent(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        for info in self._sent:
-            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
-        self._sent.clear()
+        """Until every publish so far was acknowledged by a server."""
+        wait_until(self._acked, timeout, "every publish acknowledged")
+        with self._lock:
+            self._sent.clear()
+
+    def _acked(self) -> bool:
+        with self._lock:
+            sent = [(id(c), mid) for c, mid, _t, _p in self._sent]
+        with self._ack_lock:
+            return all(mid in self._acks[c] for c, mid in sent)
 
     def close(self) -> None:
-        for c in self.clients:
+        for c in {id(c): c for c in self.clients}.values():
             c.disconnect()
             c.loop_stop()
 
@@ -155,6 +222,7 @@ class Predictions:
         self.mqtt: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.owners: dict[str, list[tuple[int, str, int]]] = defaultdict(list)  # seq, who, lease
         self.count = 0
+        self.inputs: set[tuple[str, int | None]] = set()  # (stream, seq) seen on core NATS
         subscribed = threading.Event()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"predictions-{free_port()}")
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe("predictions/+", 0)
@@ -183,9 +251,75 @@ class Predictions:
                     (doc["seq"], h.get("Seqstream-Member", ""), int(h.get("Seqstream-Lease", 0)))
                 )
 
+        async def on_input(msg: Any) -> None:
+            binary = msg.data[:2] == codecs.MAGIC and len(msg.data) >= codecs.HEADER.size
+            seq = codecs.HEADER.unpack_from(msg.data)[3] if binary else None
+            with self.lock:
+                self.inputs.add((msg.subject.split(".")[3], seq))
+
         await nc.subscribe("predictions.>", cb=on_msg)
+        await nc.subscribe("part.*.sensors.*.data", cb=on_input)
         await nc.flush()
         return nc
+
+    def stream_info(self, name: str) -> Any:
+        """JetStream's view of stream ``name`` (state, cluster leader and replicas)."""
+
+        async def info() -> Any:
+            return await self._nc.jetstream(timeout=5).stream_info(name)
+
+        return asyncio.run_coroutine_threadsafe(info(), self._loop).result(10)
+
+    def probe(self, subject: str) -> Any:
+        """Diagnostics: what $MQTT_msgs holds for ``subject``, and its consumers."""
+
+        async def go() -> Any:
+            js = self._nc.jetstream(timeout=5)
+            out: list[Any] = []
+            try:
+                si = await js.stream_info("$MQTT_msgs", subjects_filter=subject)
+                out.append(("subjects", si.state.subjects, si.state.first_seq, si.state.last_seq))
+            except Exception as exc:
+                out.append(("stream_info", repr(exc)))
+            try:
+                sub = await js.pull_subscribe(subject, stream="$MQTT_msgs")
+                msgs = await sub.fetch(20, timeout=2)
+                out.append([(m.metadata.sequence.stream, m.data[:16].hex()) for m in msgs])
+            except Exception as exc:
+                out.append(("fetch", repr(exc)))
+            try:
+                for ci in await js.consumers_info("$MQTT_msgs"):
+                    f = ci.config.filter_subject or ""
+                    if ".part." in f and f.split(".")[3] == subject.split(".")[3]:
+                        out.append(
+                            (
+                                "consumer",
+                                ci.name,
+                                f,
+                                ci.num_pending,
+                                ci.delivered.stream_seq,
+                                ci.cluster.leader if ci.cluster else None,
+                            )
+                        )
+            except Exception as exc:
+                out.append(("consumers", repr(exc)))
+            return out
+
+        return asyncio.run_coroutine_threadsafe(go(), self._loop).result(60)
+
+    def leader_off(self, name: str, node: str) -> Any:
+        """Stream ``name``'s info once its leader is not ``node`` (asking it to step down)."""
+        for _ in range(10):
+            info = self.stream_info(name)
+            if info.cluster is not None and info.cluster.leader not in (None, node):
+                return info
+            if info.cluster is not None and info.cluster.leader == node:
+                subject = f"$JS.API.STREAM.LEADER.STEPDOWN.{name}"
+                asyncio.run_coroutine_threadsafe(
+                    self._nc.request(subject, b"", timeout=5), self._loop
+                ).result(10)
+            time.sleep(0.5)
+        raise AssertionError(f"stream {name} still led by {node}")
 
     def _on_mqtt(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         doc = json.loads(msg.payload)
