@@ -36,7 +36,11 @@ def receptive_field(kernels: tuple[int, ...], dilations: tuple[int, ...]) -> int
 
 
 class TCNNet(SeqNet):
-    """Normalisation -> causal dilated conv blocks (ReLU, residual) -> softmax, per step."""
+    """Normalisation -> causal dilated conv blocks (ReLU, residual) -> softmax, per step.
+
+    ``config.dropout`` applies after every block (training only): the keyword data's
+    voices are few, and without it the stack learns them rather than the words.
+    """
 
     def __init__(self, config: NetConfig) -> None:
         super().__init__(config)
@@ -79,7 +83,7 @@ class TCNNet(SeqNet):
                 new_bufs.append(full[:, :, -(k - 1) * d :])
             else:
                 full = h
-            y = torch.relu(conv(full))
+            y = self.drop(torch.relu(conv(full)))
             h = y + h if c_in == c_out else y
         logits = self.head(self.drop(h.transpose(1, 2)))
         return logits, tuple(new_bufs)
