@@ -59,9 +59,12 @@ class NetConfig:
     window: int = 0  # anomaly: steps the score is averaged over; seq2seq: steps attended to
     # classify: "rnn" (StepNet) or "fcn" (models.fcn.FCNNet: causal conv blocks of these
     # filters/kernels, running mean, beside a recurrent branch of `layers` x `hidden`)
+    # or "tcn" (models.tcn.TCNNet: a windowed stack of causal convolutions with these
+    # filters/kernels/dilations and no recurrent core)
     arch: str = "rnn"
     filters: tuple[int, ...] = ()
     kernels: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -74,10 +77,14 @@ class NetConfig:
             raise ValueError("a forecaster needs target channels and a horizon >= 1")
         if self.task in ("anomaly", "seq2seq") and self.window < 1:
             raise ValueError(f"task {self.task} needs a window >= 1")
-        if self.arch not in ("rnn", "fcn") or (self.arch == "fcn") != bool(self.filters):
-            raise ValueError(f"arch {self.arch!r}: 'fcn' needs filters, 'rnn' none")
+        if self.arch not in ("rnn", "fcn", "tcn") or (self.arch != "rnn") != bool(self.filters):
+            raise ValueError(f"arch {self.arch!r}: 'fcn'/'tcn' need filters, 'rnn' none")
         if len(self.filters) != len(self.kernels) or min(self.kernels, default=1) < 1:
             raise ValueError("filters and kernels must pair up, kernels >= 1")
+        if (self.arch == "tcn") != bool(self.dilations) or (
+            self.dilations and (len(self.dilations) != len(self.filters) or min(self.dilations) < 1)
+        ):
+            raise ValueError("'tcn' needs one dilation >= 1 per filter, other archs none")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,7 +93,7 @@ class NetConfig:
     def from_dict(cls, doc: dict[str, Any]) -> NetConfig:
         doc = dict(doc)
         doc.pop("pool", None)  # written by the reconstructing anomaly model (before 2026-12)
-        for key in ("targets", "mean", "std", "filters", "kernels"):
+        for key in ("targets", "mean", "std", "filters", "kernels", "dilations"):
             doc[key] = tuple(doc.get(key, ()))
         return cls(**doc)
 
@@ -389,6 +396,10 @@ def build(config: NetConfig, seed: int | None = None) -> SeqNet:
         from models.fcn import FCNNet  # imports this module
 
         return FCNNet(config)
+    if config.arch == "tcn":
+        from models.tcn import TCNNet  # imports this module
+
+        return TCNNet(config)
     return _NETS[config.task](config)
 
 

@@ -52,6 +52,7 @@ from models.nets import (
 )
 from models.progress import progress
 from models.search import step_loss
+from models.tcn import TCNNet
 from pipeline.contract import TASKS
 from pipeline.errors import ConfigError, DataError
 from pipeline.offline import datasets, evaluation, scoring
@@ -93,6 +94,9 @@ class TrainConfig:
     arch: str = "rnn"
     budget: float = 300.0
     steps: int = 0  # fcn/auto: optimiser steps of the final fit (0: models.search's)
+    # tcn: a windowed causal conv stack (models.tcn); empty = TCN_LAYOUT, kernels all 3
+    filters: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
     threshold_quantile: float = 0.99  # anomaly: of the training part's scores
     # metadata for sensor authors (models.naming): names[unit] and the rate, else the data's
     feature_names: tuple[str, ...] = ()
@@ -132,8 +136,9 @@ class TrainConfig:
                 "must be >= 1 (anomaly: or 0, one period of the training data)",
             ),
             (self.warmup >= 0 and self.warmup < self.window, "warmup", "must be in [0, --window)"),
-            (self.arch in ("rnn", "fcn", "auto"), "arch", "must be rnn, fcn or auto"),
-            (self.arch == "rnn" or self.task == "classify", "arch", "fcn/auto classify only"),
+            (self.arch in ("rnn", "fcn", "auto", "tcn"), "arch", "must be rnn, fcn, auto or tcn"),
+            (self.arch == "rnn" or self.task == "classify", "arch", "fcn/auto/tcn classify only"),
+            (len(self.filters) == len(self.dilations), "filters", "one dilation per filter"),
             (self.budget > 0, "budget", "must be > 0 seconds"),
             (self.steps >= 0, "steps", "must be >= 0"),
             (0 < self.threshold_quantile <= 1, "threshold-quantile", "must be in (0, 1]"),
@@ -168,6 +173,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "window": 144,
     },
 }
+# tcn: (filters, dilations) of the causal conv stack, kernels 3: a 40 -> 64 input
+# convolution, then six residual blocks; 129 frames (1.3 s at a 10 ms hop) per output.
+TCN_LAYOUT: tuple[tuple[int, ...], tuple[int, ...]] = ((64,) * 7, (1, 1, 2, 4, 8, 16, 32))
 # seq2seq: decoder positions sampled per training window (all of them cost T x H steps)
 _POSITIONS = 16
 # anomaly: batches of random chunks per epoch
@@ -197,7 +205,7 @@ def _pad(cases: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
     return x, lengths
 
 
-def _classify_loss(net: StepNet, x: Tensor, lengths: Tensor, y: Tensor) -> Tensor:
+def _classify_loss(net: StepNet | TCNNet, x: Tensor, lengths: Tensor, y: Tensor) -> Tensor:
     logits, _ = net.train_outputs(x, net.initial_state(x.shape[0]))
     return step_loss(logits, lengths, y)
 
@@ -232,7 +240,8 @@ def _fit(
     hist = History()
     best = math.inf
     best_state = {k: v.clone() for k, v in net.state_dict().items()}
-    bar = progress(range(cfg.epochs), desc=f"train {cfg.cell}")  # plain lines off a terminal
+    kind = cfg.cell if cfg.arch == "rnn" else cfg.arch
+    bar = progress(range(cfg.epochs), desc=f"train {kind}")  # plain lines off a terminal
     for epoch in bar:
         net.train()
         total = 0.0
@@ -269,7 +278,7 @@ def _train_classifier(
         raise DataError(f"{data.path}: classification needs class labels (for CSV: --label-column)")
     classes = list(data.classes) or sorted(set(data.labels))
     y_all = [classes.index(label) for label in data.labels]
-    if cfg.arch != "rnn":
+    if cfg.arch in ("fcn", "auto"):
         from models import search
 
         fcn, losses, extra = search.train_classifier(cfg, data.cases, y_all, len(classes))
@@ -278,21 +287,32 @@ def _train_classifier(
     if not va:
         va = tr  # too few cases to hold any out: validate on training data (said in metrics)
     mean, std = normalisation([data.cases[i] for i in tr])
+    shape: dict[str, Any] = {"cell": cfg.cell, "hidden": cfg.hidden, "layers": cfg.layers}
+    if cfg.arch == "tcn":
+        filters, dilations = (cfg.filters, cfg.dilations) if cfg.filters else TCN_LAYOUT
+        # no recurrent core: the contract's cell fields name a stand-in (models.tcn)
+        shape = {
+            "arch": "tcn",
+            "cell": "gru",
+            "hidden": filters[-1],
+            "layers": 1,
+            "filters": filters,
+            "kernels": (3,) * len(filters),
+            "dilations": dilations,
+        }
     net = build(
         NetConfig(
             task="classify",
-            cell=cfg.cell,
             n_features=len(data.features),
-            hidden=cfg.hidden,
-            layers=cfg.layers,
             n_classes=len(classes),
             dropout=cfg.dropout,
             mean=mean,
             std=std,
+            **shape,
         ),
         seed=cfg.seed,
     )
-    assert isinstance(net, StepNet)
+    assert isinstance(net, StepNet | TCNNet)
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     n_batches = math.ceil(len(tr) / cfg.batch_size)
@@ -697,7 +717,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         datasets.load(Path(cfg.data), **cfg.data_options), cfg.feature_names
     )
     rate = naming.sample_rate(data, cfg.sample_rate_hz)
-    kind = cfg.cell if cfg.arch == "rnn" else "fcn"
+    kind = cfg.cell if cfg.arch == "rnn" else ("tcn" if cfg.arch == "tcn" else "fcn")
     name = cfg.name or f"{Path(cfg.data).stem.lower()}-{kind}-{cfg.task}"
     metrics: dict[str, Any] = {}
     meta: dict[str, Any] = {

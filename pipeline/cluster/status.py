@@ -118,7 +118,8 @@ class ClusterStatus:
         return round(self._clock() - self._started, 1)
 
     def routes(self) -> dict[str, Route]:
-        """Path -> handler, for :class:`pipeline.telemetry.metrics.Exporter` (same paths as single-box)."""
+        """Path -> handler, for :class:`pipeline.telemetry.metrics.Exporter` (the same paths
+        as single-box)."""
 
         def healthz() -> tuple[int, str, bytes]:
             return 200, JSON, _json(self.health())

@@ -87,10 +87,16 @@ def architecture(spec: ModelSpec) -> str:
     smaller half of it, so naming only the cell would mislead a reader sizing a box."""
     core = f"{spec.cell} x{spec.layers}, hidden {spec.hidden}"
     filters, kernels = spec.extra.get("filters"), spec.extra.get("kernels")
-    if spec.extra.get("arch") != "fcn" or not isinstance(filters, list):
+    arch, dilations = spec.extra.get("arch"), spec.extra.get("dilations")
+    if arch not in ("fcn", "tcn") or not isinstance(filters, list):
         return core
     ks = "/".join(map(str, kernels)) if isinstance(kernels, list) else "?"
     conv = "/".join(map(str, filters))
+    if arch == "tcn" and isinstance(dilations, list) and isinstance(kernels, list):
+        # a windowed conv stack: the cell fields are a stand-in (models.tcn)
+        window = 1 + sum((k - 1) * d for k, d in zip(kernels, dilations, strict=False))
+        ds = "/".join(map(str, dilations))
+        return f"causal conv {conv} (kernels {ks}, dilations {ds}), window {window} steps"
     return f"causal conv {conv} (kernels {ks}), running mean, beside {core}"
 
 

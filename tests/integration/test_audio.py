@@ -54,7 +54,8 @@ RECORDING_VOICE = "en-us+f5"
 
 # The keyword recipe (docs/keywords/README.md), every knob spelled out so that a change
 # to the generator's, the CLI's or the trainer's defaults cannot move it unseen. It holds
-# for training seed 0; SEQSTREAM_KEYWORDS_SEED picks another (see docs/keywords/README.md).
+# for training seed 0 (checked offline and live); seeds 1 and 2 are not yet measured with
+# it; SEQSTREAM_KEYWORDS_SEED picks another (see docs/keywords/README.md).
 TRAIN_SEED = int(os.environ.get("SEQSTREAM_KEYWORDS_SEED", "0"))
 DATA_RECIPE: dict[str, Any] = {
     "seed": 0,
@@ -69,20 +70,22 @@ DATA_RECIPE: dict[str, Any] = {
     "gap_s": (0.3, 1.2),
 }
 # The session's first keyword test pays for the data and the training: ~7 minutes on 2
-# shared cores, past the suite's 600 s when the machine is busier.
+# shared cores for the LSTM, which the TCN costs 1.17x per batch; past the suite's 600 s
+# when the machine is busier (53 minutes at load 9-14 beside other trainings).
 KEYWORD_MODEL_TIMEOUT_S = 1800
 TRAIN_RECIPE: dict[str, Any] = {
     "task": "classify",
-    "arch": "rnn",  # the recurrent stack, not models.search's choice
-    "cell": "lstm",
-    "hidden": 64,
-    "layers": 2,
+    # A windowed causal conv stack (models.tcn): each output depends on the last 1.3 s
+    # only, so the never-reset live stream answers as the fresh training clips did.
+    "arch": "tcn",
+    "filters": (64, 64, 64, 64, 64, 64, 64),
+    "dilations": (1, 1, 2, 4, 8, 16, 32),
     "epochs": 40,
     "patience": 10,
     "batch_size": 32,
     "lr": 3e-3,
     "val_fraction": 0.2,
-    "dropout": 0.0,
+    "dropout": 0.1,
 }
 
 
