@@ -20,6 +20,10 @@ machine the calls another process preempts land in the tail, not in the middle. 
 harness's own objects are frozen out of the garbage collector (``gc.freeze``), as a
 daemon should do after start-up; the engine's allocations are collected as usual.
 Heavy imports happen inside :func:`run`; torch only in the optional baseline.
+
+It lives in ``models/``, beside the PyTorch nets its eager baseline builds, not in the
+runtime package ``pipeline/``: an edge box running the daemon needs none of it, and it
+ships in the same distribution, so ``seqstream bench`` works wherever it did.
 """
 
 from __future__ import annotations
@@ -468,7 +472,7 @@ def _torch_eager(
 def _rss(path: Path, providers: Sequence[str], threads: int, n: int, max_batch: int) -> Any:
     """RSS of a fresh process (no torch, no benchmark data) holding ``n`` streams."""
     code = (
-        "import sys, json; from pipeline.commands.bench import rss_probe; "
+        "import sys, json; from models.bench import rss_probe; "
         f"print(json.dumps(rss_probe({str(path)!r}, {list(providers)!r}, {threads}, {n}, "
         f"{max_batch})))"
     )
