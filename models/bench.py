@@ -40,6 +40,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.commands.parsing import add_model_argument, subcommand
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -60,13 +62,15 @@ TARGETS = {
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = subcommand(
+        subparsers,
         "bench",
+        run,
         help="benchmark the streaming engine against raw onnxruntime (JSON)",
         description="Measure raw session.run, the engine (1 and N interleaved streams), a "
         "naive per-stream loop and PyTorch eager when installed; print one JSON document.",
     )
-    p.add_argument("model", type=Path, help="MODEL.onnx written by 'seqstream export'")
+    add_model_argument(p)
     p.add_argument(
         "--streams",
         type=int,
@@ -94,7 +98,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
     p.add_argument("--no-rss", action="store_true", help="skip the RSS probe subprocess")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
