@@ -345,48 +345,73 @@ def predict_labels(net: SeqNet, cases: Sequence[np.ndarray]) -> list[int]:
         return [int(i) for i in probs[torch.arange(x.shape[0]), lengths - 1].argmax(-1)]
 
 
-def _train_forecaster(
-    cfg: TrainConfig, data: datasets.Dataset
-) -> tuple[StepNet, History, dict[str, Any]]:
+@dataclass(frozen=True)
+class _Series:
+    """What forecaster and seq2seq training share: target columns, each case's split,
+    the normalisation (training rows only), the cases and their horizon targets as
+    tensors (raw units), and the targets' mean and std."""
+
+    tidx: list[int]
+    bounds: list[tuple[int, int]]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    cases: list[Tensor]
+    ys: list[Tensor]
+    t_mean: Tensor
+    t_std: Tensor
+
+
+def _series(cfg: TrainConfig, data: datasets.Dataset, least: int) -> _Series:
+    """Targets checked and split: each case is [train | val | test tail], the tail never
+    seen in training; a validation part starting before ``least`` is refused."""
     features = list(data.features)
     targets = list(cfg.targets) or features
     unknown = [t for t in targets if t not in features]
     if unknown:
         raise ConfigError(f"--target: {unknown} not among the data's columns {features}")
     tidx = [features.index(t) for t in targets]
-    # Each case: [train | val | test tail]; the tail is never seen in training.
-    bounds = []
-    for c in data.cases:
-        n = len(c)
-        test_start = datasets.split_tail(n, cfg.test_fraction)
-        val_start = test_start - round(test_start * cfg.val_fraction)
-        if val_start < cfg.window // 2:
-            raise DataError(f"{data.path}: series of {n} steps is too short to split for training")
-        bounds.append((val_start, test_start))
+    bounds = _split(data, cfg, least)
     mean, std = normalisation([c[:vs] for c, (vs, _) in zip(data.cases, bounds, strict=True)])
-    net = build(
-        NetConfig(
-            task="forecast",
-            cell=cfg.cell,
-            n_features=len(features),
-            hidden=cfg.hidden,
-            layers=cfg.layers,
-            targets=tuple(tidx),
-            horizon=cfg.horizon,
-            dropout=cfg.dropout,
-            mean=mean,
-            std=std,
-        ),
-        seed=cfg.seed,
+    return _Series(
+        tidx=tidx,
+        bounds=bounds,
+        mean=mean,
+        std=std,
+        cases=[torch.from_numpy(np.asarray(c, dtype=np.float32)) for c in data.cases],
+        ys=[
+            torch.from_numpy(scoring.horizon_targets(c[:, tidx], cfg.horizon).astype(np.float32))
+            for c in data.cases
+        ],
+        t_mean=torch.tensor([mean[i] for i in tidx]),
+        t_std=torch.tensor([std[i] for i in tidx]),
     )
+
+
+def _forecast_net_config(cfg: TrainConfig, task: str, n_features: int, s: _Series) -> NetConfig:
+    """The net of a forecaster (``task`` forecast) or seq2seq model (window: the context)."""
+    return NetConfig(
+        task=task,
+        cell=cfg.cell,
+        n_features=n_features,
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        targets=tuple(s.tidx),
+        horizon=cfg.horizon,
+        dropout=cfg.dropout,
+        mean=s.mean,
+        std=s.std,
+        window=cfg.context if task == "seq2seq" else 0,
+    )
+
+
+def _train_forecaster(
+    cfg: TrainConfig, data: datasets.Dataset
+) -> tuple[StepNet, History, dict[str, Any]]:
+    series = _series(cfg, data, least=cfg.window // 2)
+    net = build(_forecast_net_config(cfg, "forecast", data.n_features, series), seed=cfg.seed)
     assert isinstance(net, StepNet)
-    t_mean = torch.tensor([mean[i] for i in tidx])
-    t_std = torch.tensor([std[i] for i in tidx])
-    cases = [torch.from_numpy(np.asarray(c, dtype=np.float32)) for c in data.cases]
-    ys = [
-        torch.from_numpy(scoring.horizon_targets(c[:, tidx], cfg.horizon).astype(np.float32))
-        for c in data.cases
-    ]
+    tidx, bounds, cases, ys = series.tidx, series.bounds, series.cases, series.ys
+    t_mean, t_std = series.t_mean, series.t_std
     gen = torch.Generator().manual_seed(cfg.seed)
     starts = [
         (ci, s) for ci, (vs, _) in enumerate(bounds) for s in range(0, max(1, vs - cfg.window))
@@ -595,36 +620,11 @@ def anomaly_scores(
 def _train_seq2seq(
     cfg: TrainConfig, data: datasets.Dataset
 ) -> tuple[Seq2SeqNet, History, dict[str, Any]]:
-    features = list(data.features)
-    targets = list(cfg.targets) or features
-    unknown = [t for t in targets if t not in features]
-    if unknown:
-        raise ConfigError(f"--target: {unknown} not among the data's columns {features}")
-    tidx = [features.index(t) for t in targets]
-    bounds = _split(data, cfg, least=cfg.window)
-    mean, std = normalisation([c[:vs] for c, (vs, _) in zip(data.cases, bounds, strict=True)])
-    config = NetConfig(
-        task="seq2seq",
-        cell=cfg.cell,
-        n_features=len(features),
-        hidden=cfg.hidden,
-        layers=cfg.layers,
-        targets=tuple(tidx),
-        horizon=cfg.horizon,
-        dropout=cfg.dropout,
-        mean=mean,
-        std=std,
-        window=cfg.context,
-    )
-    net = build(config, seed=cfg.seed)
+    series = _series(cfg, data, least=cfg.window)
+    net = build(_forecast_net_config(cfg, "seq2seq", data.n_features, series), seed=cfg.seed)
     assert isinstance(net, Seq2SeqNet)
-    t_mean = torch.tensor([mean[i] for i in tidx])
-    t_std = torch.tensor([std[i] for i in tidx])
-    cases = [torch.from_numpy(np.asarray(c, dtype=np.float32)) for c in data.cases]
-    ys = [
-        (torch.from_numpy(scoring.horizon_targets(c[:, tidx], cfg.horizon).astype(np.float32)))
-        for c in data.cases
-    ]
+    tidx, bounds, cases, ys = series.tidx, series.bounds, series.cases, series.ys
+    t_mean, t_std = series.t_mean, series.t_std
     ys = [(y - t_mean) / t_std for y in ys]
     gen = torch.Generator().manual_seed(cfg.seed)
     length, warm = cfg.window, cfg.context

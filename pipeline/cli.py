@@ -32,7 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.commands.replay",  # replay
     "pipeline.commands.config",  # config check
     "pipeline.commands.status",  # status (a running daemon's /status as a table)
-    "pipeline.commands.bench",  # bench (engine vs raw onnxruntime)
+    "models.bench",  # bench (engine vs raw onnxruntime and PyTorch eager; not runtime code)
     "pipeline.commands.keywords",  # keywords generate|recording|detect (audio)
 )
 

@@ -17,6 +17,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from pipeline.commands.parsing import subcommand
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -25,8 +27,10 @@ def register(subparsers: Any) -> None:
         description="Configuration tools for 'seqstream run'.",
     )
     sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    check = sub.add_parser(
+    check = subcommand(
+        sub,
         "check",
+        run_check,
         help="check FILE as 'seqstream run' would (keys, secrets, model), without connecting",
         description="Parse and validate a TOML config exactly as 'seqstream run' does and "
         "load the model(s) it names, without binding a port or connecting to the broker.",
@@ -37,7 +41,6 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="do not load the model files (a machine that does not have them yet)",
     )
-    check.set_defaults(func=run_check)
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -16,11 +16,14 @@ from typing import Any
 
 from pipeline.commands.data_args import add_data_arguments, data_options
 from pipeline.commands.info import COLUMNS_KEY
+from pipeline.commands.parsing import add_model_argument, subcommand
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = subcommand(
+        subparsers,
         "eval",
+        run,
         help="score an ONNX step model on data, step by step",
         description="Feed every case one step per call with carried state (as the daemon "
         "does) and print JSON metrics: accuracy and confusion matrix for classifiers; MAE, "
@@ -29,7 +32,7 @@ def register(subparsers: Any) -> None:
         "point-adjusted F1 for anomaly models (with --label-column), beside the "
         "z-score of first differences.",
     )
-    p.add_argument("model", type=Path, help="MODEL.onnx written by 'seqstream export'")
+    add_model_argument(p)
     p.add_argument("--data", type=Path, required=True, help="data to score (.ts or .csv)")
     p.add_argument(
         "--tail",
@@ -61,7 +64,6 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     add_data_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

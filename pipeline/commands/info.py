@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 from typing import Any
 
+from pipeline.commands.parsing import add_model_argument, subcommand
 from pipeline.contract import ModelSpec
 
 # Where training records feature units (``models.train``): extra["units"][feature] = unit.
@@ -29,17 +29,18 @@ _FLOAT_BYTES = 4
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = subcommand(
+        subparsers,
         "info",
+        run,
         help="describe an ONNX step model: features, rate, outputs, an example payload",
         description="Print what a sensor must send to MODEL (features in payload order, "
         "units, sample rate) and what the daemon publishes back (labels or forecast "
         "targets and horizon, anomaly threshold), the state carried per stream, and an "
         "example input payload.",
     )
-    p.add_argument("model", type=Path, help="MODEL.onnx written by 'seqstream export'")
+    add_model_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.set_defaults(func=run)
 
 
 def describe(spec: ModelSpec) -> dict[str, Any]:

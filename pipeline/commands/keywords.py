@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.commands.parsing import add_model_argument, subcommand
 from pipeline.errors import ConfigError
 
 
@@ -33,8 +34,10 @@ def register(sub: Any) -> None:
     )
     kw = p.add_subparsers(dest="keywords_command", metavar="SUBCOMMAND", required=True)
 
-    g = kw.add_parser(
+    g = subcommand(
+        kw,
         "generate",
+        _generate,
         help="synthesize a keyword data set with espeak-ng",
         description="Writes OUT/train/<class>/*.wav and OUT/test/<class>/*.wav (test voices "
         "are never used in training), frontend.json in each, and OUT/manifest.json.",
@@ -46,10 +49,11 @@ def register(sub: Any) -> None:
     )
     g.add_argument("--test-per-class", type=int, default=30, help="test clips per class")
     g.add_argument("--workers", type=int, default=4, help="espeak-ng processes at once")
-    g.set_defaults(func=_generate)
 
-    r = kw.add_parser(
+    r = subcommand(
+        kw,
         "recording",
+        _recording,
         help="speak words with pauses into one WAV file (+ JSON of word times)",
     )
     r.add_argument("--out", type=Path, required=True, help="WAV file to write (.json beside)")
@@ -58,31 +62,32 @@ def register(sub: Any) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--pause", type=float, nargs=2, default=(1.5, 2.5), metavar=("MIN", "MAX"))
     r.add_argument("--snr-db", type=float, default=20.0)
-    r.set_defaults(func=_recording)
 
-    e = kw.add_parser(
+    e = subcommand(
+        kw,
         "evaluate",
+        _evaluate,
         help="accuracy on held-out WAV folders: confusion.json and confusion.png",
     )
-    e.add_argument("model", type=Path, help="keyword model (.onnx)")
+    add_model_argument(e, "keyword model (.onnx)")
     e.add_argument("--data", type=Path, required=True, help="WAV folders, e.g. OUT/test")
     e.add_argument("--out", type=Path, required=True, help="directory for the report")
-    e.set_defaults(func=_evaluate)
 
-    d = kw.add_parser(
+    d = subcommand(
+        kw,
         "detect",
+        _detect,
         help="keyword events of WAV files through the daemon's audio path",
         description="Prints one JSON line per event, then a JSON summary with the real-time "
         "factor (audio seconds per wall second, all files at once).",
     )
-    d.add_argument("model", type=Path, help="keyword model (.onnx)")
+    add_model_argument(d, "keyword model (.onnx)")
     d.add_argument("wav", type=Path, nargs="+", help="16-bit PCM WAV files, one stream each")
     d.add_argument("--threshold", type=float, default=0.7)
     d.add_argument("--smooth-ms", type=float, default=100.0)
     d.add_argument("--refractory-ms", type=float, default=1000.0)
     d.add_argument("--block-size", type=int, default=320, help="samples per block")
     d.add_argument("--realtime", action="store_true", help="pace the files as live audio")
-    d.set_defaults(func=_detect)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -18,14 +18,17 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from pipeline.commands.data_args import add_data_arguments, data_options
+from pipeline.commands.parsing import subcommand
 
 SCHEMES = {"mqtt": 1883, "mqtts": 8883}
 FLUSH_EVERY = 10_000  # messages; bounds what waits in the client's queue
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = subcommand(
+        subparsers,
         "replay",
+        run,
         help="publish a data set's cases as live sensor streams over MQTT",
         description="Publish every case of DATA as one stream, row by row, in the payload "
         "format 'seqstream run' reads.",
@@ -51,7 +54,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ca-file", type=Path, help="CA certificate for mqtts://")
     p.add_argument("--password-env", help="environment variable holding the password")
     add_data_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

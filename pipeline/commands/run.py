@@ -7,12 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.commands.parsing import subcommand
 from pipeline.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = subcommand(
+        subparsers,
         "run",
+        run,
         help="serve a model over MQTT (the daemon)",
         description="Subscribe to sensor topics, predict with carried state per stream, "
         "publish predictions and serve Prometheus metrics, as configured in FILE. "
@@ -27,7 +30,6 @@ def register(subparsers: Any) -> None:
         help="run even as root (refused by default: a parser of network input should not "
         "hold every privilege; use a service user, e.g. systemd's DynamicUser)",
     )
-    p.set_defaults(func=run)
 
 
 def refuse_root(allow_root: bool, euid: int | None = None) -> None:

@@ -16,14 +16,17 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.commands.parsing import subcommand
 from pipeline.errors import SeqstreamError
 
 TIMEOUT_S = 10.0
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = subcommand(
+        subparsers,
         "status",
+        run,
         help="print a running daemon's status (streams, predictions, rejections)",
         description="Read /status from a running 'seqstream run' (its [metrics] address) "
         "and print it as tables.",
@@ -34,7 +37,6 @@ def register(subparsers: Any) -> None:
         help="the daemon's HTTP address, e.g. http://127.0.0.1:9108",
     )
     p.add_argument("--json", action="store_true", help="print the JSON document instead")
-    p.set_defaults(func=run)
 
 
 def status_url(url: str) -> str:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from pipeline.sources.microphone import OVERFLOWS, PROBLEMS
-from pipeline.telemetry.metrics import INFERENCE_BUCKETS, NAMESPACE
+from pipeline.telemetry.metrics import INFERENCE_BUCKETS, Family
 
 # From the end of the frame that fired to the event handed to the MQTT client.
 LATENCY_BUCKETS = (1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5)
@@ -30,8 +30,8 @@ class AudioMetrics:
         keywords: Iterable[str],
         reset_reasons: Iterable[str] = (),
     ) -> None:
-        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
-            return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)
+        family = Family(registry)
+        counter, histogram = family.counter, family.histogram
 
         self.audio_seconds = counter(
             "audio_seconds", "Audio read from each source into the keyword pipeline.", ("source",)
@@ -46,12 +46,10 @@ class AudioMetrics:
             "Capture device trouble that made the source reopen it, by problem.",
             ("source", "problem"),
         )
-        self.device_up = Gauge(
+        self.device_up = family.gauge(
             "audio_device_up",
             "1 while the source's capture device is open and delivering.",
             ("source",),
-            namespace=NAMESPACE,
-            registry=registry,
         )
         self.engine_dropped = counter(
             "audio_steps_dropped", "Feature steps refused by the full engine queue.", ("source",)
@@ -65,19 +63,13 @@ class AudioMetrics:
         self.rejected = counter(
             "audio_steps_rejected", "Feature steps the engine refused, by reason.", ("reason",)
         )
-        self.inference = Histogram(
-            "audio_inference_seconds",
-            "Wall time of one keyword-engine batch.",
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=INFERENCE_BUCKETS,
+        self.inference = histogram(
+            "audio_inference_seconds", "Wall time of one keyword-engine batch.", INFERENCE_BUCKETS
         )
-        self.latency = Histogram(
+        self.latency = histogram(
             "keyword_latency_seconds",
             "From capture of the audio that fired a keyword to its event being published.",
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
         self._sample_rate: dict[str, float] = {}
         for s in sources:

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import numpy as np
 
@@ -58,15 +58,17 @@ def split_tail(length: int, fraction: float) -> int:
     return max(0, length - n_tail)
 
 
-def load(
-    path: str | Path,
-    *,
-    label_column: str | None = None,
-    time_column: str | None = None,
-    feature_columns: Sequence[str] | None = None,
-    case_column: str | None = None,
-    missing: Missing = "error",
-) -> Dataset:
+class CsvColumns(TypedDict, total=False):
+    """The column options of CSV files (``--label-column`` ...), passed on by :func:`load`
+    to :func:`load_csv`; the other formats take none."""
+
+    label_column: str | None
+    time_column: str | None
+    feature_columns: Sequence[str] | None
+    case_column: str | None
+
+
+def load(path: str | Path, *, missing: Missing = "error", **columns: Unpack[CsvColumns]) -> Dataset:
     """Read ``path`` by its suffix (``.ts`` or ``.csv``); the column options are CSV's.
 
     A directory is a WAV data set, one folder per class
@@ -74,7 +76,7 @@ def load(
     """
     p = Path(path)
     if p.is_dir() and p.suffix.lower() not in SUFFIXES:
-        _no_csv_options(p, label_column, time_column, feature_columns, case_column)
+        _no_csv_options(p, columns)
         return load_wav_folders(p)
     suffix = p.suffix.lower()
     if suffix not in SUFFIXES:
@@ -83,32 +85,13 @@ def load(
             "or a directory of WAV folders"
         )
     if suffix == ".ts":
-        _no_csv_options(p, label_column, time_column, feature_columns, case_column)
+        _no_csv_options(p, columns)
         return load_ts(p, missing=missing)
-    return load_csv(
-        p,
-        label_column=label_column,
-        time_column=time_column,
-        feature_columns=feature_columns,
-        case_column=case_column,
-        missing=missing,
-    )
+    return load_csv(p, missing=missing, **columns)
 
 
-def _no_csv_options(
-    p: Path,
-    label_column: str | None,
-    time_column: str | None,
-    feature_columns: Sequence[str] | None,
-    case_column: str | None,
-) -> None:
-    given = {
-        "--label-column": label_column,
-        "--time-column": time_column,
-        "--feature-columns": feature_columns,
-        "--case-column": case_column,
-    }
-    used = [k for k, v in given.items() if v is not None]
+def _no_csv_options(p: Path, columns: CsvColumns) -> None:
+    used = [f"--{k.replace('_', '-')}" for k, v in columns.items() if v is not None]
     if used:
         kind = "a WAV directory" if p.is_dir() else ".ts"
         raise DataError(f"{p}: {', '.join(used)} apply to CSV files only, not {kind}")

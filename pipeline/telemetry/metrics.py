@@ -18,7 +18,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 from wsgiref.simple_server import make_server
@@ -77,6 +77,23 @@ BATCH_BUCKETS = tuple(float(1 << i) for i in range(13))  # 1 .. 4096
 ANOMALY_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.5, 2.0, 4.0, 8.0)
 
 
+class Family:
+    """Metric constructors for one registry (None: built now, registered later), all in
+    the ``seqstream`` namespace: the one way every metrics module makes its metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry
+
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        return Gauge(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
+
+    def histogram(self, name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+        return Histogram(name, doc, namespace=NAMESPACE, registry=self.registry, buckets=buckets)
+
+
 class Metrics:
     """The daemon's metrics; the engine's observer and the MQTT link's observer too."""
 
@@ -91,11 +108,9 @@ class Metrics:
     ) -> None:
         self.registry = registry
 
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)
-
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, namespace=NAMESPACE, registry=registry)
+        family = Family(registry)
+        counter, gauge, histogram = family.counter, family.gauge, family.histogram
+        later = Family(None)  # task metrics, registered by set_task
 
         self.received = counter(
             "messages_received",
@@ -132,26 +147,16 @@ class Metrics:
             "Sensor messages acknowledged to the broker with no checkpoint covering their "
             "step (ack_after_checkpoint while checkpoints keep failing): a crash now loses them.",
         )
-        self.inference = Histogram(
+        self.inference = histogram(
             "inference_seconds",
             "Wall time of one engine batch (gather, session.run, scatter).",
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=INFERENCE_BUCKETS,
+            INFERENCE_BUCKETS,
         )
-        self.batch_size = Histogram(
-            "batch_size",
-            "Stream steps per engine batch.",
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=BATCH_BUCKETS,
-        )
-        self.end_to_end = Histogram(
+        self.batch_size = histogram("batch_size", "Stream steps per engine batch.", BATCH_BUCKETS)
+        self.end_to_end = histogram(
             "end_to_end_seconds",
             "From a message's arrival to its prediction being handed to the MQTT client.",
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=END_TO_END_BUCKETS,
+            END_TO_END_BUCKETS,
         )
         self.active_streams = gauge("active_streams", "Streams with carried state.")
         self.queue_depth = gauge("queue_depth", "Steps waiting between network and engine.")
@@ -175,23 +180,15 @@ class Metrics:
         # process_* (RSS, CPU seconds, open fds, start time) of this process, on this registry.
         self.process = ProcessCollector(registry=registry)
         # Task metrics: registered by set_task only for a model whose task can move them.
-        self.by_label = Counter(
-            "predictions_by_label",
-            "Published classifications, by predicted label.",
-            ("label",),
-            namespace=NAMESPACE,
-            registry=None,
+        self.by_label = later.counter(
+            "predictions_by_label", "Published classifications, by predicted label.", ("label",)
         )
-        self.anomaly_ratio = Histogram(
+        self.anomaly_ratio = later.histogram(
             "anomaly_score_ratio",
             "Anomaly scores divided by the model's threshold (above 1: flagged).",
-            namespace=NAMESPACE,
-            registry=None,
-            buckets=ANOMALY_RATIO_BUCKETS,
+            ANOMALY_RATIO_BUCKETS,
         )
-        self.anomalies = Counter(
-            "anomalies", "Steps flagged as anomalous.", namespace=NAMESPACE, registry=None
-        )
+        self.anomalies = later.counter("anomalies", "Steps flagged as anomalous.")
         self._task_metrics: dict[str, tuple[Counter | Histogram, ...]] = {
             "classify": (self.by_label,),
             "anomaly": (self.anomaly_ratio, self.anomalies),

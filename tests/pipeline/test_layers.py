@@ -46,8 +46,8 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every ``pipeline`` import in ``path``, wherever it appears."""
+def imports(path: Path, package: str = "pipeline") -> list[tuple[int, str]]:
+    """(line, module) of every import of ``package`` in ``path``, wherever it appears."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     me = module_name(path)
     found: list[tuple[int, str]] = []
@@ -64,7 +64,7 @@ def imports(path: Path) -> list[tuple[int, str]]:
             # "from pipeline.x import y" may name a submodule y: count it as one.
             found += [(node.lineno, f"{mod}.{a.name}") for a in node.names]
             found.append((node.lineno, mod))
-    return [(line, m) for line, m in found if m == "pipeline" or m.startswith("pipeline.")]
+    return [(line, m) for line, m in found if m == package or m.startswith(f"{package}.")]
 
 
 def modules() -> list[Path]:
@@ -140,3 +140,14 @@ def test_the_check_sees_upward_imports(tmp_path: Path, source: str, bad: str) ->
             test_imports_run_down_the_layers()
     finally:
         fake.unlink()
+
+
+def test_no_runtime_module_names_torch_even_lazily() -> None:
+    """Stronger than importing everything (tests/pipeline/test_no_torch.py): a lazy
+    ``import torch`` inside a function (an optional baseline, say) belongs in ``models/``."""
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {target}"
+        for path in modules()
+        for line, target in imports(path, "torch")
+    ]
+    assert not found, "torch imported in the runtime package:\n" + "\n".join(found)

@@ -1,85 +1,98 @@
-"""Per-stream carried state: slots, admission, resets, checkpoints.
+"""Per-stream carried state: slots, resets, eviction, twins, checkpoints.
 
 Every stream owns a slot. Its state lives in blocks laid out like the model's state
 inputs with the batch axis stretched to the store's capacity (``[layers, capacity,
-hidden]`` for an LSTM's ``h`` and ``c``), so a batch is gathered straight into the
-model's input buffer with one ``take`` and scattered back with one assignment. Its
-sequence bookkeeping lives in per-slot columns, so a whole call of known streams is
-admitted with array operations. A stream stepping alone call after call borrows a
-pair of contiguous twin rows and runs in place on them (see the engine).
+hidden]`` for an LSTM's ``h`` and ``c``; :mod:`pipeline.engine.store.layout`), so a batch
+is gathered straight into the model's input buffer with one ``take`` and scattered back
+with one assignment. Its sequence bookkeeping lives in named per-slot columns
+(:mod:`pipeline.engine.store.slots`), so a whole call of known streams is admitted with
+array operations (:mod:`pipeline.engine.store.admission`, the rules the store inherits).
+A stream stepping alone call after call borrows a pair of contiguous twin rows and runs
+in place on them (see the engine). Checkpoints are written and read in the format of
+:mod:`pipeline.engine.store.checkpoint`.
 
-The store decides whether a step may continue a stream (:meth:`StateStore.admit`):
-sequence numbers and timestamps, duplicates, gaps and idleness. Every reset has a
-reason from :data:`RESET_REASONS`, reported through ``on_reset`` when it happens and
-kept on the stream (``pending``) until the stream's next result carries it.
+Every reset has a reason from :data:`RESET_REASONS`, reported through ``on_reset`` when
+it happens and kept on the stream (``pending``) until the stream's next result carries it.
 """
 
 from __future__ import annotations
 
-import array
-import json
 import math
-import os
-import tempfile
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.contract import StateSpec
-from pipeline.errors import CheckpointError, ConfigError
-
-Array = np.ndarray[Any, np.dtype[np.float32]]
-Signature = tuple[tuple[str, tuple[int, ...], str], ...]
-
-# Reset reasons: stable words for counters and logs.
-RESET_EXPLICIT = "explicit"  # a caller asked (Engine.reset, Worker.submit_reset)
-RESET_IDLE = "idle"  # no step for longer than idle_timeout_s
-RESET_SEQ_GAP = "seq_gap"  # more sequence numbers missing than seq_gap_tolerance
-RESET_TS_GAP = "ts_gap"  # timestamps further apart than ts_gap_tolerance_s
-RESET_MODEL_CHANGE = "model_change"  # a new model cannot continue the old state
-RESET_EVICTED = "evicted"  # least recently used stream dropped beyond max_streams
-RESET_NON_FINITE = "non_finite_state"  # the model produced NaN/Inf state
-RESET_DROPPED = "dropped"  # a step of the stream was dropped before the engine saw it
-RESET_ENGINE_ERROR = "engine_error"  # onnxruntime failed on the stream's batch
-RESET_REASONS: tuple[str, ...] = (
-    RESET_EXPLICIT,
-    RESET_IDLE,
-    RESET_SEQ_GAP,
-    RESET_TS_GAP,
-    RESET_MODEL_CHANGE,
-    RESET_EVICTED,
-    RESET_NON_FINITE,
-    RESET_DROPPED,
-    RESET_ENGINE_ERROR,
-)
-
-# Why admit() refuses a step (the engine adds reasons for malformed input).
-REJECT_DUPLICATE = "duplicate"  # same first sequence number (or timestamp) as the last step
-REJECT_OUT_OF_ORDER = "out_of_order"  # older than what the stream has already run
-REJECT_CAPACITY = "capacity"  # max_streams streams are all in use by this very call
-# Further ahead than max_seq_jump: a forger's number, not a gap. Refused without touching
-# the stream, so its real sender goes on (see StorePolicy.max_seq_jump).
-REJECT_SEQ_JUMP = "seq_jump"
-ADMIT_REJECT_REASONS: tuple[str, ...] = (
+from pipeline.engine.store import checkpoint
+from pipeline.engine.store.admission import (
+    ADMIT_REJECT_REASONS,
+    REJECT_CAPACITY,
     REJECT_DUPLICATE,
     REJECT_OUT_OF_ORDER,
-    REJECT_CAPACITY,
     REJECT_SEQ_JUMP,
+    REPEAT,
+    Admission,
 )
-# Not a rejection: the stream already has a step in the current wave; admit it in the next.
-REPEAT = "_repeat"
+from pipeline.engine.store.layout import Array, Block, Layout
+from pipeline.engine.store.reasons import (
+    RESET_DROPPED,
+    RESET_ENGINE_ERROR,
+    RESET_EVICTED,
+    RESET_EXPLICIT,
+    RESET_IDLE,
+    RESET_MODEL_CHANGE,
+    RESET_NON_FINITE,
+    RESET_REASONS,
+    RESET_SEQ_GAP,
+    RESET_TS_GAP,
+)
+from pipeline.engine.store.slots import (
+    FREE_USE,
+    INTS,
+    LAST_SEQ,
+    LENT_TS,
+    MARK,
+    MAX_SEQ,
+    NEXT_SEQ,
+    NO_SEQ,
+    STAMP,
+    SlotNumbers,
+    Stream,
+)
+from pipeline.errors import ConfigError
+
+# The store's names, as its users import them (each defined in the module named above).
+__all__ = [
+    "ADMIT_REJECT_REASONS",
+    "MAX_SEQ",
+    "REJECT_CAPACITY",
+    "REJECT_DUPLICATE",
+    "REJECT_OUT_OF_ORDER",
+    "REJECT_SEQ_JUMP",
+    "REPEAT",
+    "RESET_DROPPED",
+    "RESET_ENGINE_ERROR",
+    "RESET_EVICTED",
+    "RESET_EXPLICIT",
+    "RESET_IDLE",
+    "RESET_MODEL_CHANGE",
+    "RESET_NON_FINITE",
+    "RESET_REASONS",
+    "RESET_SEQ_GAP",
+    "RESET_TS_GAP",
+    "TWINS",
+    "Layout",
+    "ResetCallback",
+    "StateStore",
+    "StorePolicy",
+    "Stream",
+]
 
 TWINS = 8  # pairs of spare rows lent to streams stepping alone
-# Sequence numbers stay below this, so that seq + rows fits the store's int64 columns.
-MAX_SEQ = 1 << 62
-CHECKPOINT_FORMAT = "seqstream-state"
-CHECKPOINT_VERSION = 1
 
 ResetCallback = Callable[[str, int], None]
 
@@ -115,175 +128,14 @@ class StorePolicy:
             raise ConfigError("max_seq_jump: must be >= seq_gap_tolerance (or unset)")
 
 
-class Stream:
-    """What the store knows about one stream besides its numbers and its state.
-
-    A stream's sequence bookkeeping lives in the store's per-slot columns (so a whole
-    batch is admitted with a few array operations), except while the stream is lent
-    twin rows: then it lives in :attr:`nums`, where a stream stepping alone reads and
-    writes it at the speed of a Python list. The properties read it from either.
-    """
-
-    __slots__ = ("_store", "at", "key", "nums", "pending", "slot", "twin")
-
-    def __init__(self, key: str, slot: int, store: StateStore) -> None:
-        self.key = key
-        self.slot = slot  # its home in the store's state blocks and columns
-        self.at = -1  # -1: its state is at home; else the twin row holding it
-        self.twin = -1  # a lent pair of twin rows, or -1
-        # While lent: [next seq, last seq, mark, stamp, last ts, last seen], else None.
-        self.nums: list[Any] | None = None
-        self.pending: tuple[str, ...] = ()  # resets not yet reported in a result
-        self._store = store
-
-    def _numbers(self) -> tuple[Any, ...]:
-        if self.nums is not None:
-            return tuple(self.nums)
-        iv, fv, i, f = self._store._iv, self._store._fv, 4 * self.slot, 2 * self.slot
-        return (iv[i], iv[i + 1], iv[i + 2], iv[i + 3], fv[f], fv[f + 1])
-
-    @property
-    def next_seq(self) -> int | None:
-        """The sequence number expected next."""
-        v: int = self._numbers()[0]
-        return None if v < 0 else v
-
-    @property
-    def last_seq(self) -> int | None:
-        """First sequence number of the last step run."""
-        v: int = self._numbers()[1]
-        return None if v < 0 else v
-
-    @property
-    def mark(self) -> int:
-        """The wave that last admitted a step (one step per stream per wave)."""
-        mark: int = self._numbers()[2]
-        return mark
-
-    @property
-    def last_ts(self) -> float | None:
-        """Timestamp of the last step run."""
-        v: float = self._numbers()[4]
-        return None if v != v else v
-
-    @property
-    def last_seen(self) -> float:
-        seen: float = self._numbers()[5]
-        return seen
-
-    def __repr__(self) -> str:
-        return f"Stream({self.key!r}, slot={self.slot}, next_seq={self.next_seq})"
-
-
-class Layout:
-    """Where each state tensor lives inside a stream's row, and a row's initial value.
-
-    A row is the model's state tensors at batch 1, flattened and laid end to end (``h``
-    then ``c`` for an LSTM): the layout of checkpoints and of twin rows.
-    """
-
-    def __init__(self, specs: Sequence[StateSpec]) -> None:
-        self.specs = tuple(specs)
-        offsets: list[int] = []
-        sizes: list[int] = []
-        off = 0
-        for s in self.specs:
-            n = math.prod(s.row_shape)
-            offsets.append(off)
-            sizes.append(n)
-            off += n
-        self.offsets = tuple(offsets)
-        self.sizes = tuple(sizes)
-        self.row_size = off
-        init = np.empty(off, dtype=np.float32)
-        for s, o, n in zip(self.specs, offsets, sizes, strict=True):
-            init[o : o + n] = s.init
-        self.init_row: Array = init
-
-    @property
-    def signature(self) -> Signature:
-        return tuple((s.name, s.row_shape, s.dtype) for s in self.specs)
-
-    def spans(self) -> list[tuple[int, int, int, int]]:
-        """``(start, size, outer, inner)`` of each run of state tensors stored as one block.
-
-        A tensor of shape ``[a..., batch, b...]`` is ``outer = prod(a)`` rows of ``inner =
-        prod(b)`` values per stream. Consecutive tensors with the same ``inner`` (an
-        LSTM's ``h`` and ``c``) share a block, so a batch moves in one ``take``.
-        """
-        spans: list[tuple[int, int, int, int]] = []
-        for s, off, n in zip(self.specs, self.offsets, self.sizes, strict=True):
-            axis = s.batch_axis
-            dims = [int(d) for d in s.shape[:axis]]
-            inner = math.prod(int(d) for d in s.shape[axis + 1 :])
-            outer = math.prod(dims)
-            if spans and spans[-1][3] == inner:
-                start, size, o, _ = spans[-1]
-                spans[-1] = (start, size + n, o + outer, inner)
-            else:
-                spans.append((off, n, outer, inner))
-        return spans
-
-
-class _Block:
-    """The state of every slot for one span, in the model's own order: ``[outer, cap, inner]``.
-
-    Batch rows of a slot sit where the model wants them (``h[l, b, :]``), so gathering
-    a batch is one ``take`` straight into the model's input buffer and scattering it
-    back one indexed assignment: no intermediate row buffer, no transposing copies.
-    """
-
-    __slots__ = ("base", "data", "init", "inner", "outer", "rows", "size", "start", "vtype")
-
-    def __init__(self, span: tuple[int, int, int, int], cap: int, init_row: Array) -> None:
-        self.start, self.size, self.outer, self.inner = span
-        # One [inner] run of float32 as one opaque item: numpy's 1-D take and put copy
-        # such items with one memcpy each, twice as fast as indexing 2-D rows.
-        self.vtype = np.dtype((np.void, 4 * self.inner))
-        self.init = init_row[self.start : self.start + self.size].reshape(self.outer, self.inner)
-        self.data: Array = np.empty((self.outer, cap, self.inner), dtype=np.float32)
-        self.data[:] = self.init[:, None, :]
-        self._index(cap)
-
-    def _index(self, cap: int) -> None:
-        self.rows = self.data.reshape(-1).view(self.vtype)
-        self.base = np.arange(self.outer, dtype=np.intp)[:, None] * cap
-
-    def grow(self, cap: int) -> None:
-        old = self.data
-        self.data = np.empty((self.outer, cap, self.inner), dtype=np.float32)
-        self.data[:, : old.shape[1]] = old
-        self._index(cap)
-
-    def stream_major(self, slots: np.ndarray[Any, np.dtype[np.intp]]) -> Any:
-        """Item indices of ``slots``, stream by stream (a checkpoint's row order)."""
-        return (slots[:, None] + self.base.T).ravel()
-
-    def part(self, buf: Array, batch: int) -> Array:
-        """This span of a batch's flat state buffer, as ``[outer, inner]`` (batch 1)."""
-        lo = batch * self.start
-        return buf[lo : lo + batch * self.size].reshape(self.outer * batch, self.inner)
-
-    def items(self, buf: Array, batch: int) -> np.ndarray[Any, np.dtype[np.void]]:
-        """This span of a batch's flat state buffer, as ``outer * batch`` items."""
-        lo = batch * self.start
-        return buf[lo : lo + batch * self.size].view(self.vtype)
-
-
-_NO_SEQ = -1  # the int64 columns' None
-_ARANGE = np.arange(4096, dtype=np.intp)
-_INT_ITEM = np.dtype((np.void, 4 * 8))  # a slot's int64 numbers
-_FLT_ITEM = np.dtype((np.void, 2 * 8))  # a slot's float64 numbers
-_FREE_USE = np.iinfo(np.int64).max  # a free slot's LRU stamp: never the oldest
-
-
-class StateStore:
+class StateStore(Admission):
     """Carried state and sequence bookkeeping for up to ``policy.max_streams`` streams.
 
-    Every stream owns a slot: its state in the blocks (:class:`_Block`) and its numbers
-    in per-slot columns (next sequence number, last timestamp, last use ...), so the
-    usual call (every stream known, continuing, no reset) is admitted with a handful of
-    array operations instead of a Python loop (:meth:`admit_many`). Capacity starts at
+    Every stream owns a slot: its state in the blocks (:class:`~.layout.Block`) and its
+    numbers in per-slot columns (:class:`~.slots.SlotNumbers`: next sequence number, last
+    timestamp, last use ...), so the usual call (every stream known, continuing, no
+    reset) is admitted with a handful of array operations instead of a Python loop
+    (:meth:`admit_many`, from :class:`~.admission.Admission`). Capacity starts at
     ``initial_capacity`` slots and doubles on demand up to ``max_streams``, so a handful
     of streams do not pay for ten thousand. Least recently used streams are evicted
     first (a per-slot stamp, not a linked list: eviction is rare, admission is not).
@@ -292,22 +144,6 @@ class StateStore:
     contiguous, the model's batch-1 layout): the engine binds them to onnxruntime and
     runs the stream in place, reading one row and writing the other, with no copy.
     """
-
-    # Below this many steps a call is admitted one by one: cheaper than admit_plain's
-    # fixed cost (measured: ~15-25 us of numpy calls against ~1.2 us per step).
-    plain_min = 16
-
-    # Per-slot numbers (see _columns): numpy column views, and the flat arrays behind them.
-    _ints: np.ndarray[Any, np.dtype[np.int64]]
-    _flts: np.ndarray[Any, np.dtype[np.float64]]
-    _next: np.ndarray[Any, np.dtype[np.int64]]  # next sequence number expected, or -1
-    _lseq: np.ndarray[Any, np.dtype[np.int64]]  # first sequence number of the last step, or -1
-    _mark: np.ndarray[Any, np.dtype[np.int64]]  # the wave that last admitted a step
-    _used: np.ndarray[Any, np.dtype[np.int64]]  # LRU stamp (max: free slot)
-    _lts: np.ndarray[Any, np.dtype[np.float64]]  # timestamp of the last step, or NaN
-    _seen: np.ndarray[Any, np.dtype[np.float64]]  # clock at the last step (inf: free slot)
-    _iv: array.array[int]
-    _fv: array.array[float]
 
     def __init__(
         self,
@@ -320,59 +156,29 @@ class StateStore:
         self._streams: dict[str, Stream] = {}
         self._slot_of: dict[str, int] = {}
         self._get = self._streams.get
-        # The policy as plain numbers for admit(): "never" is infinity.
-        self._idle = math.inf if policy.idle_timeout_s is None else policy.idle_timeout_s
-        self._seq_tol = policy.seq_gap_tolerance
-        jump = policy.max_seq_jump
-        self._seq_jump = MAX_SEQ if jump is None else jump
-        tol = policy.ts_gap_tolerance_s
-        self._ts_tol = math.inf if tol is None else tol
-        self.last: Stream | None = None  # the stream admit() admitted last
-        self._cap = 0
+        self._admission(
+            policy.idle_timeout_s,
+            policy.seq_gap_tolerance,
+            policy.max_seq_jump,
+            policy.ts_gap_tolerance_s,
+        )
+        self.numbers = SlotNumbers()
         self._by_slot: list[Stream | None] = []
         self._free: list[int] = []  # pop() gives the lowest slot first
-        self._stamp = 0  # LRU clock: every admission takes the next value
-        self.mark = 0  # the current wave; every begin() and next_wave() moves it on
-        self._call_mark = 0  # the first wave of the current call
         self.pending_streams = 0  # streams whose pending resets are not reported yet
-        # What the current wave's admissions held beyond the plain case (see next_wave()).
-        self.call_rejects = 0
-        self.call_repeats = 0
-        self.wave_resets: dict[str, str] = {}  # stream key -> reset its step needs first
-        self._columns(min(policy.initial_capacity, policy.max_streams))
+        self._resize(min(policy.initial_capacity, policy.max_streams))
         self._lay_out(Layout(specs))
 
-    def _columns(self, cap: int) -> None:
-        """(Re)allocate the per-slot columns for ``cap`` slots, keeping what they hold."""
-        old = self._cap
-        # A slot's numbers sit side by side (two cache lines at most), in array.array:
-        # its items read and write at Python speed (twice a memoryview's); numpy views of
-        # the same memory serve the array path.
-        iv = array.array("q", bytes(8 * 4 * cap))  # slot s at 4s: next seq, last seq, mark, stamp
-        fv = array.array("d", bytes(8 * 2 * cap))  # slot s at 2s: last ts, last seen
-        ints = np.frombuffer(iv, dtype=np.int64).reshape(cap, 4)
-        flts = np.frombuffer(fv, dtype=np.float64).reshape(cap, 2)
-        ints[:] = (_NO_SEQ, _NO_SEQ, -1, _FREE_USE)
-        flts[:] = (np.nan, np.inf)  # a free slot is never idle
-        if old:
-            ints[:old] = self._ints
-            flts[:old] = self._flts
-        self._iv, self._fv = iv, fv
-        self._ints, self._flts = ints, flts
-        self._next, self._lseq, self._mark, self._used = ints.T
-        self._lts, self._seen = flts.T
-        # A slot's numbers as one opaque item each: a batch's rows move with one take and
-        # one put (a fifth of row-wise fancy indexing's cost).
-        self._int_items = ints.view(_INT_ITEM).reshape(cap)
-        self._flt_items = flts.view(_FLT_ITEM).reshape(cap)
-        self._pos = np.empty(cap, dtype=np.intp)
+    def _resize(self, cap: int) -> None:
+        """Room for ``cap`` slots in the numbers, keeping what they hold (blocks: _grow)."""
+        old = self.numbers.capacity
+        self.numbers.resize(cap)
         self._by_slot.extend([None] * (cap - old))
         self._free.extend(range(cap - 1, old - 1, -1))
-        self._cap = cap
 
     def _lay_out(self, layout: Layout) -> None:
         self.layout = layout
-        self._blocks = [_Block(span, self._cap, layout.init_row) for span in layout.spans()]
+        self._blocks = [Block(span, self.capacity, layout.init_row) for span in layout.spans()]
         # Twin pair k is rows 2k and 2k+1.
         self.twins: Array = np.empty((2 * TWINS, layout.row_size), dtype=np.float32)
         self._pairs_free = list(range(TWINS - 1, -1, -1))
@@ -395,15 +201,15 @@ class StateStore:
 
     def _by_use(self) -> list[Stream]:
         self.return_twins()
-        used = self._used
-        live = np.flatnonzero(used != _FREE_USE)
+        used = self.numbers.stamp
+        live = np.flatnonzero(used != FREE_USE)
         by_slot = self._by_slot
         return [by_slot[s] for s in live[np.argsort(used[live])].tolist()]
 
     @property
     def capacity(self) -> int:
         """How many streams fit before the state grows."""
-        return self._cap
+        return self.numbers.capacity
 
     # -- state ---------------------------------------------------------------------------
 
@@ -464,242 +270,18 @@ class StateStore:
         for b, idx in zip(self._blocks, index, strict=True):
             b.rows.put(idx, b.items(buf, batch), mode="clip")
 
-    # -- admission ------------------------------------------------------------------------
-
-    def begin(self) -> None:
-        """Start an engine call: streams admitted from now on are pinned against eviction."""
-        self.next_wave()
-        self._call_mark = self.mark
-
-    def next_wave(self) -> None:
-        """Start a wave: each stream admits at most one step until the next wave.
-
-        ``call_rejects``, ``call_repeats`` and :attr:`wave_resets` then tell the engine
-        whether any admission of the wave was refused, deferred (:data:`REPEAT`) or needs
-        a reset, so the plain case can skip looking.
-        """
-        self.mark += 1
-        self.call_rejects = self.call_repeats = 0
-        if self.wave_resets:
-            self.wave_resets = {}
-
-    def admit(
-        self, key: str, seq: int | None, ts: float | None, n_rows: int, now: float
-    ) -> int | str:
-        """Decide whether a step continues ``key``: the stream's slot, or why it must not run.
-
-        A refused step changes nothing; :data:`REPEAT` means the stream already has a step
-        in this wave (see :meth:`next_wave`). The admitted stream is :attr:`last`; a reset
-        to apply just before the step runs is in :attr:`wave_resets`. The caller applies
-        it when it runs the step, because earlier steps of the same stream in the same
-        call have not run yet.
-        """
-        st = self._get(key)
-        if st is None:
-            return self._admit_new(key, seq, ts, n_rows, now)
-        slot = st.slot
-        lent = st.nums
-        if lent is None:
-            iv = self._iv
-            fv = self._fv
-            i = 4 * slot  # next seq, last seq, mark, stamp
-            f = 2 * slot  # last ts, last seen
-            nxt, last_seq, mark, _, last_ts, seen = (
-                iv[i], iv[i + 1], iv[i + 2], iv[i + 3], fv[f], fv[f + 1])  # fmt: skip
-        else:
-            nxt, last_seq, mark, _, last_ts, seen = lent
-        if mark == self.mark:
-            self.call_repeats += 1
-            return REPEAT
-        reset = ""
-        if now - seen > self._idle:
-            reset = RESET_IDLE
-        else:
-            if seq is not None and nxt >= 0:
-                if seq < nxt:
-                    self.call_rejects += 1
-                    return REJECT_DUPLICATE if seq == last_seq else REJECT_OUT_OF_ORDER
-                if seq - nxt > self._seq_tol:
-                    if seq - nxt > self._seq_jump:
-                        self.call_rejects += 1
-                        return REJECT_SEQ_JUMP
-                    reset = RESET_SEQ_GAP
-            if ts is not None and last_ts == last_ts:  # NaN: no timestamp yet
-                if seq is None and ts <= last_ts:
-                    self.call_rejects += 1
-                    return REJECT_DUPLICATE if ts == last_ts else REJECT_OUT_OF_ORDER
-                if not reset and ts - last_ts > self._ts_tol:
-                    reset = RESET_TS_GAP
-        if reset:
-            self.wave_resets[key] = reset
-        stamp = self._stamp
-        self._stamp = stamp + 1
-        if lent is not None:
-            if seq is None:
-                lent[0] = lent[1] = _NO_SEQ
-            else:
-                lent[0] = seq + n_rows
-                lent[1] = seq
-            lent[2] = self.mark
-            lent[3] = stamp
-            lent[4] = math.nan if ts is None else ts
-            lent[5] = now
-        else:
-            if seq is None:
-                iv[i] = iv[i + 1] = _NO_SEQ
-            else:
-                iv[i] = seq + n_rows
-                iv[i + 1] = seq
-            iv[i + 2] = self.mark
-            iv[i + 3] = stamp
-            fv[f] = math.nan if ts is None else ts
-            fv[f + 1] = now
-        self.last = st
-        return slot
-
-    def _admit_new(
-        self, key: str, seq: int | None, ts: float | None, n_rows: int, now: float
-    ) -> int | str:
-        st = self._create(key, now)
-        if st is None:
-            self.call_rejects += 1
-            return REJECT_CAPACITY
-        slot = st.slot
-        iv = self._iv
-        i = 4 * slot
-        if seq is not None:  # _create left no sequence
-            iv[i] = seq + n_rows
-            iv[i + 1] = seq
-        iv[i + 2] = self.mark
-        iv[i + 3] = self._stamp
-        self._stamp += 1
-        if ts is not None:
-            self._fv[2 * slot] = ts
-        self.last = st
-        return slot
-
-    def admit_many(
-        self,
-        keys: Sequence[str],
-        seqs: Sequence[int | None],
-        tss: Sequence[float | None],
-        lens: Sequence[int] | None,
-        now: float,
-    ) -> Any:
-        """:meth:`admit` for each step in order (``lens`` None: one row each); a list, or an
-        array of slots when every step was admitted.
-
-        A plain call of at least :attr:`plain_min` steps is decided by :meth:`admit_plain`
-        with array operations; any other call goes through :meth:`admit` step by step,
-        so both decide alike. Does not set :attr:`last`.
-        """
-        n = len(keys)
-        if self._pairs_lent:
-            self.return_twins()
-        if n >= self.plain_min:
-            seq_none = seqs.count(None) if isinstance(seqs, list) else sum(q is None for q in seqs)
-            ts_none = tss.count(None) if isinstance(tss, list) else sum(t is None for t in tss)
-            if seq_none in (0, n) and ts_none in (0, n):
-                try:
-                    sq = None if seq_none else np.fromiter(seqs, dtype=np.int64, count=n)
-                    t = None if ts_none else np.array(tss, dtype=np.float64)
-                except (OverflowError, TypeError, ValueError):
-                    pass
-                else:
-                    rows = 1 if lens is None else np.array(lens, dtype=np.int64)
-                    slots = self.admit_plain(keys, sq, t, rows, now)
-                    if slots is not None:
-                        return slots
-        return self._admit_each(keys, seqs, tss, lens, now)
-
-    def admit_plain(
-        self,
-        keys: Sequence[str],
-        seqs: np.ndarray[Any, np.dtype[np.int64]] | None,
-        tss: np.ndarray[Any, np.dtype[np.float64]] | None,
-        rows: int | np.ndarray[Any, np.dtype[np.int64]],
-        now: float,
-    ) -> np.ndarray[Any, np.dtype[np.intp]] | None:
-        """Admit a plain call at once: the slots, or None (and nothing changed) unless every
-        stream is known, appears once, and continues without a reset or refusal.
-
-        ``seqs``/``tss`` hold each step's first sequence number / timestamp (None: the
-        steps carry none); ``rows`` is each step's row count. Array operations over the
-        slot columns: a fraction of a Python loop's cost at a thousand streams. Decides
-        as :meth:`admit` would for each step in order (a property test holds it to that).
-        """
-        n = len(keys)
-        if self._pairs_lent:
-            self.return_twins()
-        try:  # (itemgetter: one C loop of lookups, half of map(dict.get)'s cost)
-            found = itemgetter(*keys)(self._slot_of) if n > 1 else (self._slot_of[keys[0]],)
-        except (KeyError, TypeError):  # an unknown stream, or an unhashable key
-            return None
-        slots = np.fromiter(found, dtype=np.intp, count=n)
-        order = _ARANGE[:n] if n <= _ARANGE.size else np.arange(n, dtype=np.intp)
-        pos = self._pos
-        pos[slots] = order  # (scratch: the last position of each slot)
-        ints = self._int_items.take(slots).view(np.int64).reshape(n, 4)
-        flts = self._flt_items.take(slots).view(np.float64).reshape(n, 2)
-        # Every refusal in one mask and one reduction (a reduction costs more than the
-        # comparisons at these sizes). Columns: next seq, last seq, mark, stamp; last
-        # ts, last seen.
-        bad = pos.take(slots) != order  # a stream twice
-        bad |= ints[:, 2] == self.mark  # already admitted in this wave
-        if self._idle < math.inf:
-            bad |= now - flts[:, 1] > self._idle
-        if seqs is not None:
-            nxt = ints[:, 0]
-            ahead = (seqs - nxt).view(np.uint64)  # (behind wraps around to huge)
-            bad |= (ahead > self._seq_tol) & (nxt >= 0)
-        if tss is not None:
-            lt = flts[:, 0]
-            late = tss - lt
-            jump = late > self._ts_tol
-            if seqs is None:
-                jump |= late <= 0
-            bad |= jump  # (a NaN last ts, none yet, compares False: no refusal)
-        if bad.any():
-            return None
-        if seqs is None:
-            ints[:, :2] = _NO_SEQ
-        else:
-            np.add(seqs, rows, out=ints[:, 0])
-            ints[:, 1] = seqs
-        flts[:, 0] = np.nan if tss is None else tss
-        ints[:, 2] = self.mark
-        np.add(order, self._stamp, out=ints[:, 3])
-        self._stamp += n
-        flts[:, 1] = now
-        self._int_items.put(slots, ints.view(_INT_ITEM).reshape(n))  # one put each
-        self._flt_items.put(slots, flts.view(_FLT_ITEM).reshape(n))
-        return slots
-
-    def _admit_each(
-        self,
-        keys: Sequence[str],
-        seqs: Sequence[int | None],
-        tss: Sequence[float | None],
-        lens: Sequence[int] | None,
-        now: float,
-    ) -> list[int | str]:
-        admit = self.admit
-        if lens is None:
-            return [admit(k, q, t, 1, now) for k, q, t in zip(keys, seqs, tss, strict=True)]
-        return [admit(*a, now) for a in zip(keys, seqs, tss, lens, strict=True)]
+    # -- slots --------------------------------------------------------------------------
 
     def _create(self, key: str, now: float) -> Stream | None:
         if not self._free:
-            if self._cap < self.policy.max_streams:
+            if self.capacity < self.policy.max_streams:
                 self._grow()
             elif not self._evict_one():
                 return None
         slot = self._free.pop()
-        st = Stream(key, slot, self)
+        st = Stream(key, slot, self.numbers.read)
         self.clear_slot(slot)
-        self._iv[4 * slot] = self._iv[4 * slot + 1] = _NO_SEQ
-        self._fv[2 * slot] = math.nan
-        self._fv[2 * slot + 1] = now
+        self.numbers.occupy(slot, now)
         self._streams[key] = st
         self._slot_of[key] = slot
         self._by_slot[slot] = st
@@ -707,8 +289,8 @@ class StateStore:
 
     def _evict_one(self) -> bool:
         self.return_twins()
-        slot = int(self._used.argmin())
-        if self._iv[4 * slot + 2] >= self._call_mark:
+        slot = int(self.numbers.stamp.argmin())
+        if self.numbers.iv[INTS * slot + MARK] >= self._call_mark:
             return False  # every stream has a step in the current call
         st = self._by_slot[slot]
         assert st is not None
@@ -717,10 +299,10 @@ class StateStore:
         return True
 
     def _grow(self) -> None:
-        cap = min(max(self._cap * 2, 1), self.policy.max_streams)
+        cap = min(max(self.capacity * 2, 1), self.policy.max_streams)
         for b in self._blocks:
             b.grow(cap)
-        self._columns(cap)
+        self._resize(cap)
 
     def _remove(self, st: Stream) -> None:
         if st.twin >= 0:
@@ -731,9 +313,7 @@ class StateStore:
         del self._slot_of[st.key]
         slot = st.slot
         self._by_slot[slot] = None
-        self._fv[2 * slot + 1] = math.inf
-        self._iv[4 * slot + 3] = _FREE_USE
-        self._iv[4 * slot + 2] = -1
+        self.numbers.release(slot)
         self._free.append(slot)
 
     # -- twins ---------------------------------------------------------------------------
@@ -750,7 +330,7 @@ class StateStore:
         self._pairs_lent[k] = st
         self.read_state(st, self.twins[2 * k])
         st.at = 2 * k
-        st.nums = list(st._numbers())
+        st.nums = self.numbers.read(st.slot)
 
     def _return_twin(self, st: Stream) -> None:
         """Take the twin rows back; the state and the numbers move home first."""
@@ -760,9 +340,7 @@ class StateStore:
         nums = st.nums
         assert nums is not None
         st.nums = None
-        i, f = 4 * st.slot, 2 * st.slot
-        self._iv[i : i + 4] = array.array("q", nums[:4])
-        self._fv[f : f + 2] = array.array("d", nums[4:])
+        self.numbers.write(st.slot, nums)
         self._free_pair(st)
 
     def _free_pair(self, st: Stream) -> None:
@@ -795,12 +373,10 @@ class StateStore:
         self._add_pending(st, reason)
         if forget_sequence:
             if st.nums is not None:
-                st.nums[0] = st.nums[1] = _NO_SEQ
-                st.nums[4] = math.nan
+                st.nums[NEXT_SEQ] = st.nums[LAST_SEQ] = NO_SEQ
+                st.nums[LENT_TS] = math.nan
             else:
-                slot = st.slot
-                self._iv[4 * slot] = self._iv[4 * slot + 1] = _NO_SEQ
-                self._fv[2 * slot] = math.nan
+                self.numbers.set_sequence(st.slot, None, None, None)
         self._on_reset(reason, 1)
 
     def expire(self, now: float) -> int:
@@ -809,7 +385,7 @@ class StateStore:
         if idle is None or not self._streams:
             return 0
         self.return_twins()
-        stale = np.flatnonzero(now - self._seen > idle).tolist()
+        stale = np.flatnonzero(now - self.numbers.last_seen > idle).tolist()
         for slot in stale:
             st = self._by_slot[slot]
             assert st is not None
@@ -851,11 +427,10 @@ class StateStore:
     # -- checkpoint -----------------------------------------------------------------------
 
     def save(self, path: Path, meta: dict[str, Any]) -> int:
-        """Write every stream's state atomically (temp file, fsync, rename); returns the count.
+        """Write every stream's state atomically (:func:`.checkpoint.write`); returns the count.
 
-        One ``.npz``: ``rows`` ``[n, row_size]`` float32 in least-recently-used order, and
-        ``header``, a JSON document with the state signature and each stream's sequence
-        bookkeeping. ``meta`` (model name, version) is stored for people, not checked.
+        Rows in least-recently-used order, with each stream's sequence bookkeeping and
+        resets not yet reported. ``meta`` (model name, version) is stored for people.
         """
         streams = self._by_use()
         slots = np.fromiter((s.slot for s in streams), dtype=np.intp, count=len(streams))
@@ -863,49 +438,24 @@ class StateStore:
         for b in self._blocks:  # items in stream-major order: each stream's row at once
             part = b.rows.take(b.stream_major(slots)).view(np.float32)
             rows[:, b.start : b.start + b.size] = part.reshape(len(streams), b.size)
-        header = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "state_signature": _signature_json(self.layout.signature),
-            "row_size": self.layout.row_size,
-            "meta": meta,
-            "streams": [
-                [
-                    s.key,
-                    None if nxt < 0 else nxt,
-                    None if last < 0 else last,
-                    None if ts != ts else ts,
-                    list(s.pending),
-                ]
-                for s, (nxt, last), ts in zip(
-                    streams,
-                    self._ints[slots, :2].tolist(),
-                    self._lts[slots].tolist(),
-                    strict=True,
-                )
-            ],
-        }
-        text = json.dumps(header, separators=(",", ":"), allow_nan=False)
-        path = Path(path)
-        directory = path.parent if str(path.parent) else Path(".")
-        try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot create a temporary file: {exc}") from None
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, rows=rows, header=np.array(text))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(directory)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"{path}: cannot write checkpoint: {exc}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        numbers = self.numbers
+        entries = [
+            (
+                s.key,
+                None if nxt < 0 else nxt,
+                None if last < 0 else last,
+                None if ts != ts else ts,
+                s.pending,
+            )
+            for s, nxt, last, ts in zip(
+                streams,
+                numbers.next_seq[slots].tolist(),
+                numbers.last_seq[slots].tolist(),
+                numbers.last_ts[slots].tolist(),
+                strict=True,
+            )
+        ]
+        checkpoint.write(Path(path), rows, self.layout.signature, meta, entries)
         return len(streams)
 
     def load(self, path: Path, now: float) -> int:
@@ -916,40 +466,21 @@ class StateStore:
         the checkpoint holds more than ``max_streams``, the least recently used are
         evicted (and counted).
         """
-        path = Path(path)
-        header, rows = _read_checkpoint(path)
-        want = _signature_json(self.layout.signature)
-        if header.get("state_signature") != want:
-            raise CheckpointError(
-                f"{path}: state signature {header.get('state_signature')} does not match "
-                f"the model's {want}"
-            )
-        entries = header.get("streams")
-        if (
-            not isinstance(entries, list)
-            or rows.ndim != 2
-            or rows.shape != (len(entries), self.layout.row_size)
-        ):
-            raise CheckpointError(f"{path}: rows and streams do not agree")
-        parsed = [_parse_entry(e, path) for e in entries]
-        if len({p[0] for p in parsed}) != len(parsed):
-            raise CheckpointError(f"{path}: a stream appears twice")
+        parsed, rows = checkpoint.read(Path(path), self.layout.signature, self.layout.row_size)
         skip = max(0, len(parsed) - self.policy.max_streams)
         self.clear()
         while self.capacity < len(parsed) - skip:
             self._grow()
         slots = []
+        numbers = self.numbers
         for i in range(skip, len(parsed)):  # least recently used first: stamps ascend
             key, next_seq, last_seq, last_ts, pending = parsed[i]
             st = self._create(key, now)
             assert st is not None  # the store is empty and large enough
             slot = st.slot
             slots.append(slot)
-            self._iv[4 * slot] = _NO_SEQ if next_seq is None else next_seq
-            self._iv[4 * slot + 1] = _NO_SEQ if last_seq is None else last_seq
-            self._fv[2 * slot] = math.nan if last_ts is None else last_ts
-            self._fv[2 * slot + 1] = now
-            self._iv[4 * slot + 3] = self._stamp
+            numbers.set_sequence(slot, next_seq, last_seq, last_ts)
+            numbers.iv[INTS * slot + STAMP] = self._stamp
             self._stamp += 1
             for reason in pending:
                 self._add_pending(st, reason)
@@ -965,72 +496,3 @@ class StateStore:
 
 def _ignore(reason: str, count: int) -> None:
     """The default ``on_reset``: nobody is counting."""
-
-
-def _signature_json(sig: Signature) -> list[list[Any]]:
-    return [[name, list(shape), dtype] for name, shape, dtype in sig]
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Array]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            text = str(data["header"][()])
-            rows = np.asarray(data["rows"])
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # truncated
-        raise CheckpointError(f"{path}: not a readable state checkpoint ({exc})") from None
-    try:
-        header = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: checkpoint header is not JSON ({exc})") from None
-    if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a seqstream state checkpoint")
-    if header.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint version {header.get('version')!r}; this runtime reads "
-            f"{CHECKPOINT_VERSION}"
-        )
-    if rows.dtype != np.float32:
-        raise CheckpointError(f"{path}: rows are {rows.dtype}, expected float32")
-    return header, rows
-
-
-def _parse_entry(
-    entry: Any, path: Path
-) -> tuple[str, int | None, int | None, float | None, tuple[str, ...]]:
-    ok = isinstance(entry, list) and len(entry) == 5
-    if ok:
-        key, next_seq, last_seq, last_ts, pending = entry
-        ok = (
-            isinstance(key, str)
-            and _opt_int(next_seq)
-            and _opt_int(last_seq)
-            and (
-                last_ts is None
-                or (isinstance(last_ts, int | float) and not isinstance(last_ts, bool))
-            )
-            and isinstance(pending, list)
-            and all(isinstance(p, str) for p in pending)
-        )
-    if not ok:
-        raise CheckpointError(f"{path}: malformed stream entry {str(entry)[:80]}")
-    return key, next_seq, last_seq, None if last_ts is None else float(last_ts), tuple(pending)
-
-
-def _opt_int(v: Any) -> bool:
-    return v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63)

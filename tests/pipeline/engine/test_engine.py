@@ -732,7 +732,7 @@ def test_bench_prints_one_json_document_with_every_figure(
 def test_bench_measures_every_task_against_pytorch_eager(
     random_model_path: ModelFactory, task: str
 ) -> None:
-    from pipeline.commands.bench import benchmark
+    from models.bench import benchmark
 
     doc = benchmark(
         random_model_path("gru", task), streams=(12,), rounds=2, single_steps=30,

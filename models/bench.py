@@ -20,6 +20,10 @@ machine the calls another process preempts land in the tail, not in the middle. 
 harness's own objects are frozen out of the garbage collector (``gc.freeze``), as a
 daemon should do after start-up; the engine's allocations are collected as usual.
 Heavy imports happen inside :func:`run`; torch only in the optional baseline.
+
+It lives in ``models/``, beside the PyTorch nets its eager baseline builds, not in the
+runtime package ``pipeline/``: an edge box running the daemon needs none of it, and it
+ships in the same distribution, so ``seqstream bench`` works wherever it did.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pipeline.commands.parsing import add_model_argument, subcommand
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,13 +62,15 @@ TARGETS = {
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = subcommand(
+        subparsers,
         "bench",
+        run,
         help="benchmark the streaming engine against raw onnxruntime (JSON)",
         description="Measure raw session.run, the engine (1 and N interleaved streams), a "
         "naive per-stream loop and PyTorch eager when installed; print one JSON document.",
     )
-    p.add_argument("model", type=Path, help="MODEL.onnx written by 'seqstream export'")
+    add_model_argument(p)
     p.add_argument(
         "--streams",
         type=int,
@@ -90,7 +98,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
     p.add_argument("--no-rss", action="store_true", help="skip the RSS probe subprocess")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -468,7 +475,7 @@ def _torch_eager(
 def _rss(path: Path, providers: Sequence[str], threads: int, n: int, max_batch: int) -> Any:
     """RSS of a fresh process (no torch, no benchmark data) holding ``n`` streams."""
     code = (
-        "import sys, json; from pipeline.commands.bench import rss_probe; "
+        "import sys, json; from models.bench import rss_probe; "
         f"print(json.dumps(rss_probe({str(path)!r}, {list(providers)!r}, {threads}, {n}, "
         f"{max_batch})))"
     )
