@@ -6,8 +6,8 @@ One listener (``[metrics] bind``/``port``) serves:
 * ``/healthz``: 200 while the process can answer at all (liveness: restart if not).
 * ``/readyz``: 200 when the broker is connected, a model is loaded and the engine is not
   stalled, else 503; the JSON body names each check (readiness: send no traffic if not).
-* ``/status``: JSON for people and tools: the model, the broker, the queue, rejections by
-  reason, and the most recently seen streams (at most ``max_streams``, newest first)
+* ``/status``: JSON for people and tools: each model (route) with its queue, rejections
+  by reason and the most recently seen streams (at most ``max_streams``, newest first)
   with their last sequence number and timestamp, last published prediction and its age.
 * ``/``: a read-only page rendering ``/status`` every two seconds; one HTML document
   with inline script and style (no build step, no external assets). Stream ids come
@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.sinks.recent import LastPredictions
@@ -44,32 +45,36 @@ STATUS_TIMEOUT_S = 2.0
 Route = Callable[[], tuple[int, str, bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class RouteStatus:
+    """What /status reads of one route (one model): its engine, reached on the engine's
+    thread through ``call``, its last predictions, its metrics and its queue."""
+
+    name: str
+    engine: Engine
+    call: Callable[[Callable[[Engine], Any]], Future[Any]]
+    last: LastPredictions
+    metrics: Metrics
+    depth: Callable[[], int]
+    capacity: int
+
+
 class StatusView:
     """What the HTTP endpoints report, read from the daemon's parts when asked."""
 
     def __init__(
         self,
         *,
-        engine: Engine,
-        call: Callable[[Callable[[Engine], Any]], Future[Any]],
-        last: LastPredictions,
-        metrics: Metrics,
+        routes: Sequence[RouteStatus],
         link: Link,
         watchdog: EngineWatchdog,
-        depth: Callable[[], int],
-        capacity: int,
         max_streams: int = MAX_STREAMS_LISTED,
         timeout_s: float = STATUS_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._engine = engine
-        self._call = call
-        self._last = last
-        self._metrics = metrics
+        self._routes = tuple(routes)
         self._link = link
         self._watchdog = watchdog
-        self._depth = depth
-        self._capacity = capacity
         self.max_streams = max_streams
         self._timeout_s = timeout_s
         self._clock = clock
@@ -88,16 +93,35 @@ class StatusView:
         stall = self._watchdog.stall_s()
         checks = {
             "broker_connected": self._link.connected,
-            "model_loaded": self._engine.model is not None,
+            "model_loaded": all(r.engine.model is not None for r in self._routes),
             "engine_progressing": stall <= self._watchdog.stall_after_s,
         }
         return {"ready": all(checks.values()), "checks": checks, "engine_stall_s": round(stall, 1)}
 
     def status(self) -> dict[str, Any]:
-        model = self._engine.model
-        spec = model.spec
+        """Readiness, then one entry per model (``models``); ``model``, ``queue`` and
+        ``streams`` at the top are the first model's (all of a single-model daemon), and
+        ``rejections`` counts every model's and the topics no route matched."""
         ready = self.readiness()
+        rejected = self._routes[0].metrics.rejected.collect()
+        models = [self._model(r, rejected) for r in self._routes]
+        first = models[0]
+        return {
+            "model": first["model"],
+            "ready": ready["ready"],
+            "checks": ready["checks"],
+            "uptime_s": round(self._clock() - self._started, 1),
+            "queue": first["queue"],
+            "rejections": _counts(rejected, "reason"),
+            "streams": first["streams"],
+            "models": models,
+        }
+
+    def _model(self, route: RouteStatus, rejected: Iterable[Any]) -> dict[str, Any]:
+        model = route.engine.model
+        spec = model.spec
         doc: dict[str, Any] = {
+            "route": route.name,
             "model": {
                 "name": spec.name,
                 "version": spec.version,
@@ -106,23 +130,20 @@ class StatusView:
                 "provider": model.provider,
                 "features": list(spec.features),
             },
-            "ready": ready["ready"],
-            "checks": ready["checks"],
-            "uptime_s": round(self._clock() - self._started, 1),
-            "queue": {"depth": self._depth(), "capacity": self._capacity},
-            "rejections": _counts(self._metrics.rejected.collect(), "reason"),
+            "queue": {"depth": route.depth(), "capacity": route.capacity},
+            "rejections": _counts(rejected, "reason", model=route.name),
         }
         try:
-            doc["streams"] = self._call(self._streams).result(timeout=self._timeout_s)
+            streams = route.call(lambda e: self._streams(e, route.last))
+            doc["streams"] = streams.result(timeout=self._timeout_s)
         except TimeoutError:
             doc["streams"] = {"error": f"the engine did not answer within {self._timeout_s:g} s"}
         return doc
 
-    def _streams(self, engine: Engine) -> dict[str, Any]:
+    def _streams(self, engine: Engine, last: LastPredictions) -> dict[str, Any]:
         """On the engine's thread: the newest ``max_streams`` streams, as JSON rows."""
         now = self._clock()
         store = engine.store
-        last = self._last
         last.prune()
         newest = sorted(store, key=lambda st: st.last_seen, reverse=True)[: self.max_streams]
         rows = []
@@ -173,13 +194,15 @@ def _json(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _counts(families: Iterable[Any], label: str) -> dict[str, float]:
-    """A labelled counter's ``_total`` samples as ``{label value: count}``."""
+def _counts(families: Iterable[Any], label: str, model: str | None = None) -> dict[str, float]:
+    """A labelled counter's ``_total`` samples as ``{label value: count}``, summed over
+    models, or of ``model`` only."""
     out: dict[str, float] = {}
     for family in families:
         for sample in family.samples:
-            if sample.name.endswith("_total"):
-                out[sample.labels[label]] = sample.value
+            if sample.name.endswith("_total") and model in (None, sample.labels.get("model")):
+                key = sample.labels[label]
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
