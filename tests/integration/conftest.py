@@ -228,7 +228,15 @@ def write_toml(path: Path, doc: dict[str, Any]) -> Path:
             table(f"{name}.{k}", v)
 
     for name, d in doc.items():
-        table(name, d)
+        if isinstance(d, list):  # an array of tables: [[route]]
+            for item in d:
+                lines.append(f"[[{name}]]")
+                subs = {k: v for k, v in item.items() if isinstance(v, dict)}
+                lines.extend(f"{k} = {value(v)}" for k, v in item.items() if k not in subs)
+                for k, v in subs.items():
+                    table(f"{name}.{k}", v)
+        else:
+            table(name, d)
     path.write_text("\n".join(lines) + "\n")
     return path
 
