@@ -37,9 +37,11 @@ from tests.integration.conftest import (
     Collector,
     Publisher,
     daemon_config,
+    exposition,
     predictions_by_stream,
     publisher,
     running_daemon,
+    sample_value,
     write_toml,
 )
 
@@ -63,8 +65,7 @@ def check_stream(preds: list[dict[str, Any]], expected: np.ndarray, seqs: list[i
 
 
 def metric(daemon: Any, name: str, labels: dict[str, str] | None = None) -> float:
-    value = daemon.metrics.registry.get_sample_value(name, labels or {})
-    return 0.0 if value is None else float(value)
+    return sample_value(daemon.metrics.registry, name, labels)
 
 
 def test_replayed_data_json_and_binary_gives_the_offline_predictions(
@@ -322,11 +323,7 @@ def test_metrics_endpoint_passes_promtool(broker: Broker, model_path: Path, tmp_
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == b"" and check.stderr.strip() == b""
-    samples = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.decode().splitlines()
-        if line and not line.startswith("#")
-    }
+    samples = exposition(text.decode())
     assert samples["seqstream_messages_received_total"] == 11
     assert samples['seqstream_messages_rejected_total{reason="malformed_json"}'] == 1
     assert samples["seqstream_predictions_published_total"] == 10
