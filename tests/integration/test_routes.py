@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from models.export import export_random
+from pipeline.commands import status as status_command
 from pipeline.daemon import config
 from pipeline.errors import ConfigError
 from pipeline.model import StepModel
@@ -139,8 +140,16 @@ def test_two_models_in_one_daemon_each_stream_as_its_own_models_offline_run(
                 x.labels["model"]: x.labels["name"] for x in families["seqstream_model"].samples
             }
             assert info == {"motion": motion_model.spec.name, "flow": flow_model.spec.name}
-            view = {r.name: r for r in daemon.routes}
-            assert set(view) == {"motion", "flow"}
+            assert daemon.exporter is not None  # /status and `seqstream status`: both models
+            url = f"http://127.0.0.1:{daemon.exporter.port}"
+            doc = status_command.fetch(url)
+            listed = {m["route"]: m for m in doc["models"]}
+            assert set(listed) == {"motion", "flow"}
+            assert {s["stream"] for s in listed["motion"]["streams"]["items"]} == set(MOTION)
+            assert {s["stream"] for s in listed["flow"]["streams"]["items"]} == {s for _, s in FLOW}
+            assert listed["flow"]["model"]["task"] == "forecast"
+            text = status_command.render(doc)
+            assert "[motion]" in text and "[flow]" in text and "f1" in text
 
             # A new flow model: the flow route alone reloads; motion keeps every state.
             shutil.copyfile(flow_b, served)
@@ -194,3 +203,17 @@ def test_overlapping_route_templates_are_refused_at_config_time(
     doc["model"] = {"path": str(model_path)}
     with pytest.raises(ConfigError, match=r"model: give \[route.model\]"):
         config.parse(doc, base=tmp_path, source=tmp_path / "x.toml")
+
+
+def test_the_shipped_two_model_example_parses(tmp_path: Path) -> None:
+    import tomllib
+
+    shipped = Path(__file__).resolve().parents[2] / "deploy" / "seqstream-routes.toml"
+    doc = tomllib.loads(shipped.read_text())
+    doc["checkpoint"]["path"] = str(tmp_path / "state.ckpt")
+    settings = config.parse(doc, base=shipped.parent, source=shipped)
+    assert [r.name for r in settings.routes] == ["motion", "flow"]
+    assert [r.checkpoint for r in settings.routes] == [
+        tmp_path / "state.motion.ckpt",
+        tmp_path / "state.flow.ckpt",
+    ]
