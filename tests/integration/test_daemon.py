@@ -80,17 +80,44 @@ def test_replayed_data_json_and_binary_gives_the_offline_predictions(
     preds = Collector(broker.port, "predictions/#")
     with running_daemon(doc, tmp_path):
         assert status.take(1)[0][1] == b"online"
-        for fmt in ("json", "binary"):
+        for fmt in ("json", "binary", "named"):
             argv = ["replay", str(test_file), "--broker", f"mqtt://{HOST}:{broker.port}"]
-            argv += ["--format", fmt, "--prefix", f"{fmt}-", "--cases", str(n)]
+            argv += ["--prefix", f"{fmt}-", "--cases", str(n)]
+            names = list(StepModel.load(model_path).spec.features)  # not the .ts file's dim_i
+            argv += ["--named", "--feature-names", *names] if fmt == "named" else ["--format", fmt]
             assert cli.main(argv) == 0
-        by_stream = predictions_by_stream(preds.take(2 * n * 100))
+        by_stream = predictions_by_stream(preds.take(3 * n * 100))
     assert status.take(1)[0][1] == b"offline"
-    for fmt in ("json", "binary"):
+    for fmt in ("json", "binary", "named"):
         for i in range(n):
             check_stream(by_stream[f"{fmt}-{i}"], expected[i], list(range(100)))
     for c in (status, preds):
         c.close()
+
+
+def test_replay_per_channel_topics_gives_the_offline_predictions(
+    broker: Broker, model_path: Path, basicmotions: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``replay --channel-topic``: one message per feature, joined by the daemon's
+    ``input.channel_topic`` into the same steps, so the same predictions."""
+    test_file = basicmotions[1]
+    data = datasets.load(test_file)
+    n = 3
+    expected = oracle(model_path, list(data.cases[:n]))
+    template = "sensors/{stream}/ch/{channel}"
+    doc = daemon_config(
+        tmp_path, model_path, broker.port, "channel-replay", input={"channel_topic": template}
+    )
+    preds = Collector(broker.port, "predictions/#")
+    with running_daemon(doc, tmp_path):
+        argv = ["replay", str(test_file), "--broker", f"mqtt://{HOST}:{broker.port}"]
+        argv += ["--channel-topic", template, "--cases", str(n), "--prefix", "ch-"]
+        argv += ["--feature-names", *StepModel.load(model_path).spec.features]
+        assert cli.main(argv) == 0
+        by_stream = predictions_by_stream(preds.take(n * 100))
+    for i in range(n):
+        check_stream(by_stream[f"ch-{i}"], expected[i], list(range(100)))
+    preds.close()
 
 
 def test_many_interleaved_streams_with_chunks(
