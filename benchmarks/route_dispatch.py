@@ -6,7 +6,7 @@ builds them (``pipeline.daemon.app.build``) but never connected: one with a sing
 Messages for the first route are handed to paho's own router (``_handle_on_message``,
 what paho's network thread calls for every PUBLISH), so each one is matched against the
 subscriptions, decoded and queued for the engine exactly as from a socket; the engines
-run on their own threads meanwhile. Rounds of the two daemons are interleaved, the
+run on their own threads meanwhile. Rounds of the two daemons are interleaved (ABBA), the
 median round is reported per message, with the ratio two-route / one-route. Also the
 bare topic lookup (paho's ``MQTTMatcher.iter_match``) with each daemon's subscriptions.
 
@@ -95,8 +95,9 @@ def main() -> None:
     seq = {k: 0 for k in daemons}
     topic = "sensors/s1/data"
     try:
-        for _ in range(args.rounds):
-            for name, d in daemons.items():  # interleaved: the same load for both
+        for r in range(args.rounds):
+            order = list(daemons.items())
+            for name, d in order if r % 2 == 0 else order[::-1]:  # ABBA: no order bias
                 batch = messages(args.messages, args.streams, seq[name])
                 seq[name] += args.messages // args.streams
                 handle = d.link.client._handle_on_message

@@ -312,7 +312,12 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def concrete(expr: str, job: str) -> str:
     """Grafana's variables as Grafana would fill them for this one daemon."""
-    return expr.replace("$__rate_interval", "20s").replace("$job", job).replace("$instance", ".*")
+    return (
+        expr.replace("$__rate_interval", "20s")
+        .replace("$job", job)
+        .replace("$instance", ".*")
+        .replace("$model", ".*")
+    )
 
 
 # Metric families this test's daemon (one classifier, no [cluster]) does not export.
@@ -376,6 +381,11 @@ def test_prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data(
                 "label/instance/values", **{"match[]": 'seqstream_model_info{job="seqstream"}'}
             )
             assert instances == [target]
+            models = prom.api(
+                "label/model/values",
+                **{"match[]": f'seqstream_model_info{{job="seqstream", instance=~"{target}"}}'},
+            )
+            assert models == ["default"]  # the $model variable's query: the one route
             (info,) = prom.query('seqstream_model_info{job="seqstream"}')
             assert info["metric"]["name"] == "random-lstm-classify"
             labels = {
