@@ -9,7 +9,8 @@ One listener (``[metrics] bind``/``port``) serves:
 * ``/status``: JSON for people and tools: each model (route) with its queue, rejections
   by reason and the most recently seen streams (at most ``max_streams``, newest first)
   with their last sequence number and timestamp, last published prediction and its age.
-* ``/``: a read-only page rendering ``/status`` every two seconds; one HTML document
+* ``/``: a read-only page rendering ``/status`` every two seconds (every model, and the
+  streams of all of them); one HTML document
   with inline script and style (no build step, no external assets). Stream ids come
   from whoever can publish: the page writes them as text, never as markup.
 
@@ -222,6 +223,9 @@ code{font-size:.92em} #err{color:#b00020}
 <body>
 <h1>seqstream <span id="model"></span></h1>
 <div id="ready"></div><div id="err"></div>
+<h2>Models</h2>
+<table id="models"><thead><tr><th>route</th><th>model</th><th>task</th><th>active streams</th>
+<th>queue</th></tr></thead><tbody></tbody></table>
 <h2>Streams <span id="count"></span></h2>
 <table id="streams"><thead><tr><th>stream</th><th>last seq</th><th>last ts</th>
 <th>last prediction</th><th>age (s)</th></tr></thead><tbody></tbody></table>
@@ -259,11 +263,21 @@ function show(s) {
   const failed = Object.entries(s.checks).filter(([, ok]) => !ok).map(([k]) => k);
   ready.textContent = s.ready ? "ready" : "NOT READY: " + failed.join(", ");
   ready.className = s.ready ? "ok" : "bad";
-  const st = s.streams;
-  if (st.error) { document.getElementById("count").textContent = "(" + st.error + ")"; return; }
-  document.getElementById("count").textContent = "(" + st.listed + " of " + st.active + " active)";
-  fill("streams", st.items.map(r => [r.stream, r.last_seq ?? "", r.last_ts ?? "",
-    summary(r.last_prediction), r.prediction_age_s ?? ""]));
+  fill("models", (s.models || []).map(r => [r.route, r.model.name + " " + r.model.version,
+    r.model.task, r.streams.error ? r.streams.error : r.streams.active,
+    r.queue.depth + " of " + r.queue.capacity]));
+  // every model's streams; with several models each id is prefixed by its route
+  const models = s.models || [{route: "", streams: s.streams}];
+  const many = models.length > 1;
+  const errors = models.filter(r => r.streams.error).map(r => r.streams.error);
+  const ok = models.filter(r => !r.streams.error);
+  const listed = ok.reduce((n, r) => n + r.streams.listed, 0);
+  const active = ok.reduce((n, r) => n + r.streams.active, 0);
+  document.getElementById("count").textContent = "(" + listed + " of " + active + " active"
+    + (errors.length ? "; " + errors.join("; ") : "") + ")";
+  fill("streams", ok.flatMap(r => r.streams.items.map(x => [
+    (many ? r.route + ": " : "") + x.stream, x.last_seq ?? "", x.last_ts ?? "",
+    summary(x.last_prediction), x.prediction_age_s ?? ""])));
   fill("rejections", Object.entries(s.rejections).filter(([, n]) => n > 0).map(([k, n]) => [k, n]));
 }
 async function refresh() {
