@@ -11,10 +11,11 @@ when the daemon runs outside systemd, so the same code serves tests and a termin
   already queued; a pending probe older than half of ``WatchdogSec`` means the engine is
   stuck (an idle engine answers at once), so the pings stop and systemd restarts the
   service. Message arrival plays no part: a quiet sensor network is not a fault.
-* :class:`Reloader` (SIGHUP, ``systemctl reload``) re-reads the config, loads the model
-  it names and swaps it in on the engine's thread between two batches; the broker
-  connection is untouched. A model that cannot be loaded, or does not fit the running
-  daemon (another input width), leaves the old one serving and the reason in the log.
+* :class:`Reloader` (SIGHUP, ``systemctl reload``) re-reads the config, loads each model
+  whose file or settings changed (per route: the others are not touched) and swaps it
+  in on its engine's thread between two batches; the broker connection is untouched.
+  A model that cannot be loaded, or does not fit the running daemon (another input
+  width), leaves the old one serving and the reason in the log.
 * :func:`record_exit` turns the ``last-exit`` file that the unit's ``ExecStopPost``
   writes (systemd's ``$SERVICE_RESULT``: ``watchdog``, ``exit-code``, ...) into counts
   kept in the state directory, so Prometheus can alert on watchdog restarts.
