@@ -5,9 +5,10 @@ Exit 0 and one line when ``run`` would accept it; otherwise the CLI prints the o
 ``run`` checks before it touches the network: the TOML and every key (types, ranges,
 ``mqtt.host`` a host, ports), secrets and TLS files readable, the model file present,
 loadable and fitting the contract and the config (``model.sha256``, ``output.on_change``
-needs a classifier), the keyword model of ``[audio]``, and that the metrics bind address
-resolves. It binds nothing and connects to nothing, so it runs in CI or a deployment
-pipeline; ``--no-model`` skips the model files for a machine that does not have them.
+needs a classifier) for every ``[[route]]``, the keyword model of ``[audio]``, and that
+the metrics bind address resolves. It binds nothing and connects to nothing, so it
+runs in CI or a deployment pipeline; ``--no-model`` skips the model files for a
+machine that does not have them.
 """
 
 from __future__ import annotations
@@ -49,24 +50,26 @@ def run_check(args: argparse.Namespace) -> int:
 
     settings = config.load(args.file)
     mqtt = settings.mqtt
-    model = "not loaded (--no-model)"
-    if not args.no_model:
-        loaded = app.load_model(settings)
-        app.check_model(settings, loaded)
-        spec = loaded.spec
-        model = f"{spec.name} {spec.version}, {spec.task}, {spec.n_features} features"
-        if settings.audio is not None:
-            from pipeline.keywords.service import load_keyword_model
+    routes = []
+    for route in settings.routes:  # each as run loads and checks it
+        model = "not loaded (--no-model)"
+        if not args.no_model:
+            loaded = app.load_route_model(route)
+            app.check_route_model(route, loaded)
+            spec = loaded.spec
+            model = f"{spec.name} {spec.version}, {spec.task}, {spec.n_features} features"
+        name = "" if len(settings.routes) == 1 else f"route {route.name}: "
+        routes.append(f"{name}model {route.model.path}: {model}, input {route.input.topic!r}")
+    if not args.no_model and settings.audio is not None:
+        from pipeline.keywords.service import load_keyword_model
 
-            load_keyword_model(settings.audio)
+        load_keyword_model(settings.audio)
     m = settings.metrics
     if m.enabled:
         try:
             socket.getaddrinfo(m.bind, m.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as exc:
             raise ConfigError(f"metrics.bind: {m.bind!r} does not resolve ({exc})") from None
-    print(
-        f"{args.file}: ok (model {settings.model.path}: {model}; broker {mqtt.host}:{mqtt.port}, "
-        f"MQTT {mqtt.protocol}{' over TLS' if mqtt.tls else ''}, input {settings.input.topic!r})"
-    )
+    broker = f"broker {mqtt.host}:{mqtt.port}, MQTT {mqtt.protocol}"
+    print(f"{args.file}: ok ({'; '.join(routes)}; {broker}{' over TLS' if mqtt.tls else ''})")
     return 0

@@ -68,6 +68,7 @@ def describe(spec: ModelSpec) -> dict[str, Any]:
         "state": state,
         "state_bytes_per_stream": sum(s["bytes"] for s in state),
         "example_payload": example_payload(spec),
+        "example_payload_named": example_payload(spec, named=True) if spec.features else None,
     }
     if spec.task == "classify":
         doc["labels"] = list(spec.labels)
@@ -101,10 +102,13 @@ def architecture(spec: ModelSpec) -> str:
     return f"causal conv {conv} (kernels {ks}), running mean, beside {core}"
 
 
-def example_payload(spec: ModelSpec) -> str:
-    """One JSON step the daemon accepts: the training means, in feature order."""
+def example_payload(spec: ModelSpec, *, named: bool = False) -> str:
+    """One JSON step the daemon accepts: the training means, in feature order, or
+    ``named`` by the model's feature names (the form sensors that publish named fields
+    use; the daemon maps them by name)."""
     values = [float(f"{m:.4g}") for m in spec.normalisation.mean]
-    return json.dumps({"seq": 0, "ts": 1718000000.0, "values": values})
+    doc: Any = dict(zip(spec.features, values, strict=True)) if named else values
+    return json.dumps({"seq": 0, "ts": 1718000000.0, "values": doc})
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -132,6 +136,8 @@ def render(doc: dict[str, Any]) -> str:
     shapes = ", ".join(f"{s['name']} {'x'.join(map(str, s['shape']))}" for s in doc["state"])
     lines.append(f"state:       {shapes} ({doc['state_bytes_per_stream']} bytes per stream)")
     lines.append(f"example:     {doc['example_payload']}")
+    if doc.get("example_payload_named"):
+        lines.append(f"or named:    {doc['example_payload_named']}")
     return "\n".join(lines)
 
 

@@ -4,8 +4,10 @@ Every case of a ``.ts``/CSV file becomes one stream; the streams are interleaved
 by row (all streams' row 0, then all row 1 ...), each message numbered with ``seq``
 (the row index) and, when the data has them, the row's timestamp as ``ts``. With
 ``--rate HZ`` each stream sends HZ rows per second, as a sensor would; without it, as
-fast as the broker takes them. For demos, tests and load: the daemon cannot tell it
-from real sensors.
+fast as the broker takes them. Payloads are positional JSON, named JSON (``--named``:
+values keyed by feature name) or binary; ``--channel-topic`` publishes one message per
+feature instead, on the feature's own topic, as ``input.channel_topic`` reads them.
+For demos, tests and load: the daemon cannot tell it from real sensors.
 """
 
 from __future__ import annotations
@@ -44,6 +46,24 @@ def register(subparsers: Any) -> None:
         default="sensors/{stream}/data",
         help="topic per stream; {stream} is replaced by the case name (default: %(default)s)",
     )
+    p.add_argument(
+        "--channel-topic",
+        metavar="TEMPLATE",
+        help="publish one message per feature instead, on this template with {stream} and "
+        "{channel} (the feature's name), as input.channel_topic reads it; JSON only",
+    )
+    p.add_argument(
+        "--named",
+        action="store_true",
+        help='JSON values named by feature ({"values": {"temp": 21.5, ...}}) instead of positional',
+    )
+    p.add_argument(
+        "--feature-names",
+        nargs="+",
+        metavar="NAME",
+        help="the names for --named and --channel-topic, in column order (default: the "
+        "data's own feature names, e.g. the CSV header, which train also uses)",
+    )
     p.add_argument("--rate", type=float, default=0.0, help="rows per second per stream (0: max)")
     p.add_argument("--chunk", type=int, default=1, help="rows per message (default: 1)")
     p.add_argument("--format", choices=("json", "binary"), default="json")
@@ -65,10 +85,19 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.offline import datasets
     from pipeline.sources import codecs
     from pipeline.transport.mqtt import Link, MqttConfig, Secret, TlsConfig, host_problem
-    from pipeline.transport.topics import STREAM
+    from pipeline.transport.topics import CHANNEL, STREAM
 
     if STREAM not in args.topic_template:
         raise ConfigError(f"--topic-template: must contain {STREAM}")
+    channel_topic = args.channel_topic
+    if channel_topic is not None and (
+        channel_topic.count(STREAM) != 1 or channel_topic.count(CHANNEL) != 1
+    ):
+        raise ConfigError(f"--channel-topic: must contain {STREAM} and {CHANNEL} once each")
+    if (args.named or channel_topic is not None) and args.format == "binary":
+        raise ConfigError("--named and --channel-topic are JSON payloads: not with --format binary")
+    if channel_topic is not None and args.chunk != 1:
+        raise ConfigError("--channel-topic sends one reading per message: not with --chunk")
     if args.rate < 0 or args.chunk < 1:
         raise ConfigError("--rate must be >= 0 and --chunk >= 1")
     url = urlsplit(args.broker)
@@ -92,9 +121,23 @@ def run(args: argparse.Namespace) -> int:
     options = data_options(args)
     data = datasets.load(args.data, **options)
     n = data.n_cases if args.cases is None else min(args.cases, data.n_cases)
-    encode = codecs.encode_binary if args.format == "binary" else codecs.encode_json
-    prefix, suffix = args.topic_template.split(STREAM, 1)
+    names = tuple(args.feature_names) if args.feature_names else data.features
+    if len(names) != data.n_features:
+        raise ConfigError(
+            f"--feature-names: {len(names)} names for the data's {data.n_features} features"
+        )
+    named = names if args.named else None
+
+    def encode(values: Any, seq: int, ts: float | None) -> bytes:
+        if args.format == "binary":
+            return codecs.encode_binary(values, seq, ts)
+        return codecs.encode_json(values, seq, ts, names=named)
+
+    template = args.topic_template if channel_topic is None else channel_topic
+    prefix, suffix = template.split(STREAM, 1)
     topics = [f"{prefix}{args.prefix}{data.case_name(i)}{suffix}" for i in range(n)]
+    # per channel: each stream's topic once per feature, {channel} filled in
+    channels = [[t.replace(CHANNEL, name) for name in names] for t in topics]
 
     cfg = MqttConfig(
         host=url.hostname,
@@ -126,7 +169,12 @@ def run(args: argparse.Namespace) -> int:
                 if data.timestamps is not None:
                     ts = float(data.timestamps[i][row])
                 one = values[0] if values.shape[0] == 1 else values
-                link.publish(topics[i], encode(one, row, ts), args.qos)
+                if channel_topic is not None:
+                    for topic, value in zip(channels[i], values[0], strict=True):
+                        link.publish(topic, codecs.encode_channel(value, row, ts), args.qos)
+                    messages += len(names) - 1
+                else:
+                    link.publish(topics[i], encode(one, row, ts), args.qos)
                 messages += 1
                 rows += values.shape[0]
                 if messages % FLUSH_EVERY == 0:

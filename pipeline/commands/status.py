@@ -1,7 +1,8 @@
 """``seqstream status --url URL``: a running daemon's ``/status`` as a table.
 
 The daemon serves ``/status`` beside ``/metrics`` (:mod:`pipeline.daemon.status`); this reads it
-over HTTP and prints the model, readiness, the listed streams and the rejections that
+over HTTP and prints readiness, each model (route) with its queue and listed streams, and
+the rejections that
 happened. ``URL`` is the daemon's HTTP address (``http://host:9108``); a URL that
 already ends in ``/status`` is used as given. ``--json`` prints the document unchanged.
 """
@@ -86,17 +87,21 @@ def summary(prediction: dict[str, Any] | None) -> str:
 
 
 def render(doc: dict[str, Any]) -> str:
-    m = doc["model"]
+    """Readiness, then each model (route) with its queue and streams, then rejections."""
     failed = [k for k, ok in doc.get("checks", {}).items() if not ok]
-    lines = [
-        f"model:  {m['name']} {m['version']} ({m['task']}) from {m['path']}",
-        "ready:  yes" if doc.get("ready") else f"ready:  NO ({', '.join(failed)})",
-        f"queue:  {doc['queue']['depth']} of {doc['queue']['capacity']}",
-    ]
-    streams = doc["streams"]
-    if "error" in streams:
-        lines.append(f"streams: unavailable: {streams['error']}")
-    else:
+    lines = ["ready:  yes" if doc.get("ready") else f"ready:  NO ({', '.join(failed)})"]
+    models = doc.get("models") or [doc]  # a document from before routes: its one model
+    for entry in models:
+        m = entry["model"]
+        route = f"[{entry['route']}] " if len(models) > 1 else ""
+        lines += [
+            f"model:  {route}{m['name']} {m['version']} ({m['task']}) from {m['path']}",
+            f"queue:  {entry['queue']['depth']} of {entry['queue']['capacity']}",
+        ]
+        streams = entry["streams"]
+        if "error" in streams:
+            lines.append(f"streams: unavailable: {streams['error']}")
+            continue
         lines.append(f"streams: {streams['listed']} listed of {streams['active']} active")
         rows = [
             (

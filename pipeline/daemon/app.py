@@ -5,18 +5,26 @@ names the concrete classes and decides how they are wired::
 
     broker -> Link -> MqttSource -> Decoder -> Worker(Engine(StepModel)) -> PredictionSink -> Link
                                  \\-> ErrorReporter <-/           \\-> Metrics (observer)
+
+once per route (``[[route]]``: one model each), all on the one ``Link``: paho's topic
+matcher hands each message to the source whose filter it matches (config refuses
+overlapping templates, so that is one), and the route's own worker thread owns its
+engine and state store.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from pipeline.daemon import config
-from pipeline.daemon.config import Settings
-from pipeline.daemon.lifecycle import Daemon, Service
+from pipeline.daemon.config import DEFAULT_ROUTE, RouteConfig, Settings
+from pipeline.daemon.lifecycle import Daemon, Route, Service
 from pipeline.daemon.service import (
     EXIT_RESULTS,
     RELOAD_RESULTS,
@@ -27,7 +35,7 @@ from pipeline.daemon.service import (
     StatusLine,
     record_exit,
 )
-from pipeline.daemon.status import StatusView
+from pipeline.daemon.status import RouteStatus, StatusView
 from pipeline.engine import engine as engine_module
 from pipeline.engine.engine import Engine
 from pipeline.engine.store.state import RESET_REASONS
@@ -46,7 +54,7 @@ from pipeline.sources.acks import AckLedger
 from pipeline.sources.channels import Assembler
 from pipeline.sources.codecs import Decoder
 from pipeline.sources.mqtt import MqttSource
-from pipeline.telemetry.metrics import Exporter, Metrics
+from pipeline.telemetry.metrics import Exporter, Metrics, Unrouted
 from pipeline.transport.mqtt import Link
 
 log = logging.getLogger(__name__)
@@ -65,17 +73,30 @@ REJECT_REASONS: tuple[str, ...] = tuple(
 )
 
 
-def load_model(settings: Settings) -> StepModel:
-    """The configured model; with ``model.sha256`` the bytes loaded are the bytes hashed."""
-    cfg = settings.model
+def load_route_model(route: RouteConfig) -> StepModel:
+    """A route's model; with ``model.sha256`` the bytes loaded are the bytes hashed."""
+    cfg = route.model
     return StepModel.load(cfg.path, cfg.providers, cfg.threads, sha256=cfg.sha256)
 
 
-def check_model(settings: Settings, model: StepModel) -> None:
-    """What the daemon's settings require of a model (at start and at every reload)."""
+def check_route_model(route: RouteConfig, model: StepModel) -> None:
+    """What a route's settings require of its model (at start and at every reload)."""
     spec = model.spec
-    if settings.output.on_change and spec.task != "classify":
-        raise ConfigError(f"output.on_change: needs a classify model; {spec.name} is {spec.task}")
+    if route.output.on_change and spec.task != "classify":
+        where = "" if route.name == DEFAULT_ROUTE else f"route {route.name}: "
+        raise ConfigError(
+            f"{where}output.on_change: needs a classify model; {spec.name} is {spec.task}"
+        )
+
+
+def load_model(settings: Settings) -> StepModel:
+    """The first route's model (cluster mode's only one)."""
+    return load_route_model(settings.routes[0])
+
+
+def check_model(settings: Settings, model: StepModel) -> None:
+    """:func:`check_route_model` for the first route (cluster mode's only one)."""
+    check_route_model(settings.routes[0], model)
 
 
 def build(
@@ -84,13 +105,15 @@ def build(
     """Everything ``seqstream run`` needs, built but not started.
 
     ``env``: what systemd passed (notify socket, watchdog, state directory); by default
-    none, as outside systemd.
+    none, as outside systemd. Every model is loaded and checked before anything else is
+    built, so a bad one stops the start with its route's name.
     """
     env = env if env is not None else ServiceEnv()
-    model = load_model(settings)
-    spec = model.spec
-    out = settings.output
-    check_model(settings, model)
+    models: dict[str, StepModel] = {}
+    for r in settings.routes:
+        model = load_route_model(r)
+        check_route_model(r, model)
+        models[r.name] = model
     registry = registry if registry is not None else CollectorRegistry()
     # No *_created series: they double the exposition and no rule or panel reads them.
     # prometheus_client only offers this process-wide; the daemon is the process.
@@ -101,17 +124,108 @@ def build(
         reset_reasons=RESET_REASONS,
         reload_results=RELOAD_RESULTS,
         exit_results=EXIT_RESULTS,
+        model=settings.routes[0].name,
     )
-    metrics.set_model(
-        name=spec.name, version=spec.version, provider=model.provider, opset=spec.opset
-    )
-    metrics.set_task(spec.task)
-    metrics.set_labels(spec.labels if spec.task == "classify" else ())
     if env.state_directory is not None:
         metrics.set_exits(record_exit(env.state_directory))
     metrics.broker_connected.set(0)
 
     link = Link(settings.mqtt, observer=metrics)
+    ckpt = settings.checkpoint
+    acks = AckLedger(link, ckpt.max_unacked) if ckpt.ack_after_checkpoint else None
+    # Several models: a topic no route takes is no model's (an empty model label).
+    unrouted = metrics.unrouted() if len(settings.routes) > 1 else None
+    built = [
+        _route(settings, r, models[r.name], link, metrics.route(r.name), acks, unrouted)
+        for r in settings.routes
+    ]
+    routes = [b.route for b in built]
+    services: list[Service] = []
+    if settings.audio is not None:  # keyword spotting: its own model, engine and sources
+        a = settings.audio
+        publisher = keywords_service.MqttEventPublisher(link, a.topic, a.qos)
+        services.append(keywords_service.build(a, publisher, registry))
+
+    # -- operations: systemd readiness and status, the watchdog, SIGHUP reloads --
+    notifier = Notifier(env.notify_socket)
+    watchdog = EngineWatchdog(
+        _call_all([r.worker for r in routes]), notifier, watchdog_s=env.watchdog_s
+    )
+    metrics.engine_stall.set_function(watchdog.stall_s)
+
+    exporter = None
+    if settings.metrics.enabled:
+        bind, port = settings.metrics.bind, settings.metrics.port
+        view = StatusView(
+            routes=[b.status for b in built],
+            link=link,
+            watchdog=watchdog,
+            max_streams=settings.metrics.status_streams,
+        )
+
+        def exporter() -> Exporter:
+            return Exporter(registry, bind, port, view.routes())
+
+    def describe() -> str:
+        broker = "connected" if link.connected else "disconnected"
+        stalled = "; ENGINE STALLED" if watchdog.stalled else ""
+        serving = ", ".join(
+            f"{r.engine.model.spec.name} {r.engine.model.spec.version}: {r.engine.streams} "
+            f"streams, queue {r.worker.depth}"
+            for r in routes
+        )
+        return f"serving {serving}, broker {broker}{stalled}"
+
+    by_name = {b.route.name: b for b in built}
+    reloader = Reloader(
+        settings,
+        models,
+        load_settings=config.load,
+        load_model=load_route_model,
+        check=check_route_model,
+        swap=lambda name, new: by_name[name].swap(new),
+        metrics={b.route.name: b.metrics for b in built},
+        notifier=notifier,
+    )
+    return Daemon(
+        routes=routes,
+        link=link,
+        metrics=metrics,
+        checkpoint=settings.checkpoint,
+        exporter=exporter,
+        services=services,
+        tick_hooks=(watchdog.tick, StatusLine(notifier, describe).tick),
+        notifier=notifier,
+        reload=reloader,
+        acks=acks,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Built:
+    route: Route
+    status: RouteStatus
+    metrics: Metrics
+    swap: Callable[[StepModel], Future[bool]]
+
+
+def _route(
+    settings: Settings,
+    r: RouteConfig,
+    model: StepModel,
+    link: Link,
+    metrics: Metrics,
+    acks: AckLedger | None,
+    unrouted: Unrouted | None,
+) -> _Built:
+    """One model's parts: engine, worker, sink, source, all on the shared link."""
+    spec = model.spec
+    out = r.output
+    metrics.set_model(
+        name=spec.name, version=spec.version, provider=model.provider, opset=spec.opset
+    )
+    metrics.set_task(spec.task)
+    metrics.set_labels(spec.labels if spec.task == "classify" else ())
     errors = ErrorReporter(
         link,
         settings.error_topic(),
@@ -146,17 +260,15 @@ def build(
     metrics.queue_capacity.set(queue.max_size)
     decoder = Decoder(
         spec.n_features,
-        max_payload_bytes=settings.input.max_payload_bytes,
+        max_payload_bytes=r.input.max_payload_bytes,
         max_steps=settings.engine.max_chunk,
         features=spec.features,
     )
-    ckpt = settings.checkpoint
-    acks = AckLedger(link, ckpt.max_unacked) if ckpt.ack_after_checkpoint else None
     channels = None
-    if settings.input.channel_topic is not None:  # one topic per feature
+    if r.input.channel_topic is not None:  # one topic per feature
         channels = Assembler(
             spec.features,
-            max_pending=settings.input.channel_max_pending,
+            max_pending=r.input.channel_max_pending,
             max_streams=settings.engine.max_streams,
             max_seq_jump=settings.engine.max_seq_jump,
         )
@@ -164,50 +276,14 @@ def build(
         link,
         decoder,
         worker,
-        settings.input,
+        r.input,
         metrics=metrics,
         errors=errors,
         acks=acks,
         max_tracked=settings.engine.max_streams,
         channels=channels,
+        unrouted=unrouted,
     )
-    services: list[Service] = []
-    if settings.audio is not None:  # keyword spotting: its own model, engine and sources
-        a = settings.audio
-        publisher = keywords_service.MqttEventPublisher(link, a.topic, a.qos)
-        services.append(keywords_service.build(a, publisher, registry))
-
-    # -- operations: systemd readiness and status, the watchdog, SIGHUP reloads --
-    notifier = Notifier(env.notify_socket)
-    watchdog = EngineWatchdog(worker.call, notifier, watchdog_s=env.watchdog_s)
-    metrics.engine_stall.set_function(watchdog.stall_s)
-
-    exporter = None
-    if settings.metrics.enabled:
-        bind, port = settings.metrics.bind, settings.metrics.port
-        view = StatusView(
-            engine=engine,
-            call=worker.call,
-            last=last,
-            metrics=metrics,
-            link=link,
-            watchdog=watchdog,
-            depth=lambda: worker.depth,
-            capacity=queue.max_size,
-            max_streams=settings.metrics.status_streams,
-        )
-
-        def exporter() -> Exporter:
-            return Exporter(registry, bind, port, view.routes())
-
-    def describe() -> str:
-        s = engine.model.spec
-        broker = "connected" if link.connected else "disconnected"
-        stalled = "; ENGINE STALLED" if watchdog.stalled else ""
-        return (
-            f"serving {s.name} {s.version}: {engine.streams} streams, queue {worker.depth}, "
-            f"broker {broker}{stalled}"
-        )
 
     def swap(new: StepModel) -> Future[bool]:
         encoder = PredictionEncoder(new.spec)
@@ -222,27 +298,38 @@ def build(
 
         return worker.call(on_engine)
 
-    reloader = Reloader(
-        settings,
-        model,
-        load_settings=config.load,
-        load_model=load_model,
-        check=check_model,
-        swap=swap,
-        metrics=metrics,
-        notifier=notifier,
-    )
-    return Daemon(
+    status = RouteStatus(
+        name=r.name,
         engine=engine,
-        worker=worker,
-        link=link,
-        source=source,
+        call=worker.call,
+        last=last,
         metrics=metrics,
-        checkpoint=settings.checkpoint,
-        exporter=exporter,
-        services=services,
-        tick_hooks=(watchdog.tick, StatusLine(notifier, describe).tick),
-        notifier=notifier,
-        reload=reloader,
-        acks=acks,
+        depth=lambda: worker.depth,
+        capacity=queue.max_size,
     )
+    return _Built(Route(r.name, engine, worker, source, r.checkpoint), status, metrics, swap)
+
+
+def _call_all(workers: list[Worker]) -> Callable[[Callable[[Engine], None]], Future[None]]:
+    """The watchdog's probe on every route's engine: done once all of them answered, so
+    one stuck engine stalls the daemon's readiness and its systemd watchdog."""
+    if len(workers) == 1:
+        return workers[0].call
+
+    def call(fn: Callable[[Engine], None]) -> Future[None]:
+        done: Future[None] = Future()
+        left = [len(workers)]
+        lock = threading.Lock()
+
+        def answered(_: Future[None]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                done.set_result(None)
+
+        for w in workers:
+            w.call(fn).add_done_callback(answered)
+        return done
+
+    return call

@@ -12,6 +12,15 @@ files it names can move together. The broker password is read here (from a file 
 environment variable) into a :class:`Secret`, whose ``repr`` hides it, so no log line or
 traceback that prints the settings can leak it.
 
+Several models in one daemon: ``[[route]]`` tables, each with ``name`` (the ``model``
+label of its metrics), ``[route.model]``, ``[route.input]`` and ``[route.output]`` (the
+same keys as the top-level tables; both topics required), instead of the top-level
+``[model]``, ``[input]`` and ``[output]`` that make a single-model config's one route,
+named ``default``. ``[engine]``, ``[queue]`` and ``[checkpoint]`` apply to every route,
+each with its own engine, queue and state file. A topic that two routes' input
+templates could both match, or two routes' prediction templates, is refused here:
+each message goes to one model. Cluster mode serves one model.
+
 Topic templates use one notation everywhere: ``{stream}`` marks the topic level that
 carries the stream id, e.g. ``sensors/{stream}/data``. An input template is subscribed
 with that level replaced by ``+``; an output template is filled with the stream id.
@@ -112,7 +121,29 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One model of the daemon (``[[route]]``): its topics, its model, its own engine
+    (state store, publish policy) built from the shared ``[engine]`` settings, and
+    ``name``, the ``model`` label of its metrics. A config without ``[[route]]`` has one,
+    named ``default``, made of ``[model]``, ``[input]`` and ``[output]``."""
+
+    name: str
+    model: ModelConfig
+    input: InputConfig
+    output: OutputConfig
+    # Its own state file: checkpoint.path itself for a single route, else the path with
+    # ".NAME" before the suffix (state.ckpt -> state.motion.ckpt); None: no checkpoints.
+    checkpoint: Path | None = None
+
+
+DEFAULT_ROUTE = "default"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
+    """``model``, ``input`` and ``output`` are the first route's (the only one of a
+    single-model config, and the one cluster mode serves); ``routes`` lists them all."""
+
     source: Path
     model: ModelConfig
     engine: EngineSettings
@@ -124,6 +155,7 @@ class Settings:
     metrics: MetricsConfig
     audio: AudioSettings | None = None  # [audio]: keyword spotting on microphones
     cluster: ClusterConfig | None = None  # [cluster]: many daemons over NATS (else MQTT)
+    routes: tuple[RouteConfig, ...] = ()
 
     def error_topic(self) -> str | None:
         topic = self.output.error_topic
@@ -152,24 +184,109 @@ def load(path: str | Path) -> Settings:
 def parse(doc: dict[str, Any], *, base: Path, source: Path) -> Settings:
     """Validate an already-decoded TOML document; errors name the dotted key only."""
     root = _Table(doc, "", base)
+    checkpoint = _checkpoint(root.table("checkpoint"))
+    if "route" in doc:
+        for key in ("model", "input", "output"):
+            if key in doc:
+                root.fail(key, f"give [route.{key}] in each [[route]], not [{key}] beside them")
+        routes = tuple(_route(t, checkpoint.path) for t in root.tables("route"))
+        if not routes:
+            root.fail("route", "must hold at least one [[route]]")
+        _check_routes(root, routes)
+    else:
+        routes = (
+            RouteConfig(
+                name=DEFAULT_ROUTE,
+                model=_model(root.table("model", required=True)),
+                input=_input(root.table("input")),
+                output=_output(root.table("output")),
+                checkpoint=checkpoint.path,
+            ),
+        )
+    first = routes[0]
     settings = Settings(
         source=source,
-        model=_model(root.table("model", required=True)),
+        model=first.model,
         engine=_engine(root.table("engine")),
-        checkpoint=_checkpoint(root.table("checkpoint")),
+        checkpoint=checkpoint,
         queue=_queue(root.table("queue")),
         mqtt=_mqtt(root.table("mqtt")),
-        input=_input(root.table("input")),
-        output=_output(root.table("output")),
+        input=first.input,
+        output=first.output,
         metrics=_metrics(root.table("metrics")),
         audio=_audio(root.table("audio")) if "audio" in doc else None,
         cluster=_cluster(root.table("cluster")) if "cluster" in doc else None,
+        routes=routes,
     )
-    if settings.checkpoint.ack_after_checkpoint and settings.input.qos != 1:
-        qos = settings.input.qos
-        root.fail("checkpoint.ack_after_checkpoint", f"needs input.qos = 1, got {qos}")
+    if settings.cluster is not None and "route" in doc:
+        root.fail("route", "cluster mode serves one model: use [model], [input], [output]")
+    if settings.checkpoint.ack_after_checkpoint:
+        for i, r in enumerate(routes):
+            if r.input.qos != 1:
+                key = "input.qos" if "route" not in doc else f"route[{i}].input.qos"
+                root.fail("checkpoint.ack_after_checkpoint", f"needs {key} = 1, got {r.input.qos}")
     root.done()
     return settings
+
+
+def _route(t: _Table, checkpoint: Path | None) -> RouteConfig:
+    name = t.text("name", "")
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_" for c in name):
+        t.fail("name", f"must be 1-64 letters, digits, '-' or '_', got {name!r}")
+    model = _model(t.table("model", required=True))
+    tables = {key: t.table(key, required=True) for key in ("input", "output")}
+    for table in tables.values():
+        if "topic" not in table.doc:
+            table.fail("topic", "is required in a [[route]] (each route has its own topics)")
+    cfg = RouteConfig(
+        name=name,
+        model=model,
+        input=_input(tables["input"]),
+        output=_output(tables["output"]),
+        checkpoint=None
+        if checkpoint is None
+        else checkpoint.with_name(f"{checkpoint.stem}.{name}{checkpoint.suffix}"),
+    )
+    t.done()
+    return cfg
+
+
+def _check_routes(root: _Table, routes: tuple[RouteConfig, ...]) -> None:
+    """Names unique; no topic taken by two routes (it would be predicted twice, with
+    two states), no prediction topic written by two (one stream's predictions would mix)."""
+    seen: dict[str, int] = {}
+    for i, r in enumerate(routes):
+        if r.name in seen:
+            root.fail(f"route[{i}].name", f"{r.name!r} is also route[{seen[r.name]}]'s name")
+        seen[r.name] = i
+    inputs = [(i, f, key) for i, r in enumerate(routes) for key, f in _input_filters(r.input)]
+    for n, (i, a, ka) in enumerate(inputs):
+        for j, b, kb in inputs[:n]:
+            if j != i and _filters_overlap(a, b):
+                root.fail(
+                    f"route[{i}].input.{ka}",
+                    f"{a!r} overlaps route[{j}].input.{kb} {b!r} ({routes[j].name}): "
+                    "a topic matching both would go to two models; make them differ",
+                )
+    for i, r in enumerate(routes):
+        for j in range(i):
+            a, b = r.output.topic, routes[j].output.topic
+            if _filters_overlap(a, b):
+                root.fail(
+                    f"route[{i}].output.topic",
+                    f"{a!r} overlaps route[{j}].output.topic {b!r} ({routes[j].name}): "
+                    "two models' predictions would mix on one topic",
+                )
+
+
+def _input_filters(cfg: InputConfig) -> list[tuple[str, str]]:
+    """The input templates of a route as filters (``{channel}`` as a ``+`` level)."""
+    out = [("topic", cfg.topic)]
+    if cfg.reset_topic is not None:
+        out.append(("reset_topic", cfg.reset_topic))
+    if cfg.channel_topic is not None:
+        out.append(("channel_topic", cfg.channel_topic.replace(CHANNEL, "+")))
+    return out
 
 
 def _model(t: _Table) -> ModelConfig:

@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -55,16 +56,31 @@ class Service(Protocol):
     def stop(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One model's running parts: its engine (state store), the worker thread owning it,
+    the source feeding it from the shared link, and its own checkpoint file."""
+
+    name: str
+    engine: Engine
+    worker: Worker
+    source: MqttSource
+    checkpoint: Path | None
+
+
 class Daemon:
-    """Owns the running parts' order of start and stop; builds none of them (see app)."""
+    """Owns the running parts' order of start and stop; builds none of them (see app).
+
+    ``routes``: one per model, all fed through the one ``link``; each engine is saved to
+    its own checkpoint file, all at the same ticks, and a held acknowledgement is only
+    released once every route's checkpoint has been written.
+    """
 
     def __init__(
         self,
         *,
-        engine: Engine,
-        worker: Worker,
+        routes: Sequence[Route],
         link: Link,
-        source: MqttSource,
         metrics: Metrics,
         checkpoint: CheckpointConfig,
         exporter: Callable[[], Exporter] | None = None,
@@ -78,10 +94,8 @@ class Daemon:
     ) -> None:
         """``notifier``: systemd readiness; ``reload``: run on SIGHUP, on this thread;
         ``acks``: sensor acknowledgements released by checkpoints (:mod:`pipeline.sources.acks`)."""
-        self.engine = engine
-        self.worker = worker
+        self.routes = tuple(routes)
         self.link = link
-        self.source = source
         self.metrics = metrics
         self.checkpoint = checkpoint
         self.exporter: Exporter | None = None
@@ -100,6 +114,16 @@ class Daemon:
         self._reload_requested = threading.Event()
         self.acks = acks
 
+    @property
+    def engine(self) -> Engine:
+        """The first route's engine (the only one of a single-model daemon)."""
+        return self.routes[0].engine
+
+    @property
+    def worker(self) -> Worker:
+        """The first route's worker (the only one of a single-model daemon)."""
+        return self.routes[0].worker
+
     # -- whole life ---------------------------------------------------------------------
 
     def run(self, *, install_signals: bool = True) -> int:
@@ -117,15 +141,17 @@ class Daemon:
         return code
 
     def start(self) -> None:
-        path = self.checkpoint.path
-        if path is not None and path.exists():
-            n = self.engine.restore(path)
-            log.info("restored %d streams from %s", n, path)
+        for route in self.routes:
+            path = route.checkpoint
+            if path is not None and path.exists():
+                n = route.engine.restore(path)
+                log.info("restored %d streams of %s from %s", n, route.name, path)
         if self._make_exporter is not None:
             self.exporter = self._make_exporter()
             url = self.exporter.url
             log.info("http: %s (status page), /metrics, /healthz, /readyz, /status", url)
-        self.worker.start()
+        for route in self.routes:
+            route.worker.start()
         for service in self.services:
             service.start()
         try:
@@ -133,7 +159,8 @@ class Daemon:
         except BaseException:
             for service in self.services:
                 service.stop()
-            self.worker.stop(drain=False, timeout=5.0)
+            for route in self.routes:
+                route.worker.stop(drain=False, timeout=5.0)
             if self.exporter is not None:
                 self.exporter.close()
             raise
@@ -152,12 +179,11 @@ class Daemon:
         if self._reload is not None and self._reload_requested.is_set():
             self._reload_requested.clear()
             self._reload()
-        path = self.checkpoint.path
-        if path is not None and (
+        if self.checkpoint.path is not None and (
             self._clock() >= self._next_checkpoint or (self.acks is not None and self.acks.due)
         ):
             self._next_checkpoint = self._clock() + self.checkpoint.interval_s
-            self._save_running(path)
+            self._save_running()
         for hook in self.tick_hooks:
             hook()
 
@@ -171,31 +197,38 @@ class Daemon:
         log.info("stopping (%s)", "draining the queue" if drain else "without draining")
         for service in self.services:
             service.stop()
-        self.source.close()
-        worker_stopped = self.worker.stop(drain=drain, timeout=self.drain_timeout_s)
-        if not worker_stopped:
-            log.warning("worker did not finish within %g s", self.drain_timeout_s)
+        for route in self.routes:
+            route.source.close()
+        worker_stopped = True
+        for route in self.routes:
+            if not route.worker.stop(drain=drain, timeout=self.drain_timeout_s):
+                worker_stopped = False
+                log.warning(
+                    "worker of %s did not finish within %g s", route.name, self.drain_timeout_s
+                )
         flushed = self.link.flush(self.drain_timeout_s)
         if not flushed:
             log.warning("some predictions were not confirmed by the broker before stopping")
         code = EXIT_OK
-        path = self.checkpoint.path
-        if path is not None and not worker_stopped:
-            # The engine thread may still be inside a batch: saving now could write a torn
-            # state. The last periodic checkpoint stays the restart point.
+        saving = self.checkpoint.path is not None
+        if saving and not worker_stopped:
+            # An engine thread may still be inside a batch: saving now could write a torn
+            # state. The last periodic checkpoints stay the restart point.
             self.metrics.checkpoint_failures.inc()
-            log.error("no checkpoint on stop: the engine is still busy; keeping the previous one")
+            log.error("no checkpoint on stop: an engine is still busy; keeping the previous one")
             code = EXIT_CHECKPOINT_FAILED
-        elif path is not None and self.acks is not None and not flushed:
+        elif saving and self.acks is not None and not flushed:
             # A checkpoint now would cover steps whose predictions may never reach the
             # broker; their messages stay unacknowledged and the next run redoes them.
             log.warning("no checkpoint on stop: the next run redoes the unconfirmed steps")
-        elif path is not None:
+        elif saving:
             cut = self.acks.cut() if self.acks is not None else None
             try:
-                n = self.engine.save(path)  # the worker has stopped: this thread owns it now
+                for route in self.routes:  # the workers have stopped: this thread owns them
+                    if route.checkpoint is not None:
+                        n = route.engine.save(route.checkpoint)
+                        log.info("checkpointed %d streams to %s", n, route.checkpoint)
                 self.metrics.checkpoints.inc()
-                log.info("checkpointed %d streams to %s", n, path)
                 if cut is not None and self.acks is not None:
                     self.acks.release(cut)
             except SeqstreamError as exc:
@@ -210,13 +243,18 @@ class Daemon:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _save_running(self, path: Path) -> None:
-        """A checkpoint taken on the engine's thread, between two batches; then the
-        acknowledgements it covers (taken before it was queued) go to the broker."""
+    def _save_running(self) -> None:
+        """A checkpoint of every route, each taken on its engine's thread between two
+        batches; then the acknowledgements they cover (taken before any was queued) go
+        to the broker, once all of them are written."""
         acks = self.acks
         cut = acks.cut() if acks is not None else None
         try:
-            self.worker.call(lambda engine: self._save_confirmed(engine, path)).result(timeout=60.0)
+            for route in self.routes:
+                path = route.checkpoint
+                if path is not None:
+                    save = self._saver(path)
+                    route.worker.call(save).result(timeout=60.0)
             self.metrics.checkpoints.inc()
         except SeqstreamError as exc:
             self.metrics.checkpoint_failures.inc()
@@ -234,6 +272,9 @@ class Daemon:
                 n = acks.release(acks.cut())
                 self.metrics.acks_uncovered.inc(n)
                 log.error("checkpoints keep failing: acknowledged %d messages none covers", n)
+
+    def _saver(self, path: Path) -> Callable[[Engine], int]:
+        return lambda engine: self._save_confirmed(engine, path)
 
     def _save_confirmed(self, engine: Engine, path: Path) -> int:
         """On the engine's thread. With held acknowledgements, the checkpoint must not

@@ -11,10 +11,11 @@ when the daemon runs outside systemd, so the same code serves tests and a termin
   already queued; a pending probe older than half of ``WatchdogSec`` means the engine is
   stuck (an idle engine answers at once), so the pings stop and systemd restarts the
   service. Message arrival plays no part: a quiet sensor network is not a fault.
-* :class:`Reloader` (SIGHUP, ``systemctl reload``) re-reads the config, loads the model
-  it names and swaps it in on the engine's thread between two batches; the broker
-  connection is untouched. A model that cannot be loaded, or does not fit the running
-  daemon (another input width), leaves the old one serving and the reason in the log.
+* :class:`Reloader` (SIGHUP, ``systemctl reload``) re-reads the config, loads each model
+  whose file or settings changed (per route: the others are not touched) and swaps it
+  in on its engine's thread between two batches; the broker connection is untouched.
+  A model that cannot be loaded, or does not fit the running daemon (another input
+  width), leaves the old one serving and the reason in the log.
 * :func:`record_exit` turns the ``last-exit`` file that the unit's ``ExecStopPost``
   writes (systemd's ``$SERVICE_RESULT``: ``watchdog``, ``exit-code``, ...) into counts
   kept in the state directory, so Prometheus can alert on watchdog restarts.
@@ -23,6 +24,7 @@ when the daemon runs outside systemd, so the same code serves tests and a termin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING
 from pipeline.errors import ConfigError, ModelError, SeqstreamError
 
 if TYPE_CHECKING:
-    from pipeline.daemon.config import Settings
+    from pipeline.daemon.config import RouteConfig, Settings
     from pipeline.engine.engine import Engine
     from pipeline.model import StepModel
     from pipeline.telemetry.metrics import Metrics
@@ -236,32 +238,36 @@ class StatusLine:
 
 
 class Reloader:
-    """SIGHUP: re-read the config and hot-swap the model; the old one serves on failure.
+    """SIGHUP: re-read the config and hot-swap each model whose file or ``[model]``
+    settings changed; an old model serves on when its new one fails.
 
-    Only ``[model]`` takes effect on a reload; changes to other sections are logged as
-    needing a restart (they shape the broker connection, topics and queues). ``check``
-    applies the daemon's own rules (:func:`pipeline.daemon.app.check_model`); the input width
-    and feature names must stay the same because the decoder already validates payloads
-    against them (and maps named ``values`` by the names).
-    ``swap`` queues the swap on the engine's thread and returns its future (True when
-    streams kept their state).
+    Models are reloaded per route (``[[route]]``): a route whose model is unchanged (same
+    settings, same file bytes) is not touched, so its streams keep their state whatever
+    happens to the others. Only the models take effect on a reload; changes to other
+    sections (and routes added or removed) are logged as needing a restart (they shape
+    the broker connection, topics and queues). ``check`` applies the daemon's own rules
+    (:func:`pipeline.daemon.app.check_route_model`); the input width and feature names
+    must stay the same because the decoder already validates payloads against them (and
+    maps named ``values`` by the names). ``swap(route, model)`` queues the swap on that
+    route's engine thread and returns its future (True when streams kept their state).
     """
 
     def __init__(
         self,
         settings: Settings,
-        model: StepModel,
+        models: Mapping[str, StepModel],
         *,
         load_settings: Callable[[Path], Settings],
-        load_model: Callable[[Settings], StepModel],
-        check: Callable[[Settings, StepModel], None],
-        swap: Callable[[StepModel], Future[bool]],
-        metrics: Metrics,
+        load_model: Callable[[RouteConfig], StepModel],
+        check: Callable[[RouteConfig, StepModel], None],
+        swap: Callable[[str, StepModel], Future[bool]],
+        metrics: Mapping[str, Metrics],
         notifier: Notifier,
         timeout_s: float = 60.0,
     ) -> None:
         self.settings = settings
-        self.model = model
+        self.models = dict(models)
+        self._digests = {r.name: file_digest(r.model.path) for r in settings.routes}
         self._load_settings = load_settings
         self._load_model = load_model
         self._check = check
@@ -270,60 +276,115 @@ class Reloader:
         self._notifier = notifier
         self._timeout_s = timeout_s
 
+    @property
+    def model(self) -> StepModel:
+        """The first route's model (the only one of a single-model config)."""
+        return self.models[self.settings.routes[0].name]
+
     def __call__(self) -> bool:
-        """Reload now (on the main thread); True when the new model is serving."""
+        """Reload now (on the main thread); True when every changed model is serving."""
         self._notifier.reloading()
-        old = self.model
         try:
             settings = self._load_settings(self.settings.source)
         except ConfigError as exc:  # an operator's typo, not a model that failed to load
-            return self._failed(old, str(exc), result="bad_config")
+            for route in self.settings.routes:
+                self._metrics[route.name].on_reload("bad_config")
+            what = "refused: the config is invalid"
+            log.error("reload %s; still serving %s: %s", what, self._serving(), exc)
+            self._notifier.ready(f"reload {what}, serving {self._serving()}: {exc}"[:_STATUS_MAX])
+            return False
+        new_routes = {r.name: r for r in settings.routes}
+        old_names = [r.name for r in self.settings.routes]
+        if set(new_routes) != set(old_names):
+            log.warning(
+                "reload: routes %s -> %s; adding or removing routes takes effect after a restart",
+                sorted(old_names),
+                sorted(new_routes),
+            )
+        kept_routes = []
+        failures = []
+        changed = 0
+        for old in self.settings.routes:
+            new = new_routes.get(old.name)
+            if new is None:
+                kept_routes.append(old)
+                continue
+            digest = file_digest(new.model.path)
+            if new.model == old.model and digest is not None and digest == self._digests[old.name]:
+                kept_routes.append(old)  # untouched: its streams keep their state
+                continue
+            changed += 1
+            why = self._reload(old, new)
+            if why is None:
+                self._digests[old.name] = digest
+                kept_routes.append(dataclasses.replace(old, model=new.model))
+            else:
+                failures.append(why)
+                kept_routes.append(old)
+        stale = _changed_sections(self.settings, settings)
+        if stale:
+            log.warning("reload: [%s] changed; takes effect after a restart", "], [".join(stale))
+        routes = tuple(kept_routes)
+        self.settings = dataclasses.replace(self.settings, model=routes[0].model, routes=routes)
+        if failures:
+            self._notifier.ready(
+                f"reload failed, serving {self._serving()}: {'; '.join(failures)}"[:_STATUS_MAX]
+            )
+            return False
+        if changed == 0:
+            log.info("reload: no model changed; still serving %s", self._serving())
+        self._notifier.ready(f"serving {self._serving()}"[:_STATUS_MAX])
+        return True
+
+    def _reload(self, old_route: RouteConfig, route: RouteConfig) -> str | None:
+        """Load, check and swap one route's model; None when it serves, else why not."""
+        name = route.name
+        old = self.models[name]
         try:
-            model = self._load_model(settings)
+            model = self._load_model(route)
             if model.spec.n_features != old.spec.n_features:
                 raise ModelError(
-                    f"{settings.model.path}: takes {model.spec.n_features} features, the "
+                    f"{route.model.path}: takes {model.spec.n_features} features, the "
                     f"running model {old.spec.n_features}; restart the service to change "
                     "the input"
                 )
             if model.spec.features != old.spec.features:  # named payloads map by these
                 raise ModelError(
-                    f"{settings.model.path}: features {list(model.spec.features)}, the "
+                    f"{route.model.path}: features {list(model.spec.features)}, the "
                     f"running model {list(old.spec.features)}; restart the service to "
                     "change the input"
                 )
-            self._check(settings, model)
-            kept = self._wait(self._swap(model))
+            self._check(route, model)
+            kept = self._wait(self._swap(name, model))
         except SeqstreamError as exc:
-            return self._failed(old, str(exc))
+            return self._failed(name, old, str(exc))
         except Exception as exc:  # a bug must not take the serving daemon down with it
             log.exception("reload: unexpected error")
-            return self._failed(old, f"unexpected {type(exc).__name__}: {exc}")
-        stale = _changed_sections(self.settings, settings)
-        if stale:
-            log.warning("reload: [%s] changed; takes effect after a restart", "], [".join(stale))
-        self.settings = dataclasses.replace(self.settings, model=settings.model)
-        self.model = model
+            return self._failed(name, old, f"unexpected {type(exc).__name__}: {exc}")
+        self.models[name] = model
         spec = model.spec
-        self._metrics.set_model(
+        metrics = self._metrics[name]
+        metrics.set_model(
             name=spec.name, version=spec.version, provider=model.provider, opset=spec.opset
         )
-        self._metrics.reloads.labels("ok").inc()
+        metrics.on_reload("ok")
         log.info(
-            "reloaded: %s replaces %s; %s",
+            "reloaded%s: %s replaces %s; %s",
+            _route_name(self.settings, name),
             _describe(model),
             _describe(old),
             "streams kept their state" if kept else "streams were reset (model_change)",
         )
-        self._notifier.ready(f"serving {_describe(model)}")
-        return True
+        return None
 
-    def _failed(self, old: StepModel, why: str, result: str = "failed") -> bool:
-        self._metrics.reloads.labels(result).inc()
-        what = "refused: the config is invalid" if result == "bad_config" else "failed"
-        log.error("reload %s; still serving %s: %s", what, _describe(old), why)
-        self._notifier.ready(f"reload {what}, serving {_describe(old)}: {why}"[:_STATUS_MAX])
-        return False
+    def _failed(self, name: str, old: StepModel, why: str) -> str:
+        self._metrics[name].on_reload("failed")
+        where = _route_name(self.settings, name)
+        log.error("reload failed%s; still serving %s: %s", where, _describe(old), why)
+        return why
+
+    def _serving(self) -> str:
+        return ", ".join(_describe(self.models[r.name]) for r in self.settings.routes)
 
     def _wait(self, future: Future[bool]) -> bool:
         try:
@@ -337,17 +398,35 @@ class Reloader:
             raise ModelError("the engine stopped before taking the new model") from None
 
 
+def file_digest(path: Path) -> str | None:
+    """SHA-256 of a model file, to tell a changed model from an untouched one on SIGHUP;
+    None when unreadable (then the reload is tried, and fails with the loader's reason)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _route_name(settings: Settings, name: str) -> str:
+    """`` (route NAME)`` in log lines of a daemon with several routes; else nothing."""
+    return f" (route {name})" if len(settings.routes) > 1 else ""
+
+
 def _describe(model: StepModel) -> str:
     return f"{model.spec.name} {model.spec.version} ({model.path})"
 
 
 def _changed_sections(old: Settings, new: Settings) -> list[str]:
-    skip = {"source", "model"}
-    return [
+    skip = {"source", "model", "input", "output", "routes"}
+    changed = [
         f.name
         for f in dataclasses.fields(old)
         if f.name not in skip and getattr(old, f.name) != getattr(new, f.name)
     ]
+    strip = [dataclasses.replace(r, model=old.model) for r in old.routes]
+    if strip != [dataclasses.replace(r, model=old.model) for r in new.routes]:
+        changed.append("route topics")
+    return changed
 
 
 def record_exit(state_dir: Path) -> dict[str, int]:

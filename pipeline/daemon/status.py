@@ -6,10 +6,11 @@ One listener (``[metrics] bind``/``port``) serves:
 * ``/healthz``: 200 while the process can answer at all (liveness: restart if not).
 * ``/readyz``: 200 when the broker is connected, a model is loaded and the engine is not
   stalled, else 503; the JSON body names each check (readiness: send no traffic if not).
-* ``/status``: JSON for people and tools: the model, the broker, the queue, rejections by
-  reason, and the most recently seen streams (at most ``max_streams``, newest first)
+* ``/status``: JSON for people and tools: each model (route) with its queue, rejections
+  by reason and the most recently seen streams (at most ``max_streams``, newest first)
   with their last sequence number and timestamp, last published prediction and its age.
-* ``/``: a read-only page rendering ``/status`` every two seconds; one HTML document
+* ``/``: a read-only page rendering ``/status`` every two seconds (every model, and the
+  streams of all of them); one HTML document
   with inline script and style (no build step, no external assets). Stream ids come
   from whoever can publish: the page writes them as text, never as markup.
 
@@ -25,8 +26,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.sinks.recent import LastPredictions
@@ -44,32 +46,36 @@ STATUS_TIMEOUT_S = 2.0
 Route = Callable[[], tuple[int, str, bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class RouteStatus:
+    """What /status reads of one route (one model): its engine, reached on the engine's
+    thread through ``call``, its last predictions, its metrics and its queue."""
+
+    name: str
+    engine: Engine
+    call: Callable[[Callable[[Engine], Any]], Future[Any]]
+    last: LastPredictions
+    metrics: Metrics
+    depth: Callable[[], int]
+    capacity: int
+
+
 class StatusView:
     """What the HTTP endpoints report, read from the daemon's parts when asked."""
 
     def __init__(
         self,
         *,
-        engine: Engine,
-        call: Callable[[Callable[[Engine], Any]], Future[Any]],
-        last: LastPredictions,
-        metrics: Metrics,
+        routes: Sequence[RouteStatus],
         link: Link,
         watchdog: EngineWatchdog,
-        depth: Callable[[], int],
-        capacity: int,
         max_streams: int = MAX_STREAMS_LISTED,
         timeout_s: float = STATUS_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._engine = engine
-        self._call = call
-        self._last = last
-        self._metrics = metrics
+        self._routes = tuple(routes)
         self._link = link
         self._watchdog = watchdog
-        self._depth = depth
-        self._capacity = capacity
         self.max_streams = max_streams
         self._timeout_s = timeout_s
         self._clock = clock
@@ -88,16 +94,35 @@ class StatusView:
         stall = self._watchdog.stall_s()
         checks = {
             "broker_connected": self._link.connected,
-            "model_loaded": self._engine.model is not None,
+            "model_loaded": all(r.engine.model is not None for r in self._routes),
             "engine_progressing": stall <= self._watchdog.stall_after_s,
         }
         return {"ready": all(checks.values()), "checks": checks, "engine_stall_s": round(stall, 1)}
 
     def status(self) -> dict[str, Any]:
-        model = self._engine.model
-        spec = model.spec
+        """Readiness, then one entry per model (``models``); ``model``, ``queue`` and
+        ``streams`` at the top are the first model's (all of a single-model daemon), and
+        ``rejections`` counts every model's and the topics no route matched."""
         ready = self.readiness()
+        rejected = self._routes[0].metrics.rejected.collect()
+        models = [self._model(r, rejected) for r in self._routes]
+        first = models[0]
+        return {
+            "model": first["model"],
+            "ready": ready["ready"],
+            "checks": ready["checks"],
+            "uptime_s": round(self._clock() - self._started, 1),
+            "queue": first["queue"],
+            "rejections": _counts(rejected, "reason"),
+            "streams": first["streams"],
+            "models": models,
+        }
+
+    def _model(self, route: RouteStatus, rejected: Iterable[Any]) -> dict[str, Any]:
+        model = route.engine.model
+        spec = model.spec
         doc: dict[str, Any] = {
+            "route": route.name,
             "model": {
                 "name": spec.name,
                 "version": spec.version,
@@ -106,22 +131,20 @@ class StatusView:
                 "provider": model.provider,
                 "features": list(spec.features),
             },
-            "ready": ready["ready"],
-            "checks": ready["checks"],
-            "uptime_s": round(self._clock() - self._started, 1),
-            "queue": {"depth": self._depth(), "capacity": self._capacity},
-            "rejections": _counts(self._metrics.rejected.collect(), "reason"),
+            "queue": {"depth": route.depth(), "capacity": route.capacity},
+            "rejections": _counts(rejected, "reason", model=route.name),
         }
         try:
-            doc["streams"] = self._call(self._streams).result(timeout=self._timeout_s)
+            streams = route.call(lambda e: self._streams(e, route.last))
+            doc["streams"] = streams.result(timeout=self._timeout_s)
         except TimeoutError:
             doc["streams"] = {"error": f"the engine did not answer within {self._timeout_s:g} s"}
         return doc
 
-    def _streams(self, engine: Engine) -> dict[str, Any]:
+    def _streams(self, engine: Engine, last: LastPredictions) -> dict[str, Any]:
         """On the engine's thread: the newest ``max_streams`` streams, as JSON rows."""
-        self._last.prune()
-        return stream_rows([engine], self.max_streams, self._clock(), self._last)
+        last.prune()
+        return stream_rows([engine], self.max_streams, self._clock(), last)
 
     # -- HTTP ---------------------------------------------------------------------------
 
@@ -178,13 +201,15 @@ def _json(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _counts(families: Iterable[Any], label: str) -> dict[str, float]:
-    """A labelled counter's ``_total`` samples as ``{label value: count}``."""
+def _counts(families: Iterable[Any], label: str, model: str | None = None) -> dict[str, float]:
+    """A labelled counter's ``_total`` samples as ``{label value: count}``, summed over
+    models, or of ``model`` only."""
     out: dict[str, float] = {}
     for family in families:
         for sample in family.samples:
-            if sample.name.endswith("_total"):
-                out[sample.labels[label]] = sample.value
+            if sample.name.endswith("_total") and model in (None, sample.labels.get("model")):
+                key = sample.labels[label]
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
@@ -204,6 +229,9 @@ code{font-size:.92em} #err{color:#b00020}
 <body>
 <h1>seqstream <span id="model"></span></h1>
 <div id="ready"></div><div id="err"></div>
+<h2>Models</h2>
+<table id="models"><thead><tr><th>route</th><th>model</th><th>task</th><th>active streams</th>
+<th>queue</th></tr></thead><tbody></tbody></table>
 <h2>Streams <span id="count"></span></h2>
 <table id="streams"><thead><tr><th>stream</th><th>last seq</th><th>last ts</th>
 <th>last prediction</th><th>age (s)</th></tr></thead><tbody></tbody></table>
@@ -241,11 +269,21 @@ function show(s) {
   const failed = Object.entries(s.checks).filter(([, ok]) => !ok).map(([k]) => k);
   ready.textContent = s.ready ? "ready" : "NOT READY: " + failed.join(", ");
   ready.className = s.ready ? "ok" : "bad";
-  const st = s.streams;
-  if (st.error) { document.getElementById("count").textContent = "(" + st.error + ")"; return; }
-  document.getElementById("count").textContent = "(" + st.listed + " of " + st.active + " active)";
-  fill("streams", st.items.map(r => [r.stream, r.last_seq ?? "", r.last_ts ?? "",
-    summary(r.last_prediction), r.prediction_age_s ?? ""]));
+  fill("models", (s.models || []).map(r => [r.route, r.model.name + " " + r.model.version,
+    r.model.task, r.streams.error ? r.streams.error : r.streams.active,
+    r.queue.depth + " of " + r.queue.capacity]));
+  // every model's streams; with several models each id is prefixed by its route
+  const models = s.models || [{route: "", streams: s.streams}];
+  const many = models.length > 1;
+  const errors = models.filter(r => r.streams.error).map(r => r.streams.error);
+  const ok = models.filter(r => !r.streams.error);
+  const listed = ok.reduce((n, r) => n + r.streams.listed, 0);
+  const active = ok.reduce((n, r) => n + r.streams.active, 0);
+  document.getElementById("count").textContent = "(" + listed + " of " + active + " active"
+    + (errors.length ? "; " + errors.join("; ") : "") + ")";
+  fill("streams", ok.flatMap(r => r.streams.items.map(x => [
+    (many ? r.route + ": " : "") + x.stream, x.last_seq ?? "", x.last_ts ?? "",
+    summary(x.last_prediction), x.prediction_age_s ?? ""])));
   fill("rejections", Object.entries(s.rejections).filter(([, n]) => n > 0).map(([k, n]) => [k, n]));
 }
 async function refresh() {

@@ -276,11 +276,31 @@ class Decoder:
             raise PayloadError(TOO_MANY_STEPS, f"{t} steps in one message > {self.max_steps}")
 
 
-def encode_json(values: Array, seq: int | None = None, ts: float | None = None) -> bytes:
-    """A sensor message in the JSON format (one step for a 1-D ``values``)."""
-    doc: dict[str, Any] = {"values": np.asarray(values, dtype=np.float32).tolist()}
+def encode_json(
+    values: Array,
+    seq: int | None = None,
+    ts: float | None = None,
+    names: Sequence[str] | None = None,
+) -> bytes:
+    """A sensor message in the JSON format (one step for a 1-D ``values``); with
+    ``names``, the named form: ``{"values": {name: value, or one column per name}}``."""
+    arr = np.asarray(values, dtype=np.float32)
+    doc: dict[str, Any] = {"values": arr.tolist()}
+    if names is not None:
+        if len(names) != arr.shape[-1]:
+            raise ValueError(f"{len(names)} names for {arr.shape[-1]} features")
+        columns = arr.T.tolist()  # [F] or [F, T]
+        doc["values"] = dict(zip(names, columns, strict=True))
     if seq is not None:
         doc["seq"] = seq
+    if ts is not None:
+        doc["ts"] = ts
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def encode_channel(value: float, seq: int, ts: float | None = None) -> bytes:
+    """One channel's reading (``input.channel_topic``): ``{"seq", "ts", "value"}``."""
+    doc: dict[str, Any] = {"seq": seq, "value": float(np.float32(value))}
     if ts is not None:
         doc["ts"] = ts
     return json.dumps(doc, separators=(",", ":")).encode()

@@ -45,7 +45,7 @@ from pipeline.sinks.mqtt import ErrorReporter, clip
 from pipeline.sources.acks import AckLedger
 from pipeline.sources.channels import INCOMPLETE_STEP, UNKNOWN_CHANNEL, Assembler
 from pipeline.sources.codecs import Decoder
-from pipeline.telemetry.metrics import Metrics
+from pipeline.telemetry.metrics import Metrics, Unrouted
 from pipeline.transport.mqtt import Link, Message
 from pipeline.transport.topics import CHANNEL, STREAM
 
@@ -130,9 +130,12 @@ class MqttSource:
         acks: AckLedger | None = None,
         max_tracked: int = 10_000,
         channels: Assembler | None = None,
+        unrouted: Unrouted | None = None,
     ) -> None:
         """``max_tracked``: streams whose last reset time is kept (engine.max_streams);
-        ``channels``: joins ``input.channel_topic`` readings into steps (when set)."""
+        ``channels``: joins ``input.channel_topic`` readings into steps (when set);
+        ``unrouted``: where a topic matching no subscription is counted, when the link
+        feeds several sources (several models): such a message is no model's."""
         self._link = link
         self._acks = acks
         self._decoder = decoder
@@ -161,6 +164,7 @@ class MqttSource:
                 cfg.channel_topic.replace(CHANNEL, "+")
             )
             link.subscribe(channel_filter, cfg.qos, self._on_channel)
+        self._unrouted: Metrics | Unrouted = unrouted if unrouted is not None else metrics
         link.on_other(self._on_unknown)
 
     def close(self) -> None:
@@ -257,8 +261,10 @@ class MqttSource:
     def _on_unknown(self, msg: Message) -> None:
         if not self._open:
             return
-        self._metrics.received.inc()
-        self._reject(UNKNOWN_TOPIC, msg.topic, "matches no configured topic")
+        metrics = self._unrouted
+        metrics.received.inc()
+        metrics.on_reject(UNKNOWN_TOPIC)
+        self._errors.report(UNKNOWN_TOPIC, "matches no configured topic", topic=msg.topic)
         self._link.ack(msg.mid, msg.qos)
 
     def _stream(self, msg: Message, levels: tuple[int, ...]) -> str | None:

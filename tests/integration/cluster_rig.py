@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pipeline.cluster import assign
 from pipeline.sources import codecs
 from tests.integration.broker import HOST, free_port, wait_until
-from tests.integration.conftest import write_toml
+from tests.integration.conftest import exposition, write_toml
 from tests.integration.nats_cluster import NatsCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,11 +75,7 @@ class Member:
         url = f"http://{HOST}:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             text = response.read().decode()
-        return {
-            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line and not line.startswith("#")
-        }
+        return exposition(text)  # the one route's model="default" left out
 
     def http(self, path: str) -> tuple[int, Any]:
         """GET ``path`` on the member's HTTP endpoint: status code and JSON body."""

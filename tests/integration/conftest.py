@@ -186,6 +186,30 @@ def predictions_by_stream(
     return out
 
 
+# -- metrics of a single-model daemon (its one route is named "default") ---------------
+
+
+def exposition(text: str) -> dict[str, float]:
+    """A /metrics text as ``{sample line key: value}``, without the ``model="default"``
+    label of a single-model daemon, so keys read ``name{reason="x"}``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            key = key.replace('{model="default"}', "").replace('model="default",', "")
+            out[key] = float(value)
+    return out
+
+
+def sample_value(registry: Any, name: str, labels: dict[str, str] | None = None) -> float:
+    """A sample of a single-model daemon's registry, with or without a ``model`` label."""
+    labels = labels or {}
+    value = registry.get_sample_value(name, labels)
+    if value is None and "model" not in labels:
+        value = registry.get_sample_value(name, {"model": "default", **labels})
+    return 0.0 if value is None else float(value)
+
+
 # -- the daemon ---------------------------------------------------------------------------
 
 
@@ -228,7 +252,15 @@ def write_toml(path: Path, doc: dict[str, Any]) -> Path:
             table(f"{name}.{k}", v)
 
     for name, d in doc.items():
-        table(name, d)
+        if isinstance(d, list):  # an array of tables: [[route]]
+            for item in d:
+                lines.append(f"[[{name}]]")
+                subs = {k: v for k, v in item.items() if isinstance(v, dict)}
+                lines.extend(f"{k} = {value(v)}" for k, v in item.items() if k not in subs)
+                for k, v in subs.items():
+                    table(f"{name}.{k}", v)
+        else:
+            table(name, d)
     path.write_text("\n".join(lines) + "\n")
     return path
 

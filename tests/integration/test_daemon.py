@@ -37,9 +37,11 @@ from tests.integration.conftest import (
     Collector,
     Publisher,
     daemon_config,
+    exposition,
     predictions_by_stream,
     publisher,
     running_daemon,
+    sample_value,
     write_toml,
 )
 
@@ -63,8 +65,7 @@ def check_stream(preds: list[dict[str, Any]], expected: np.ndarray, seqs: list[i
 
 
 def metric(daemon: Any, name: str, labels: dict[str, str] | None = None) -> float:
-    value = daemon.metrics.registry.get_sample_value(name, labels or {})
-    return 0.0 if value is None else float(value)
+    return sample_value(daemon.metrics.registry, name, labels)
 
 
 def test_replayed_data_json_and_binary_gives_the_offline_predictions(
@@ -79,17 +80,44 @@ def test_replayed_data_json_and_binary_gives_the_offline_predictions(
     preds = Collector(broker.port, "predictions/#")
     with running_daemon(doc, tmp_path):
         assert status.take(1)[0][1] == b"online"
-        for fmt in ("json", "binary"):
+        for fmt in ("json", "binary", "named"):
             argv = ["replay", str(test_file), "--broker", f"mqtt://{HOST}:{broker.port}"]
-            argv += ["--format", fmt, "--prefix", f"{fmt}-", "--cases", str(n)]
+            argv += ["--prefix", f"{fmt}-", "--cases", str(n)]
+            names = list(StepModel.load(model_path).spec.features)  # not the .ts file's dim_i
+            argv += ["--named", "--feature-names", *names] if fmt == "named" else ["--format", fmt]
             assert cli.main(argv) == 0
-        by_stream = predictions_by_stream(preds.take(2 * n * 100))
+        by_stream = predictions_by_stream(preds.take(3 * n * 100))
     assert status.take(1)[0][1] == b"offline"
-    for fmt in ("json", "binary"):
+    for fmt in ("json", "binary", "named"):
         for i in range(n):
             check_stream(by_stream[f"{fmt}-{i}"], expected[i], list(range(100)))
     for c in (status, preds):
         c.close()
+
+
+def test_replay_per_channel_topics_gives_the_offline_predictions(
+    broker: Broker, model_path: Path, basicmotions: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``replay --channel-topic``: one message per feature, joined by the daemon's
+    ``input.channel_topic`` into the same steps, so the same predictions."""
+    test_file = basicmotions[1]
+    data = datasets.load(test_file)
+    n = 3
+    expected = oracle(model_path, list(data.cases[:n]))
+    template = "sensors/{stream}/ch/{channel}"
+    doc = daemon_config(
+        tmp_path, model_path, broker.port, "channel-replay", input={"channel_topic": template}
+    )
+    preds = Collector(broker.port, "predictions/#")
+    with running_daemon(doc, tmp_path):
+        argv = ["replay", str(test_file), "--broker", f"mqtt://{HOST}:{broker.port}"]
+        argv += ["--channel-topic", template, "--cases", str(n), "--prefix", "ch-"]
+        argv += ["--feature-names", *StepModel.load(model_path).spec.features]
+        assert cli.main(argv) == 0
+        by_stream = predictions_by_stream(preds.take(n * 100))
+    for i in range(n):
+        check_stream(by_stream[f"ch-{i}"], expected[i], list(range(100)))
+    preds.close()
 
 
 def test_many_interleaved_streams_with_chunks(
@@ -322,11 +350,7 @@ def test_metrics_endpoint_passes_promtool(broker: Broker, model_path: Path, tmp_
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == b"" and check.stderr.strip() == b""
-    samples = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.decode().splitlines()
-        if line and not line.startswith("#")
-    }
+    samples = exposition(text.decode())
     assert samples["seqstream_messages_received_total"] == 11
     assert samples['seqstream_messages_rejected_total{reason="malformed_json"}'] == 1
     assert samples["seqstream_predictions_published_total"] == 10

@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     predictions_by_stream,
     publisher,
     running_daemon,
+    sample_value,
 )
 
 CELLS = ("lstm", "gru", "rnn")
@@ -102,7 +103,7 @@ def test_family_through_the_daemon_equals_the_offline_run(
                     encode = codecs.encode_binary if k % 2 else codecs.encode_json
                     pub.publish(f"sensors/s{i}/data", encode(rows, mine[k].start, None))
         by_stream = predictions_by_stream(preds.take(n_messages))
-        scored = daemon.metrics.registry.get_sample_value("seqstream_anomaly_score_ratio_count")
+        scored = sample_value(daemon.metrics.registry, "seqstream_anomaly_score_ratio_count")
     preds.close()
     for i, mine in enumerate(cuts):
         docs = by_stream[f"s{i}"]

@@ -44,7 +44,7 @@ from pipeline.model import StepModel
 from pipeline.offline.evaluation import run_stepwise
 from pipeline.sources import codecs
 from tests.integration.broker import HOST, Broker, free_port, shipped_broker, wait_until
-from tests.integration.conftest import daemon_config, write_toml
+from tests.integration.conftest import daemon_config, exposition, write_toml
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = [sys.executable, "-m", "pipeline.cli", "run", "--allow-root"]  # CI runs as root
@@ -311,11 +311,7 @@ class DaemonProcess:
         url = f"http://{HOST}:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             text = response.read().decode()
-        return {
-            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line and not line.startswith("#")
-        }
+        return exposition(text)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None

@@ -26,6 +26,7 @@ from tests.integration.broker import HOST, Broker, wait_until
 from tests.integration.conftest import (
     Collector,
     daemon_config,
+    exposition,
     publisher,
     running_daemon,
     write_toml,
@@ -39,11 +40,7 @@ def scrape(daemon: Daemon) -> dict[str, float]:
     url = f"http://{HOST}:{daemon.exporter.port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as r:
         text = r.read().decode()
-    return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
+    return exposition(text)
 
 
 @pytest.fixture(scope="module")

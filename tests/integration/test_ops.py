@@ -35,9 +35,11 @@ from tests.integration.broker import HOST, Broker, free_port, make_tls, wait_unt
 from tests.integration.conftest import (
     Collector,
     daemon_config,
+    exposition,
     predictions_by_stream,
     publisher,
     running_daemon,
+    sample_value,
     write_toml,
 )
 from tests.integration.ops_tools import NotifySocket, Prometheus
@@ -65,8 +67,7 @@ def daemon_thread(doc: dict[str, Any], tmp: Path, env: ServiceEnv) -> Iterator[D
 
 
 def sample(daemon: Daemon, name: str, **labels: str) -> float:
-    value = daemon.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else float(value)
+    return sample_value(daemon.metrics.registry, name, labels)
 
 
 # -- watchdog ---------------------------------------------------------------------------
@@ -176,12 +177,7 @@ def probs(model: StepModel, x: np.ndarray, state: dict[str, np.ndarray] | None) 
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
+    return exposition(text)
 
 
 @pytest.mark.slow
@@ -316,7 +312,12 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def concrete(expr: str, job: str) -> str:
     """Grafana's variables as Grafana would fill them for this one daemon."""
-    return expr.replace("$__rate_interval", "20s").replace("$job", job).replace("$instance", ".*")
+    return (
+        expr.replace("$__rate_interval", "20s")
+        .replace("$job", job)
+        .replace("$instance", ".*")
+        .replace("$model", ".*")
+    )
 
 
 # Metric families this test's daemon (one classifier, no [cluster]) does not export.
@@ -380,6 +381,11 @@ def test_prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data(
                 "label/instance/values", **{"match[]": 'seqstream_model_info{job="seqstream"}'}
             )
             assert instances == [target]
+            models = prom.api(
+                "label/model/values",
+                **{"match[]": f'seqstream_model_info{{job="seqstream", instance=~"{target}"}}'},
+            )
+            assert models == ["default"]  # the $model variable's query: the one route
             (info,) = prom.query('seqstream_model_info{job="seqstream"}')
             assert info["metric"]["name"] == "random-lstm-classify"
             labels = {

@@ -105,6 +105,11 @@ def test_info_prints_what_training_recorded(named_model: Path) -> None:
     values = np.asarray(step.values)
     assert values.shape == (1, 2)
     assert 19 < values[0, 0] < 21.5 and 39 < values[0, 1] < 41.5
+    # and the same step in the named form, keyed by the model's feature names
+    assert json.loads(doc["example_payload_named"])["values"].keys() == {"temp", "hum"}
+    named = Decoder(2, max_payload_bytes=4096, max_steps=8, features=("temp", "hum"))
+    step = named.decode("s1", doc["example_payload_named"].encode())
+    np.testing.assert_array_equal(np.asarray(step.values), values)
 
     # eval reads the same CSV back: the model records the columns its names came from
     csv = named_model.parent / "room.csv"

@@ -150,3 +150,28 @@ def test_deploy_readme_lists_every_rejection_reason() -> None:
 def test_host_problem_accepts_hosts_and_addresses() -> None:
     for host in ("127.0.0.1", "::1", "localhost", "broker.example.org", "my_broker", "fd00::5"):
         assert host_problem(host) is None, host
+
+
+def test_every_route_is_checked_and_overlapping_routes_are_refused(
+    model: Path, random_model_path: Callable[..., Path], tmp_path: Path
+) -> None:
+    forecaster = random_model_path("gru", "forecast")
+    routes = (
+        f'[[route]]\nname = "motion"\n[route.model]\npath = "{model}"\n'
+        '[route.input]\ntopic = "sensors/{stream}/motion"\nreset_topic = ""\n'
+        '[route.output]\ntopic = "predictions/{stream}"\n'
+        f'[[route]]\nname = "flow"\n[route.model]\npath = "{forecaster}"\n'
+        '[route.input]\ntopic = "plant/+/{stream}/flow"\nreset_topic = ""\n'
+        '[route.output]\ntopic = "forecasts/{stream}"\n'
+    )
+    proc = seqstream("config", "check", str(write(tmp_path, routes)))
+    assert proc.returncode == 0, proc.stderr
+    assert "route motion: " in proc.stdout and "route flow: " in proc.stdout
+    assert "random-gru-forecast" in proc.stdout
+    # the second route's model is loaded and checked as run would: on_change needs a classifier
+    bad = routes + "on_change = true\n"
+    why = refused(seqstream("config", "check", str(write(tmp_path, bad))))
+    assert "route flow: output.on_change: needs a classify model" in why
+    overlap = routes.replace("plant/+/{stream}/flow", "sensors/+/{stream}")
+    why = refused(seqstream("config", "check", "--no-model", str(write(tmp_path, overlap))))
+    assert "route[1].input.topic: 'sensors/+/{stream}' overlaps route[0].input.topic" in why

@@ -673,7 +673,7 @@ def test_a_bug_behind_the_source_is_counted_and_logged_once_without_a_traceback(
             msg = paho.MQTTMessage(mid=mid, topic=f"sensors/s{mid}/data".encode())
             msg.payload, msg.qos = good, 1
             link.client._handle_on_message(msg)
-    internal = metrics.rejected.labels(source_mqtt.INTERNAL_ERROR)._value.get()
+    internal = metrics.rejected.labels(metrics.name, source_mqtt.INTERNAL_ERROR)._value.get()
     assert internal == 50 and _value(metrics.received) == 50
     assert len(caplog.records) == 1  # one line a minute at most
     record = caplog.records[0]

@@ -176,7 +176,7 @@ def test_a_reload_to_other_feature_names_is_refused(tmp_path: Path) -> None:
 
     swapped: list[StepModel] = []
 
-    def swap(model: StepModel) -> Future[bool]:  # the engine's side: take it at once
+    def swap(route: str, model: StepModel) -> Future[bool]:  # the engine's side: at once
         swapped.append(model)
         done: Future[bool] = Future()
         done.set_result(True)
@@ -184,17 +184,17 @@ def test_a_reload_to_other_feature_names_is_refused(tmp_path: Path) -> None:
 
     reloader = service.Reloader(
         settings,
-        old,
+        {"default": old},
         load_settings=config.load,
-        load_model=app.load_model,
-        check=app.check_model,
+        load_model=app.load_route_model,
+        check=app.check_route_model,
         swap=swap,
-        metrics=metrics,
+        metrics={"default": metrics},
         notifier=service.Notifier(None),
     )
     assert reloader() is False
     assert swapped == [] and reloader.model is old
     failed = metrics.registry.get_sample_value(
-        "seqstream_model_reloads_total", {"result": "failed"}
+        "seqstream_model_reloads_total", {"model": "default", "result": "failed"}
     )
     assert failed == 1
