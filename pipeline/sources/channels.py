@@ -16,6 +16,10 @@ prediction on data that never existed. So one lost reading delays its stream by
 ``max_pending`` steps, and a dead channel stops its stream's predictions, every step
 counted, until it comes back.
 
+Order within a channel is assumed (MQTT keeps each publisher's order): a step whose
+every channel arrived before any reading of an older step leaves first, and the older
+step's readings are then ``duplicate``, as they would be after it was dropped.
+
 A reading for a step already emitted (or dropped), or the same channel twice for one
 step, is a ``duplicate``; one more than ``max_seq_jump`` ahead of the stream's last
 step is a ``seq_jump``, refused without touching the stream (as the engine does), so a

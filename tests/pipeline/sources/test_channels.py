@@ -250,8 +250,21 @@ def test_hostile_channel_readings_are_counted_and_leave_other_streams_alone(
         for t in range(len(v))
         for j in range(F)
     ]
-    arrivals = [(t, p if isinstance(p, bytes) else p.encode(), r) for t, p, r in good + hostile]
-    order.shuffle(arrivals)  # channels and steps interleave at will
+    # Channels and steps interleave at will, but each channel's readings keep their own
+    # order, as MQTT keeps each publisher's: without that, a whole later step could be
+    # complete before any reading of an earlier one exists, which no policy can tell
+    # from a lost step (the module doc's case of a missing step).
+    lanes = [[r for r in good if r[0] == topic] for topic in dict.fromkeys(r[0] for r in good)]
+    lanes += [[h] for h in hostile]
+    arrivals = []
+    while lanes:
+        lane = order.choice(lanes)
+        topic, payload, retain = lane.pop(0)
+        arrivals.append(
+            (topic, payload if isinstance(payload, bytes) else payload.encode(), retain)
+        )
+        if not lane:
+            lanes.remove(lane)
     worker.start()
     try:
         for mid, (topic, payload, retain) in enumerate(arrivals, 1):
