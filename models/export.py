@@ -57,8 +57,6 @@ def spec_for(net: SeqNet, meta: dict[str, Any], opset: int = OPSET) -> ModelSpec
         meta["window"] = cfg.window
     if cfg.arch != "rnn":
         arch = {"arch": cfg.arch, "filters": list(cfg.filters), "kernels": list(cfg.kernels)}
-        if cfg.attention:
-            arch["attention"] = True
         meta["extra"] = {**meta.get("extra", {}), **arch}
     return ModelSpec(
         task=cfg.task,

@@ -38,11 +38,6 @@ from torch import Tensor, nn
 from models.nets import NetConfig, RecurrentCore, SeqNet, State
 from pipeline.contract import BATCH, StateSpec, recurrent_state
 
-# Attention scores are SCORE * tanh(...): step weights within a factor e^(2 SCORE) of
-# each other, enough to single out a case's telling stretch, and bounded so the carried
-# sum of weights needs no running maximum (and so no extra state) to stay finite.
-SCORE = 5.0
-
 
 class MaskedBatchNorm(nn.BatchNorm1d):
     """Batch norm over ``[B, C, T]`` whose training statistics skip padded steps."""
@@ -85,10 +80,7 @@ class FCNNet(SeqNet):
             c_in = c_out
         self.core = RecurrentCore(config.cell, config.n_features, config.hidden, config.layers)
         self.drop = nn.Dropout(config.dropout)
-        # attention pooling: a bounded score per step, so the weights need no running max
-        self.score = nn.Linear(c_in, 1) if config.attention else None
-        pooled = 2 * c_in if config.attention else c_in
-        self.head = nn.Linear(pooled + config.hidden, config.n_classes)
+        self.head = nn.Linear(c_in + config.hidden, config.n_classes)
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         cfg = self.config
@@ -100,9 +92,6 @@ class FCNNet(SeqNet):
             c_in = c_out
         specs.append(StateSpec("mean", "mean_out", (BATCH, c_in)))
         specs.append(StateSpec("count", "count_out", (BATCH, 1)))
-        if cfg.attention:
-            specs.append(StateSpec("attn", "attn_out", (BATCH, c_in)))
-            specs.append(StateSpec("weight", "weight_out", (BATCH, 1)))
         return tuple(specs)
 
     def train_outputs(
@@ -123,24 +112,13 @@ class FCNNet(SeqNet):
             else:
                 full = h
             h = torch.relu(norm.masked(conv(full), mask))  # type: ignore[operator]
-        mean, count = rest[:2]
+        mean, count = rest
         steps = torch.ones_like(h[:, :1, :]).cumsum(dim=2)  # [B, 1, T]: 1, 2, ..., T
         total = count[:, :, None] + steps
         running = (mean[:, :, None] * count[:, :, None] + h.cumsum(dim=2)) / total
-        pooled = [running]
-        new_pool = [running[:, :, -1], total[:, :, -1]]
-        if self.score is not None:
-            attn, weight = rest[2:]
-            # e in [e^-SCORE, e^SCORE]: the weighted mean is exact without a running max
-            e = torch.exp(SCORE * torch.tanh(self.score(h.transpose(1, 2)))).transpose(1, 2)
-            den = weight[:, :, None] + e.cumsum(dim=2)  # [B, 1, T]
-            num = attn[:, :, None] * weight[:, :, None] + (e * h).cumsum(dim=2)
-            focus = num / den
-            pooled.append(focus)
-            new_pool += [focus[:, :, -1], den[:, :, -1]]
-        feats = torch.cat([*(p.transpose(1, 2) for p in pooled), self.drop(y)], dim=2)
+        feats = torch.cat([running.transpose(1, 2), self.drop(y)], dim=2)
         logits = self.head(feats)
-        new_state = (*new_rec, *new_bufs, *new_pool)
+        new_state = (*new_rec, *new_bufs, running[:, :, -1], total[:, :, -1])
         return logits, new_state
 
     def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:

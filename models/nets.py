@@ -62,9 +62,6 @@ class NetConfig:
     arch: str = "rnn"
     filters: tuple[int, ...] = ()
     kernels: tuple[int, ...] = ()
-    # fcn: beside the running mean, an attention pooling over the case so far (learned
-    # score per step); see models.fcn
-    attention: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -54,7 +54,6 @@ class Candidate:
     hidden: int = 16
     layers: int = 1
     dropout: float = 0.2
-    attention: bool = False
 
 
 # Sized so that the engine's per-step cost at 1,000 streams stays within 3x a 2-layer
@@ -149,7 +148,6 @@ def make_net(
             arch="fcn",
             filters=cand.filters,
             kernels=cand.kernels,
-            attention=cand.attention,
         ),
         seed=seed,
     )

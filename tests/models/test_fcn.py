@@ -30,7 +30,7 @@ from pipeline.evaluation import run_stepwise
 from pipeline.model import StepModel
 
 
-def _net(cell: str, seed: int = 0, attention: bool = False) -> FCNNet:
+def _net(cell: str, seed: int = 0) -> FCNNet:
     cfg = NetConfig(
         task="classify",
         cell=cell,
@@ -43,7 +43,6 @@ def _net(cell: str, seed: int = 0, attention: bool = False) -> FCNNet:
         arch="fcn",
         filters=(8, 16, 8),
         kernels=(8, 5, 3),
-        attention=attention,
     )
     net = build(cfg, seed=seed)
     assert isinstance(net, FCNNet)
@@ -102,38 +101,6 @@ def test_running_mean_is_the_mean_since_the_start_in_chunks_of_any_size(tmp_path
     # the carried count is the number of steps seen
     _, state = model.run(cases[0][None], model.initial_state(1))
     assert float(state["count"][0, 0]) == 37.0
-
-
-def test_attention_pooling_streams_exactly_and_weighs_the_telling_steps(tmp_path: Path) -> None:
-    """The attention pooling's carried (weighted mean, weight sum) give the same
-    probabilities stepwise, in chunks and in one full-sequence PyTorch call, and it is
-    the score-weighted mean of the last block's outputs since the stream's start."""
-    net = _net("gru", attention=True)
-    with torch.no_grad():  # scores that differ a lot between steps
-        assert net.score is not None
-        net.score.weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(1))
-    checkpoint.save(tmp_path, net, META)
-    spec = export_net(net, META, tmp_path / "m.onnx")
-    names = [s.name for s in spec.state]
-    assert names == ["h", "conv0", "conv1", "conv2", "mean", "count", "attn", "weight"]
-    assert spec.extra["attention"] is True
-    report = verify(tmp_path / "m.onnx", tmp_path, seed=3)
-    assert report.ok, report.to_dict()
-    assert report.stepwise_vs_full < 1e-4
-    model = StepModel.load(tmp_path / "m.onnx")
-    rng = np.random.default_rng(0)
-    cases = [rng.normal(size=(41, 2)).astype(np.float32) for _ in range(3)]
-    one = run_stepwise(model, cases, chunk=1)
-    for a, b in zip(one, run_stepwise(model, cases, chunk=64), strict=True):
-        np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-5)
-    # the carried state is the softmax-weighted mean of the last block's outputs
-    x = torch.from_numpy(cases[0][None])
-    _, state = net.train_outputs(x, net.initial_state(1))
-    h = net.normalise(x).transpose(1, 2)
-    for k, conv, norm in zip(net.config.kernels, net.convs, net.norms, strict=True):
-        h = torch.relu(norm(conv(torch.cat([torch.zeros(1, h.shape[1], k - 1), h], dim=2))))
-    w = torch.softmax(5.0 * torch.tanh(net.score(h[0].T)), dim=0)  # [T, 1]
-    torch.testing.assert_close(state[-2][0], (w * h[0].T).sum(0), atol=1e-5, rtol=1e-5)
 
 
 def test_padded_steps_never_enter_the_batch_statistics() -> None:
