@@ -62,6 +62,9 @@ class NetConfig:
     arch: str = "rnn"
     filters: tuple[int, ...] = ()
     kernels: tuple[int, ...] = ()
+    # fcn: networks of this architecture side by side in one step model, each with its
+    # own state and seed, their probabilities averaged (models.fcn.FCNEnsemble)
+    members: int = 1
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -78,6 +81,8 @@ class NetConfig:
             raise ValueError(f"arch {self.arch!r}: 'fcn' needs filters, 'rnn' none")
         if len(self.filters) != len(self.kernels) or min(self.kernels, default=1) < 1:
             raise ValueError("filters and kernels must pair up, kernels >= 1")
+        if self.members < 1 or (self.members > 1 and self.arch != "fcn"):
+            raise ValueError("members: >= 1, and more than one only with arch 'fcn'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -386,9 +391,9 @@ def build(config: NetConfig, seed: int | None = None) -> SeqNet:
     if seed is not None:
         torch.manual_seed(seed)
     if config.arch == "fcn":
-        from models.fcn import FCNNet  # imports this module
+        from models.fcn import FCNEnsemble, FCNNet  # imports this module
 
-        return FCNNet(config)
+        return FCNEnsemble(config) if config.members > 1 else FCNNet(config)
     return _NETS[config.task](config)
 
 

@@ -93,6 +93,7 @@ class TrainConfig:
     arch: str = "rnn"
     budget: float = 300.0
     steps: int = 0  # fcn/auto: optimiser steps of the final fit (0: models.search's)
+    members: int = 1  # fcn/auto: the chosen architecture fit this many times, one model
     threshold_quantile: float = 0.99  # anomaly: of the training part's scores
     # metadata for sensor authors (models.naming): names[unit] and the rate, else the data's
     feature_names: tuple[str, ...] = ()
@@ -136,6 +137,8 @@ class TrainConfig:
             (self.arch == "rnn" or self.task == "classify", "arch", "fcn/auto classify only"),
             (self.budget > 0, "budget", "must be > 0 seconds"),
             (self.steps >= 0, "steps", "must be >= 0"),
+            (self.members >= 1, "members", "must be >= 1"),
+            (self.members == 1 or self.arch != "rnn", "members", "fcn/auto only"),
             (0 < self.threshold_quantile <= 1, "threshold-quantile", "must be in (0, 1]"),
             (
                 self.task != "seq2seq" or self.window > self.context,
