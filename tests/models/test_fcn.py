@@ -109,7 +109,7 @@ def test_an_ensemble_is_one_step_model_averaging_its_members(
     """--members 2: two seeds of the chosen architecture, each with its own state tensors
     (m0_*, m1_*), one ONNX step model whose probabilities are the members' mean; the
     runtime carries them like any others and verify proves stepwise == full sequence."""
-    train_ts, test_ts = basicmotions
+    train_ts, _ = basicmotions
     cfg = TrainConfig(
         task="classify", data=str(train_ts), out=str(tmp_path / "e"), arch="fcn",
         steps=2, seed=2, members=2,
