@@ -319,6 +319,7 @@ def _search(
         mean, std = normalisation(cases)
         fitted: list[FCNNet] = []
         runs: list[list[float]] = []
+        complete: list[FCNNet] = []
         for i in range(members):
             seed = cfg.seed + MEMBER_SEED * i
             one = _single(make_net(chosen, n_features, n_classes, mean, std, seed))
@@ -327,10 +328,16 @@ def _search(
             info = fit(one, cases, y, recipe, seed, deadline, desc)
             stopped = stopped or info["stopped_by_budget"]
             fitted.append(one)
+            if not info["stopped_by_budget"]:
+                complete.append(one)
             runs.append(info["loss"])
             final_done = info["steps"] if i == 0 else min(final_done, info["steps"])
         # the members' mean loss per step, over the steps all of them trained
         losses = [float(np.mean(v)) for v in zip(*runs, strict=False)]
+        # a member the budget cut short would only blur the others: the complete ones
+        # stay (at least member 0), and metrics.json says how many
+        fitted = complete if len(complete) > 1 else fitted[:1]
+        members = len(fitted)
         net = fitted[0]
         if members > 1:
             net = make_net(chosen, n_features, n_classes, mean, std, cfg.seed, members)
