@@ -89,6 +89,13 @@ def register(sub: Any) -> None:
         type=int,
         help="fcn/auto: optimiser steps of the final fit (default 1200; screening a quarter)",
     )
+    c.add_argument(
+        "--members",
+        type=int,
+        help="fcn/auto: fit the chosen architecture this many times with different "
+        "seeds and export them as one step model averaging their probabilities "
+        "(default 1; the engine's cost per step grows with it)",
+    )
     f = p.add_argument_group("forecasting (forecast, seq2seq) and anomaly")
     f.add_argument("--target", dest="targets", nargs="+", help="target columns")
     f.add_argument("--horizon", type=int, help="steps ahead forecast at each step")
@@ -167,6 +174,7 @@ def _train(args: argparse.Namespace) -> int:
         arch=args.arch,
         budget=args.budget,
         steps=args.steps,
+        members=args.members,
         targets=tuple(args.targets) if args.targets else None,
         horizon=args.horizon,
         season=args.season,

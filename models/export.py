@@ -56,9 +56,15 @@ def spec_for(net: SeqNet, meta: dict[str, Any], opset: int = OPSET) -> ModelSpec
     if cfg.task in ("anomaly", "seq2seq"):
         meta["window"] = cfg.window
     if cfg.arch != "rnn":
-        arch = {"arch": cfg.arch, "filters": list(cfg.filters), "kernels": list(cfg.kernels)}
+        arch: dict[str, Any] = {
+            "arch": cfg.arch,
+            "filters": list(cfg.filters),
+            "kernels": list(cfg.kernels),
+        }
         if cfg.dilations:
             arch["dilations"] = list(cfg.dilations)
+        if cfg.members > 1:
+            arch["members"] = cfg.members
         meta["extra"] = {**meta.get("extra", {}), **arch}
     return ModelSpec(
         task=cfg.task,

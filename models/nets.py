@@ -65,6 +65,9 @@ class NetConfig:
     filters: tuple[int, ...] = ()
     kernels: tuple[int, ...] = ()
     dilations: tuple[int, ...] = ()
+    # fcn: networks of this architecture side by side in one step model, each with its
+    # own state and seed, their probabilities averaged (models.fcn.FCNEnsemble)
+    members: int = 1
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -85,6 +88,8 @@ class NetConfig:
             self.dilations and (len(self.dilations) != len(self.filters) or min(self.dilations) < 1)
         ):
             raise ValueError("'tcn' needs one dilation >= 1 per filter, other archs none")
+        if self.members < 1 or (self.members > 1 and self.arch != "fcn"):
+            raise ValueError("members: >= 1, and more than one only with arch 'fcn'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -393,9 +398,9 @@ def build(config: NetConfig, seed: int | None = None) -> SeqNet:
     if seed is not None:
         torch.manual_seed(seed)
     if config.arch == "fcn":
-        from models.fcn import FCNNet  # imports this module
+        from models.fcn import FCNEnsemble, FCNNet  # imports this module
 
-        return FCNNet(config)
+        return FCNEnsemble(config) if config.members > 1 else FCNNet(config)
     if config.arch == "tcn":
         from models.tcn import TCNNet  # imports this module
 

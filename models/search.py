@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.fcn import FCNNet
+from models.fcn import FCNEnsemble, FCNNet
 from models.nets import NetConfig, build, normalisation
 from models.progress import progress
 
@@ -65,6 +65,9 @@ CANDIDATES: tuple[Candidate, ...] = (
 # Screening fits each candidate for this fraction of the final steps on the training
 # part; the winner is then fit from scratch on every training case.
 SCREEN_FRACTION = 0.25
+# Member i of an ensemble (``--members``) trains with seed ``seed + MEMBER_SEED * i``:
+# member 0 is the single model of the same seed.
+MEMBER_SEED = 1000
 
 
 @dataclass(frozen=True)
@@ -102,14 +105,14 @@ def step_loss(logits: Tensor, lengths: Tensor, y: Tensor) -> Tensor:
     return 0.5 * nn.functional.cross_entropy(last, y) + 0.5 * stepwise
 
 
-def _logits(net: FCNNet, x: Tensor, lengths: Tensor) -> Tensor:
+def _logits(net: FCNNet | FCNEnsemble, x: Tensor, lengths: Tensor) -> Tensor:
     mask = torch.arange(x.shape[1])[None, :] < lengths[:, None]
     logits, _ = net.train_outputs(x, net.initial_state(x.shape[0]), mask)
     return logits
 
 
 def evaluate(
-    net: FCNNet, cases: Sequence[np.ndarray], y: Sequence[int], chunk: int = 64
+    net: FCNNet | FCNEnsemble, cases: Sequence[np.ndarray], y: Sequence[int], chunk: int = 64
 ) -> tuple[float, float]:
     """(accuracy at the last step, loss) of ``net`` on ``cases``."""
     net.eval()
@@ -133,7 +136,8 @@ def make_net(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     seed: int,
-) -> FCNNet:
+    members: int = 1,
+) -> FCNNet | FCNEnsemble:
     net = build(
         NetConfig(
             task="classify",
@@ -148,9 +152,15 @@ def make_net(
             arch="fcn",
             filters=cand.filters,
             kernels=cand.kernels,
+            members=members,
         ),
         seed=seed,
     )
+    assert isinstance(net, FCNNet | FCNEnsemble)
+    return net
+
+
+def _single(net: FCNNet | FCNEnsemble) -> FCNNet:
     assert isinstance(net, FCNNet)
     return net
 
@@ -239,7 +249,7 @@ def candidate_doc(c: Candidate) -> dict[str, Any]:
 
 def train_classifier(
     cfg: Any, cases: Sequence[np.ndarray], y: Sequence[int], n_classes: int
-) -> tuple[FCNNet, list[float], dict[str, Any]]:
+) -> tuple[FCNNet | FCNEnsemble, list[float], dict[str, Any]]:
     """The search (``cfg.arch == "auto"``) or the first candidate (``"fcn"``), fit on
     all training cases; returns the net, its loss per step and the metrics."""
     threads = torch.get_num_threads()
@@ -252,7 +262,7 @@ def train_classifier(
 
 def _search(
     cfg: Any, cases: Sequence[np.ndarray], y: Sequence[int], n_classes: int
-) -> tuple[FCNNet, list[float], dict[str, Any]]:
+) -> tuple[FCNNet | FCNEnsemble, list[float], dict[str, Any]]:
     started, wall = clock(), time.monotonic()
     deadline = started + cfg.budget
     recipe = Recipe(steps=cfg.steps) if cfg.steps else Recipe()
@@ -272,14 +282,14 @@ def _search(
             desc = f"search {k + 1}/{len(pool)}: {cand.name} ({so_far})"
             t0 = clock()
             mean, std = normalisation([cases[i] for i in tr])
-            net = make_net(cand, n_features, n_classes, mean, std, cfg.seed)
+            cand_net = _single(make_net(cand, n_features, n_classes, mean, std, cfg.seed))
             sub = [cases[i] for i in tr]
-            info = fit(net, sub, [y[i] for i in tr], screen, cfg.seed, deadline, desc)
+            info = fit(cand_net, sub, [y[i] for i in tr], screen, cfg.seed, deadline, desc)
             if info["stopped_by_budget"]:
                 stopped = True
                 scores.append({**asdict(cand), "stopped_by_budget": True, "steps": info["steps"]})
                 break
-            acc, loss = evaluate(net, [cases[i] for i in va], [y[i] for i in va])
+            acc, loss = evaluate(cand_net, [cases[i] for i in va], [y[i] for i in va])
             took = clock() - t0
             scores.append(
                 {
@@ -290,27 +300,51 @@ def _search(
                     "seconds": round(took, 1),
                 }
             )
-            screened.append(((acc, -loss), cand, net, took))
+            screened.append(((acc, -loss), cand, cand_net, took))
             if best is None or (acc, -loss) > best:
                 best, chosen = (acc, -loss), cand
     # The final fit on every training case, of the best candidate whose fit the budget
     # still allows (judged from its screening time); if none, the screened model stays.
     ranked = sorted(screened, key=lambda e: e[0], reverse=True)
     left = deadline - clock()
-    affordable = [e for e in ranked if e[3] * recipe.steps / screen.steps <= left]
+    members = cfg.members
+    affordable = [e for e in ranked if e[3] * members * recipe.steps / screen.steps <= left]
     final = not screened or bool(affordable)
     if screened:
         chosen = (affordable or ranked)[0][1]
     losses: list[float] = []
     final_done = 0
+    net: FCNNet | FCNEnsemble
     if final:
         mean, std = normalisation(cases)
-        net = make_net(chosen, n_features, n_classes, mean, std, cfg.seed)
-        desc = f"final fit: {chosen.name} on all {len(cases)} cases"
-        info = fit(net, cases, y, recipe, cfg.seed, deadline, desc)
-        stopped = stopped or info["stopped_by_budget"]
-        losses = info["loss"]
-        final_done = info["steps"]
+        fitted: list[FCNNet] = []
+        runs: list[list[float]] = []
+        complete: list[FCNNet] = []
+        for i in range(members):
+            seed = cfg.seed + MEMBER_SEED * i
+            one = _single(make_net(chosen, n_features, n_classes, mean, std, seed))
+            desc = f"final fit: {chosen.name} on all {len(cases)} cases"
+            desc += f", member {i + 1}/{members}" if members > 1 else ""
+            info = fit(one, cases, y, recipe, seed, deadline, desc)
+            stopped = stopped or info["stopped_by_budget"]
+            fitted.append(one)
+            if not info["stopped_by_budget"]:
+                complete.append(one)
+            runs.append(info["loss"])
+            final_done = info["steps"] if i == 0 else min(final_done, info["steps"])
+        # the members' mean loss per step, over the steps all of them trained
+        losses = [float(np.mean(v)) for v in zip(*runs, strict=False)]
+        # a member the budget cut short would only blur the others: the complete ones
+        # stay (at least member 0), and metrics.json says how many
+        fitted = complete if len(complete) > 1 else fitted[:1]
+        members = len(fitted)
+        net = fitted[0]
+        if members > 1:
+            net = make_net(chosen, n_features, n_classes, mean, std, cfg.seed, members)
+            assert isinstance(net, FCNEnsemble)
+            for slot, one in zip(net.member_nets(), fitted, strict=True):
+                slot.load_state_dict(one.state_dict())
+            net.eval()
     else:
         net = ranked[0][2]
         stopped = True
@@ -324,6 +358,7 @@ def _search(
             "final_fit_on_all_training_cases": final,
             "final_steps": recipe.steps,
             "final_steps_done": final_done,
+            "members": members if final else 1,
             "budget_s": cfg.budget,
             "stopped_by_budget": stopped,
             "val_cases": len(va),

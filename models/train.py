@@ -97,6 +97,7 @@ class TrainConfig:
     # tcn: a windowed causal conv stack (models.tcn); empty = TCN_LAYOUT, kernels all 3
     filters: tuple[int, ...] = ()
     dilations: tuple[int, ...] = ()
+    members: int = 1  # fcn/auto: the chosen architecture fit this many times, one model
     threshold_quantile: float = 0.99  # anomaly: of the training part's scores
     # metadata for sensor authors (models.naming): names[unit] and the rate, else the data's
     feature_names: tuple[str, ...] = ()
@@ -141,6 +142,8 @@ class TrainConfig:
             (len(self.filters) == len(self.dilations), "filters", "one dilation per filter"),
             (self.budget > 0, "budget", "must be > 0 seconds"),
             (self.steps >= 0, "steps", "must be >= 0"),
+            (self.members >= 1, "members", "must be >= 1"),
+            (self.members == 1 or self.arch != "rnn", "members", "fcn/auto only"),
             (0 < self.threshold_quantile <= 1, "threshold-quantile", "must be in (0, 1]"),
             (
                 self.task != "seq2seq" or self.window > self.context,

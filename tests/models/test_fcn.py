@@ -20,7 +20,7 @@ import torch
 
 from models import checkpoint
 from models.export import export_net
-from models.fcn import FCNNet
+from models.fcn import FCNEnsemble, FCNNet
 from models.nets import NetConfig, build
 from models.train import TrainConfig, train
 from models.verify import verify
@@ -101,6 +101,47 @@ def test_running_mean_is_the_mean_since_the_start_in_chunks_of_any_size(tmp_path
     # the carried count is the number of steps seen
     _, state = model.run(cases[0][None], model.initial_state(1))
     assert float(state["count"][0, 0]) == 37.0
+
+
+def test_an_ensemble_is_one_step_model_averaging_its_members(
+    basicmotions: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--members 2: two seeds of the chosen architecture, each with its own state tensors
+    (m0_*, m1_*), one ONNX step model whose probabilities are the members' mean; the
+    runtime carries them like any others and verify proves stepwise == full sequence."""
+    train_ts, _ = basicmotions
+    cfg = TrainConfig(
+        task="classify", data=str(train_ts), out=str(tmp_path / "e"), arch="fcn",
+        steps=2, seed=2, members=2,
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["search"]["members"] == 2
+    net, _ = checkpoint.load(tmp_path / "e")
+    assert isinstance(net, FCNEnsemble) and len(net.member_nets()) == 2
+    # member 0 is the single model of the same seed; member 1 differs
+    single = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "s"), "members": 1})
+    train(single)
+    one, _ = checkpoint.load(tmp_path / "s")
+    for key, value in one.state_dict().items():
+        assert torch.equal(net.member_nets()[0].state_dict()[key], value), key
+    assert not torch.equal(net.member_nets()[1].convs[0].weight, one.convs[0].weight)
+    model_path = tmp_path / "e.onnx"
+    spec = export_net(
+        net, META | {"features": ("a",) * 6, "labels": ("1", "2", "3", "4")}, model_path
+    )
+    names = [s.name for s in spec.state]
+    assert names[:6] == ["m0_h", "m0_conv0", "m0_conv1", "m0_conv2", "m0_mean", "m0_count"]
+    assert names[6:] == [n.replace("m0_", "m1_") for n in names[:6]]
+    assert spec.extra["members"] == 2
+    report = verify(model_path, tmp_path / "e", seed=3)
+    assert report.ok, report.to_dict()
+    assert report.stepwise_vs_full < 1e-4
+    # the probabilities are the mean of the members'
+    x = torch.randn(2, 9, 6)
+    net.eval()
+    probs, _ = net(x, net.initial_state(2))
+    each = [m(x, m.initial_state(2))[0] for m in net.member_nets()]
+    torch.testing.assert_close(probs, (each[0] + each[1]) / 2, atol=1e-6, rtol=1e-5)
 
 
 def test_padded_steps_never_enter_the_batch_statistics() -> None:
