@@ -99,7 +99,10 @@ def architecture(spec: ModelSpec) -> str:
         window = 1 + sum((k - 1) * d for k, d in zip(kernels, dilations, strict=False))
         ds = "/".join(map(str, dilations))
         return f"causal conv {conv} (kernels {ks}, dilations {ds}), window {window} steps"
-    return f"causal conv {conv} (kernels {ks}), running mean, beside {core}"
+    net = f"causal conv {conv} (kernels {ks}), running mean, beside {core}"
+    members = spec.extra.get("members")
+    # an ensemble's cost is its members' together: say how many sit side by side
+    return f"{members} x ({net}), probabilities averaged" if isinstance(members, int) else net
 
 
 def example_payload(spec: ModelSpec, *, named: bool = False) -> str:

@@ -24,6 +24,7 @@ from models.fcn import FCNEnsemble, FCNNet
 from models.nets import NetConfig, build
 from models.train import TrainConfig, train
 from models.verify import verify
+from pipeline.commands.info import architecture
 from pipeline.errors import ConfigError
 from pipeline.model import StepModel
 from pipeline.offline import datasets
@@ -133,6 +134,7 @@ def test_an_ensemble_is_one_step_model_averaging_its_members(
     assert names[:6] == ["m0_h", "m0_conv0", "m0_conv1", "m0_conv2", "m0_mean", "m0_count"]
     assert names[6:] == [n.replace("m0_", "m1_") for n in names[:6]]
     assert spec.extra["members"] == 2
+    assert architecture(spec).startswith("2 x (causal conv ")  # info sizes the whole ensemble
     report = verify(model_path, tmp_path / "e", seed=3)
     assert report.ok, report.to_dict()
     assert report.stepwise_vs_full < 1e-4
